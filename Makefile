@@ -1,0 +1,26 @@
+# The documented commands. Each creates .venv with the project installed on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: tune train test test-fast clean
+
+tune: $(VENV)/installed  ## run the Optuna study (50 trials), tracked in MLflow
+	$(PY) scripts/tune.py --n-trials 50
+
+train: $(VENV)/installed  ## train the default configuration once
+	$(PY) scripts/train.py
+
+test: $(VENV)/installed  ## the whole test suite, real-MNIST tests included
+	$(PY) -m pytest
+
+test-fast: $(VENV)/installed  ## the tests on tiny synthetic data only
+	$(PY) -m pytest -m "not slow"
+
+$(VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+clean:  ## remove the environment (data and stores stay)
+	rm -rf $(VENV)

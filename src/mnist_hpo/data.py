@@ -1,0 +1,133 @@
+"""The MNIST LightningDataModule: the whole data set as tensors in memory, served by slicing.
+
+The write-up's pipeline ran a ToTensor transform on every image and let a DataLoader collate
+the batch sample by sample; for a model this small that per-sample Python work is most of an
+epoch. Here the files are parsed once per process into one normalized float tensor per
+split, kept on the training device, and a batch is a single indexing operation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from mnist_hpo.mnist_files import ensure_mnist
+
+# The training set's pixel mean and standard deviation (on the 0..1 scale), as usual for MNIST.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Fixed, and independent of the training seed: every run and every trial sees the same split.
+SPLIT_SEED = 0
+# Evaluation needs no small batches; a large one makes validation a handful of steps.
+EVAL_BATCH_SIZE = 1_000
+
+
+@dataclass(frozen=True)
+class MNISTSplits:
+    """Normalized float32 images of shape (N, 1, 28, 28) and int64 labels of shape (N,)."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    val_images: Tensor
+    val_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+
+def normalize(pixels: Tensor) -> Tensor:
+    """uint8 pixels of shape (N, 28, 28) -> normalized float32 of shape (N, 1, 28, 28)."""
+    return ((pixels.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+@functools.cache
+def ensure_mnist_once(data_dir: str) -> str:
+    """ensure_mnist, at most once per process and folder: MD5s over 55 MB are not free."""
+    return ensure_mnist(data_dir)
+
+
+@functools.cache
+def load_splits(data_dir: str, val_size: int, device: str = "cpu") -> MNISTSplits:
+    """Parse and split the IDX files once per process: every trial after the first reuses them."""
+    if device != "cpu":
+        on_cpu = load_splits(data_dir, val_size)
+        return MNISTSplits(**{name: tensor.to(device) for name, tensor in vars(on_cpu).items()})
+    # torchvision is imported by Lightning anyway (through torchmetrics); its parser is fine.
+    from torchvision.datasets import MNIST
+
+    train = MNIST(data_dir, train=True, download=False)
+    test = MNIST(data_dir, train=False, download=False)
+    n = len(train.targets)
+    if not 0 < val_size < n:
+        raise ValueError(f"the validation set must hold between 1 and {n - 1} images, got {val_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val, fit = order[:val_size], order[val_size:]
+    images = normalize(train.data)
+    return MNISTSplits(
+        images[fit], train.targets[fit], images[val], train.targets[val], normalize(test.data), test.targets
+    )
+
+
+class InMemoryBatches:
+    """Batches sliced out of tensors that already hold a whole split.
+
+    With a generator it reshuffles at the start of every pass (every epoch); without one it
+    serves the split in order.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator | None = None):
+        self.images, self.labels, self.batch_size, self.generator = images, labels, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        if self.generator is None:
+            for start in range(0, n, self.batch_size):
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            return
+        order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST with a fixed, seeded 55,000/5,000 train/validation split and the 10,000 test images.
+
+    ``prepare_data`` makes sure the original files are present and verified (see
+    :mod:`mnist_hpo.mnist_files`); ``source`` then says where they came from.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike = "data", batch_size: int = 64, val_size: int = 5_000, seed: int = 0):
+        super().__init__()
+        self.data_dir = os.fspath(data_dir)
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.source: str | None = None
+        self.device = torch.device("cpu")
+
+    def prepare_data(self) -> None:
+        self.source = ensure_mnist_once(self.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            # Keep the data where the model is: no host-to-device copy per batch on a GPU.
+            self.device = self.trainer.strategy.root_device
+        self.splits = load_splits(self.data_dir, self.val_size, str(self.device))
+        self._shuffle = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def train_dataloader(self) -> InMemoryBatches:
+        return InMemoryBatches(self.splits.train_images, self.splits.train_labels, self.batch_size, self._shuffle)
+
+    def val_dataloader(self) -> InMemoryBatches:
+        return InMemoryBatches(self.splits.val_images, self.splits.val_labels, EVAL_BATCH_SIZE)
+
+    def test_dataloader(self) -> InMemoryBatches:
+        return InMemoryBatches(self.splits.test_images, self.splits.test_labels, EVAL_BATCH_SIZE)

@@ -1,0 +1,89 @@
+"""Fixtures: a tiny synthetic MNIST in the real IDX format, temporary MLflow stores, and a way
+to run the scripts as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_hpo import mnist_files
+from mnist_hpo.mnist_files import md5_of, raw_dir, write_idx_images, write_idx_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where the real MNIST is kept: the same folder `make train` uses, so it is fetched once.
+REAL_DATA_DIR = ROOT / "data"
+
+TINY_TRAIN, TINY_TEST, TINY_VAL = 600, 200, 100
+
+
+def tiny_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digits a small network learns in a few epochs: one fixed random stroke pattern per
+    class, at a random brightness, plus noise."""
+    templates = np.random.default_rng(1234).random((10, 28, 28)) > 0.8
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, count)
+    brightness = rng.uniform(120, 255, (count, 1, 1))
+    noise = rng.normal(0, 30, (count, 28, 28))
+    images = np.clip(templates[labels] * brightness + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.uint8)
+
+
+def write_tiny_mnist(data_dir: Path) -> dict[str, str]:
+    """Write the four IDX files; return their MD5s, as MNIST_MD5 lists the real ones."""
+    raw = raw_dir(data_dir)
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, count, seed in (("train", TINY_TRAIN, 0), ("t10k", TINY_TEST, 1)):
+        images, labels = tiny_images(count, seed)
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return {name: md5_of(raw / name) for name in mnist_files.MNIST_MD5}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    data_dir = tmp_path_factory.mktemp("tiny-mnist")
+    return data_dir, write_tiny_mnist(data_dir)
+
+
+@pytest.fixture
+def tiny_mnist(tiny_data, monkeypatch) -> Path:
+    """The tiny data set's folder, with its MD5s standing in for the official ones."""
+    data_dir, md5s = tiny_data
+    for name, md5 in md5s.items():
+        monkeypatch.setitem(mnist_files.MNIST_MD5, name, md5)
+    return data_dir
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def run_script(tiny_data, tmp_path):
+    """Run scripts/<name> in a subprocess, in a temporary working directory, as a user would:
+    MLflow's default store is then <tmp_path>/mlflow.db.
+
+    tests/site/sitecustomize.py, imported by every Python process started this way (spawned
+    workers included), puts the tiny data set's MD5s in place of the official ones.
+    """
+    _, md5s = tiny_data
+
+    def run(name: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), os.environ.get("PYTHONPATH", "")]),
+            "MNIST_HPO_TEST_MD5": json.dumps(md5s),
+        }
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / name), *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, **popen,
+        )
+
+    return run
