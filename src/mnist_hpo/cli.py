@@ -108,3 +108,13 @@ def fail(prog: str, message: str, code: int = 1):
     """Leave with one line on stderr: the run's own error, not a traceback."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def check_storage(parser: argparse.ArgumentParser, url: str) -> None:
+    from mnist_hpo.studies import open_storage
+
+    try:
+        open_storage(url)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.error(f"argument --storage: cannot open {url!r}: {message}")

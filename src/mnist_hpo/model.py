@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -13,6 +15,9 @@ from torch import Tensor, nn
 # calls it on every step: about 0.15 ms a step, 20% of this model's epoch on a CPU. Nothing
 # here forks after CUDA starts (no loader workers; tune's workers are spawned).
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+# Lightning 2.6 builds torch pytree specs in a way torch 2.14 deprecates, and says so once per
+# process; nothing for a user of this repository to act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class LitClassifier(pl.LightningModule):
@@ -76,3 +81,20 @@ class LitClassifier(pl.LightningModule):
         # Lightning averages over the epoch weighted by batch_size, so these are per-image means.
         self.log(f"{stage}_loss", self.loss_fn(logits, y), batch_size=len(y))
         self.log(f"{stage}_acc", (logits.argmax(dim=1) == y).float().mean(), batch_size=len(y))
+
+
+def pixel_classifier(model: LitClassifier) -> nn.Sequential:
+    """The trained network as a plain torch module that takes pixel values in [0, 1] (as
+XX
+
+    The data module's normalization, (x - mean) / std, is folded into the first layer, so the
+    module needs nothing but torch to load and no preprocessing to use.
+    """
+    from mnist_hpo.data import MNIST_MEAN, MNIST_STD
+
+    flatten, first, relu, last = (copy.deepcopy(layer) for layer in model.model)
+    with torch.no_grad():
+        # W((x - m) / s) + b  =  (W / s) x + (b - (m / s) W 1)
+        first.bias -= (MNIST_MEAN / MNIST_STD) * first.weight.sum(dim=1)
+        first.weight /= MNIST_STD
+    return nn.Sequential(flatten, first, relu, last).eval()

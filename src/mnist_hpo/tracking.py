@@ -168,3 +168,24 @@ class EpochMetricsLogger(Logger):
         epoch = int(metrics.pop("epoch"))
         self.history.setdefault(epoch, {}).update(metrics)
         self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+
+
+def log_torch_model(tracker: Tracker, run_id: str, module, input_example) -> None:
+    """Log ``module`` with mlflow.pytorch, with a signature and an input example, so that
+    ``mlflow.pytorch.load_model`` gives it back."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = module(torch.from_numpy(input_example)).numpy()
+    mlflow.set_tracking_uri(tracker.tracking_uri)  # log_model works through MLflow's fluent API
+    mlflow.pytorch.log_model(
+        module,
+        name="model",
+        run_id=run_id,
+        signature=infer_signature(input_example, output),
+        input_example=input_example,
+        # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )

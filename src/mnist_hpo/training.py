@@ -4,6 +4,7 @@ and every trial of scripts/tune.py run."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tempfile
 import time
@@ -17,6 +18,9 @@ from mnist_hpo.config import TrainConfig
 from mnist_hpo.data import EVAL_BATCH_SIZE, SPLIT_SEED, MNISTDataModule
 from mnist_hpo.model import LitClassifier
 from mnist_hpo.tracking import EpochMetricsLogger, Tracker
+
+# Lightning advertises its cloud services in the log of every run; the rest of its log stays.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
 
 # A bar redraw costs about as much as a training step; every 20 steps it is still live.
 PROGRESS_BAR_REFRESH_STEPS = 20
@@ -104,9 +108,9 @@ def fit(
         summary = {"best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"], "best_epoch": best_epoch}
         test = {}
         if evaluate_test:
-            _interruptible(trainer.test, model, datamodule=data, ckpt_path=checkpoint.best_model_path, verbose=False)
-            test = {name: float(trainer.callback_metrics[name]) for name in ("test_loss", "test_acc")}
-        tracker.log_metrics(run_id, summary)
+            best_weights = LitClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
+            test = evaluate_on_test(best_weights, data_dir, config.val_size, accelerator)
+        tracker.log_metrics(run_id, {**summary, **test})
         tracker.client.log_artifact(run_id, checkpoint.best_model_path, artifact_path="checkpoints")
     return FitResult(
         run_id=run_id,
@@ -119,6 +123,15 @@ def fit(
         test_loss=test.get("test_loss"),
         test_acc=test.get("test_acc"),
     )
+
+
+def evaluate_on_test(model: LitClassifier, data_dir: str, val_size: int, accelerator: str = "auto") -> dict[str, float]:
+    """test_loss and test_acc of ``model`` on the 10,000 test images."""
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    _interruptible(trainer.test, model, datamodule=MNISTDataModule(data_dir, val_size=val_size), verbose=False)
+    return {name: float(trainer.callback_metrics[name]) for name in ("test_loss", "test_acc")}
 
 
 def _interruptible(trainer_fn, *args, **kwargs):

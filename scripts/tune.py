@@ -1,0 +1,64 @@
+"""Tune the MNIST classifier with Optuna, every trial tracked in MLflow.
+
+Searches batch size, hidden dim and learning rate (TPE sampler, median pruning) with N worker
+processes; each trial trains with the same function as scripts/train.py and logs its curves
+to an MLflow run nested under the study's parent run. The study is kept in optuna.db: the
+same command again continues it. At the end, the best trial's weights are tested once and
+logged as an MLflow model. Then `mlflow ui`, in this folder, shows it all.
+
+    python scripts/tune.py --n-trials 50
+    python scripts/tune.py --n-trials 20 --study-name wide --max-epochs 5
+    python scripts/tune.py --storage postgresql://user:pw@db/optuna --tracking-uri http://mlflow:5000
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mnist_hpo import cli
+
+STUDY_MAX_EPOCHS = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.Parser(__doc__)
+    parser.add_argument("--n-trials", type=cli.positive_int, default=50, help="trials to add to the study (default: %(default)s)")
+    parser.add_argument("--timeout", type=cli.positive_float, default=None, help="start no trial after this many seconds")
+    parser.add_argument("--study-name", default="mnist", help="Optuna study to create or continue (default: %(default)s)")
+    parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s)")
+    parser.add_argument("--workers", type=cli.positive_int, default=None, help="worker processes (default: one per core, at most 8)")
+    parser.add_argument("--no-pruning", action="store_true", help="train every trial for all its epochs")
+    parser.add_argument("--verbose", action="store_true", help="show Lightning's progress bars inside trials")
+    parser.add_argument("--experiment", default="mnist-tune", help="MLflow experiment (default: %(default)s)")
+    cli.add_common_flags(parser, max_epochs=STUDY_MAX_EPOCHS)
+    args = parser.parse_args(argv)
+    if not args.study_name.strip():
+        parser.error("argument --study-name: the name is empty")
+    cli.check_data_dir(parser, args.data_dir)
+    cli.check_accelerator(parser, args.accelerator)
+    cli.check_storage(parser, args.storage)
+    tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
+
+    from mnist_hpo.data import ensure_mnist_once
+    from mnist_hpo.mnist_files import MNISTUnavailable
+    from mnist_hpo.tuning import tune
+    from mnist_hpo.workers import default_workers
+
+    try:
+        source = ensure_mnist_once(args.data_dir)  # here, once, before any worker starts
+        session = tune(
+            tracker, args.storage, args.study_name, args.n_trials, args.workers or default_workers(), args.timeout,
+            data_dir=args.data_dir, data_source=source, max_epochs=args.max_epochs, val_size=args.val_size, seed=args.seed,
+            pruning=not args.no_pruning, accelerator=args.accelerator, verbose=args.verbose,
+        )
+    except MNISTUnavailable as error:
+        cli.fail(parser.prog, str(error))
+    except KeyboardInterrupt:
+        cli.fail(parser.prog, "interrupted; finished trials are kept, the others and their MLflow runs are closed", 130)
+    for problem in session.problems:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+    return 1 if session.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Studies: scripts/tune.py and the session behind it, on the tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import mlflow.pytorch
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY_VAL, tiny_images
+from mnist_hpo.tracking import connect
+from mnist_hpo.tuning import tune
+
+EPOCHS = 2
+
+
+@pytest.fixture
+def study_env(tiny_mnist, tmp_path):
+    """A tracker, a storage URL and the tune() settings for a study on the tiny data."""
+    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    settings = dict(data_dir=str(tiny_mnist), max_epochs=EPOCHS, val_size=TINY_VAL, accelerator="cpu")
+    return tracker, storage, settings
+
+
+def runs_of(client: MlflowClient, experiment: str = "tune-tests"):
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def children_and_parents(runs):
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return children, parents
+
+
+def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
+    tracker, storage, settings = study_env
+    session = tune(tracker, storage, "small", n_trials=3, workers=1, **settings)
+
+    study = optuna.load_study(study_name="small", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    children, parents = children_and_parents(runs_of(tracker.client))
+    [parent] = parents
+    assert parent.info.run_id == session.parent_run_id and parent.info.status == "FINISHED"
+    assert len(children) == 3
+    by_trial = {int(run.data.tags["optuna.trial"]): run for run in children}
+    for trial in study.trials:
+        run = by_trial[trial.number]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
+        assert {k: run.data.params[k] for k in ("batch_size", "hidden_dim")} == {
+            k: str(trial.params[k]) for k in ("batch_size", "hidden_dim")
+        }
+        for name in ("train_loss", "val_loss", "val_acc"):
+            assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, name)] == list(range(EPOCHS))
+        # The objective is the best epoch's val_loss, and its val_acc goes with it.
+        assert trial.value == pytest.approx(run.data.metrics["best_val_loss"])
+        assert trial.user_attrs["val_acc"] == pytest.approx(run.data.metrics["best_val_acc"])
+        assert "test_acc" not in run.data.metrics  # the test set is not used for selection
+
+    # The parent: best value, params, test metrics of the best trial, the CSV and Optuna's plots.
+    best = min(study.trials, key=lambda t: t.value)
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value)
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.tags["best.hidden_dim"] == str(best.params["hidden_dim"])
+    assert parent.data.metrics["test_acc"] == pytest.approx(session.test["test_acc"])
+    artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
+    assert "trials.csv" in artifacts
+    plots = {a.path for a in tracker.client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/optimization_history.png", "plots/param_importances.png", "plots/slice.png"}
+
+    out = capsys.readouterr().out
+    for trial in study.trials:
+        assert f"trial {trial.number:>3} COMPLETE" in out
+    assert f"best: trial {best.number}" in out and "test_acc" in out and "look at it: mlflow" in out
+
+
+def test_the_logged_model_predicts_digits_from_pixels(study_env):
+    tracker, storage, settings = study_env
+    session = tune(tracker, storage, "model", n_trials=2, workers=1, **{**settings, "max_epochs": 4})
+    [model_output] = tracker.client.get_run(session.parent_run_id).outputs.model_outputs
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/{model_output.model_id}")
+    images, labels = tiny_images(200, seed=1)  # the tiny test split, as raw pixels
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images).float().unsqueeze(1) / 255).argmax(dim=1).numpy()
+    accuracy = float(np.mean(predicted == labels))
+    assert accuracy == pytest.approx(session.test["test_acc"], abs=1e-6)
+    assert accuracy > 0.5  # ten classes: chance is 0.1
+
+
+def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env):
+    tracker, storage, settings = study_env
+    always = optuna.pruners.ThresholdPruner(upper=-1.0)  # every val_loss is above -1: prune at once
+    tune(tracker, storage, "pruned", n_trials=2, workers=1, pruner=always, **{**settings, "max_epochs": 3})
+    study = optuna.load_study(study_name="pruned", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(len(t.intermediate_values) == 1 for t in study.trials)
+    children, [parent] = children_and_parents(runs_of(tracker.client))
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+        assert run.data.tags["pruned"].startswith("pruned after epoch 0")
+    assert parent.info.status == "FINISHED" and "test_acc" not in parent.data.metrics
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(study_env, capsys):
+    tracker, storage, settings = study_env
+    study = optuna.create_study(study_name="nan", storage=storage)
+    study.enqueue_trial({"batch_size": 32, "hidden_dim": 64, "lr": 1e6})  # NaN after one epoch
+    tune(tracker, storage, "nan", n_trials=2, workers=1, **settings)
+    failed, complete = optuna.load_study(study_name="nan", storage=storage).trials
+    assert failed.state == TrialState.FAIL and "val_loss is nan" in failed.user_attrs["fail_reason"]
+    assert complete.state == TrialState.COMPLETE
+    run = tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "val_loss is nan" in run.data.tags["error"]
+    assert "trial   0 FAIL" in capsys.readouterr().out
+
+
+def test_running_again_continues_the_study_under_the_same_parent(study_env):
+    tracker, storage, settings = study_env
+    first = tune(tracker, storage, "again", n_trials=2, workers=1, **settings)
+    second = tune(tracker, storage, "again", n_trials=2, workers=1, **settings)
+    assert optuna.study.get_all_study_names(storage) == ["again"]
+    study = optuna.load_study(study_name="again", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert second.parent_run_id == first.parent_run_id
+    children, parents = children_and_parents(runs_of(tracker.client))
+    assert len(parents) == 1 and len(children) == 4 and parents[0].info.status == "FINISHED"
+    # The continued session did not replay the first one's proposals.
+    assert study.trials[2].params != study.trials[0].params
+
+
+def test_one_worker_and_the_same_seed_replay_the_same_study(study_env):
+    tracker, storage, settings = study_env
+    for name in ("replay-a", "replay-b"):
+        tune(tracker, storage, name, n_trials=3, workers=1, seed=11, **settings)
+    a, b = (optuna.load_study(study_name=name, storage=storage).trials for name in ("replay-a", "replay-b"))
+    assert [t.params for t in a] == [t.params for t in b]
+    assert [t.value for t in a] == [t.value for t in b]
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_trial_with_run(storage: str):
+    try:
+        [study] = optuna.get_all_study_summaries(storage)
+        trials = optuna.load_study(study_name=study.study_name, storage=storage).trials
+    except (ValueError, KeyError, optuna.exceptions.StorageInternalError):
+        return None
+    return next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
+
+
+def tune_args(data_dir, *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--val-size", str(TINY_VAL), "--accelerator", "cpu", *extra]
+
+
+def test_a_killed_worker_leaves_a_trial_the_next_run_marks_failed(run_script, tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = run_script(
+        "tune.py", *tune_args(data_dir, "--n-trials", "3", "--workers", "1", "--max-epochs", "400", "--no-pruning"),
+        background=True,
+    )
+    victim = wait_for(lambda: running_trial_with_run(storage), what="a running trial")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # what SIGKILL leaves
+    second = run_script("tune.py", *tune_args(data_dir, "--n-trials", "1", "--workers", "1", "--max-epochs", "1"))
+    assert second.returncode == 0, second.stderr
+    assert f"trial {victim.number} was left running by a process that is gone: marked FAIL" in second.stdout
+
+    trials = optuna.load_study(study_name="mnist", storage=storage).trials
+    assert trials[victim.number].state == TrialState.FAIL
+    assert [t.state for t in trials].count(TrialState.COMPLETE) >= 1
+    runs = runs_of(client, "mnist-tune")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_two_workers_share_one_study(run_script, tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    result = run_script("tune.py", *tune_args(data_dir, "--n-trials", "4", "--workers", "2", "--max-epochs", "2"))
+    assert result.returncode == 0, result.stderr
+    trials = optuna.load_study(study_name="mnist", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers took trials
+    children, [parent] = children_and_parents(runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "mnist-tune"))
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
+    assert all(r.info.status == "FINISHED" for r in [*children, parent])
+    assert result.stdout.count(" COMPLETE ") == 4
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_stops_cleanly(run_script, tiny_data, tmp_path, workers):
+    data_dir, _ = tiny_data
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    process = run_script(
+        "tune.py", *tune_args(data_dir, "--n-trials", "6", "--workers", workers, "--max-epochs", "400", "--no-pruning"),
+        background=True,
+    )
+    wait_for(lambda: running_trial_with_run(storage), what="a running trial")
+    os.killpg(process.pid, signal.SIGINT)  # as the terminal does: to every process of the group
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "look at it:" in stdout  # the summary is printed
+
+    trials = optuna.load_study(study_name="mnist", storage=storage).trials
+    assert trials and all(t.state == TrialState.FAIL for t in trials)  # none left RUNNING
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in trials)
+    runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "mnist-tune")
+    assert {r.info.status for r in runs} == {"KILLED"}
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--n-trials", "0"], "--n-trials"),
+        (["--timeout", "-5"], "--timeout"),
+        (["--workers", "0"], "--workers"),
+        (["--study-name", ""], "--study-name"),
+        (["--storage", "nosuchdb://x"], "--storage"),
+        (["--max-epochs", "two"], "--max-epochs"),
+    ],
+)
+def test_bad_values_are_rejected_in_one_line_naming_the_flag(run_script, args, flag):
+    result = run_script("tune.py", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tune.py: error: argument {flag}"), result.stderr
