@@ -20,9 +20,18 @@ DEFAULTS = TrainConfig()
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
-    parser.add_argument("--lr", type=cli.positive_float, default=DEFAULTS.lr, help="AdamW learning rate (default: %(default)s)")
-    parser.add_argument("--hidden-dim", type=cli.positive_int, default=DEFAULTS.hidden_dim, help="hidden units (default: %(default)s)")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=DEFAULTS.batch_size, help="training batch size (default: %(default)s)")
+    parser.add_argument(
+        "--lr", type=cli.positive_float, default=DEFAULTS.lr, help="AdamW learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--hidden-dim", type=cli.positive_int, default=DEFAULTS.hidden_dim, help="hidden units (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=DEFAULTS.batch_size,
+        help="training batch size (default: %(default)s)",
+    )
     parser.add_argument("--experiment", default="mnist-train", help="MLflow experiment (default: %(default)s)")
     cli.add_common_flags(parser, max_epochs=DEFAULTS.max_epochs)
     args = parser.parse_args(argv)
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nbest epoch {result.best_epoch}: val_loss {result.val_loss:.4f}, val_acc {result.val_acc:.4f}; "
         f"test_acc {result.test_acc:.4f} (test_loss {result.test_loss:.4f}) in {result.seconds:.1f} s\n"
         f"MLflow run {result.run_id} in experiment {args.experiment!r} of {tracker.tracking_uri}\n"
-        f"look at it: {tracker.ui_command()}   then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{result.run_id}"
+        f"look at it: {tracker.ui_command()}   then {tracker.run_url(result.run_id)}"
     )
     return 0
 

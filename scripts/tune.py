@@ -22,11 +22,19 @@ STUDY_MAX_EPOCHS = 10
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
-    parser.add_argument("--n-trials", type=cli.positive_int, default=50, help="trials to add to the study (default: %(default)s)")
-    parser.add_argument("--timeout", type=cli.positive_float, default=None, help="start no trial after this many seconds")
-    parser.add_argument("--study-name", default="mnist", help="Optuna study to create or continue (default: %(default)s)")
+    parser.add_argument(
+        "--n-trials", type=cli.positive_int, default=50, help="trials to add to the study (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout", type=cli.positive_float, default=None, help="start no trial after this many seconds"
+    )
+    parser.add_argument(
+        "--study-name", default="mnist", help="Optuna study to create or continue (default: %(default)s)"
+    )
     parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s)")
-    parser.add_argument("--workers", type=cli.positive_int, default=None, help="worker processes (default: one per core, at most 8)")
+    parser.add_argument(
+        "--workers", type=cli.positive_int, default=None, help="worker processes (default: one per core, at most 8)"
+    )
     parser.add_argument("--no-pruning", action="store_true", help="train every trial for all its epochs")
     parser.add_argument("--verbose", action="store_true", help="show Lightning's progress bars inside trials")
     parser.add_argument("--experiment", default="mnist-tune", help="MLflow experiment (default: %(default)s)")
@@ -47,9 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = ensure_mnist_once(args.data_dir)  # here, once, before any worker starts
         session = tune(
-            tracker, args.storage, args.study_name, args.n_trials, args.workers or default_workers(), args.timeout,
-            data_dir=args.data_dir, data_source=source, max_epochs=args.max_epochs, val_size=args.val_size, seed=args.seed,
-            pruning=not args.no_pruning, accelerator=args.accelerator, verbose=args.verbose,
+            tracker,
+            args.storage,
+            args.study_name,
+            args.n_trials,
+            args.workers or default_workers(),
+            args.timeout,
+            data_dir=args.data_dir,
+            data_source=source,
+            max_epochs=args.max_epochs,
+            val_size=args.val_size,
+            seed=args.seed,
+            pruning=not args.no_pruning,
+            accelerator=args.accelerator,
+            verbose=args.verbose,
         )
     except MNISTUnavailable as error:
         cli.fail(parser.prog, str(error))

@@ -84,9 +84,21 @@ def run_script(tiny_data, tmp_path):
         command = [sys.executable, str(ROOT / "scripts" / name), *args]
         if background:  # a Popen in a session of its own, to be signalled as a terminal would
             return subprocess.Popen(
-                command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                command,
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
                 start_new_session=True,
             )
         return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+def assert_flag_error(result: subprocess.CompletedProcess, script: str, flag: str) -> None:
+    """The script refused a value: exit status 2 and one line on stderr that names the flag."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: argument {flag}"), result.stderr

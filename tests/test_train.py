@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REAL_DATA_DIR, TINY_VAL
+from conftest import REAL_DATA_DIR, TINY_VAL, assert_flag_error
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.tracking import connect
 from mnist_hpo.training import fit
@@ -16,8 +16,21 @@ EPOCHS = 3
 def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
     data_dir, _ = tiny_data
     result = run_script(
-        "train.py", "--lr", "3e-3", "--hidden-dim", "32", "--batch-size", "50", "--max-epochs", str(EPOCHS),
-        "--val-size", str(TINY_VAL), "--data-dir", str(data_dir), "--experiment", "e2e",
+        "train.py",
+        "--lr",
+        "3e-3",
+        "--hidden-dim",
+        "32",
+        "--batch-size",
+        "50",
+        "--max-epochs",
+        str(EPOCHS),
+        "--val-size",
+        str(TINY_VAL),
+        "--data-dir",
+        str(data_dir),
+        "--experiment",
+        "e2e",
     )
     assert result.returncode == 0, result.stderr
     assert "MNIST: using the files in" in result.stdout
@@ -29,7 +42,11 @@ def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
     assert run.info.run_id in result.stdout
     params = run.data.params
     assert {k: params[k] for k in ("lr", "hidden_dim", "batch_size", "max_epochs", "seed", "val_size")} == {
-        "lr": "0.003", "hidden_dim": "32", "batch_size": "50", "max_epochs": str(EPOCHS), "seed": "0",
+        "lr": "0.003",
+        "hidden_dim": "32",
+        "batch_size": "50",
+        "max_epochs": str(EPOCHS),
+        "seed": "0",
         "val_size": str(TINY_VAL),
     }
     assert params["data_source"] == "existing files"
@@ -51,15 +68,21 @@ def test_the_same_seed_gives_the_same_metrics(tiny_mnist, tracking_uri):
     results = []
     for _ in range(2):
         with tracker.run("seeded") as run_id:
-            results.append(fit(config, tracker, run_id, data_dir=str(tiny_mnist), accelerator="cpu", progress_bar=False))
+            results.append(
+                fit(config, tracker, run_id, data_dir=str(tiny_mnist), accelerator="cpu", progress_bar=False)
+            )
     first, second = results
     assert (first.val_loss, first.val_acc, first.test_acc) == (second.val_loss, second.val_acc, second.test_acc)
     history = [[m.value for m in tracker.client.get_metric_history(r.run_id, "train_loss")] for r in results]
     assert history[0] == history[1]
     with tracker.run("other seed") as run_id:
         other = fit(
-            TrainConfig(**{**config.__dict__, "seed": 8}), tracker, run_id,
-            data_dir=str(tiny_mnist), accelerator="cpu", progress_bar=False,
+            TrainConfig(**{**config.__dict__, "seed": 8}),
+            tracker,
+            run_id,
+            data_dir=str(tiny_mnist),
+            accelerator="cpu",
+            progress_bar=False,
         )
     assert other.val_loss != first.val_loss
 
@@ -88,9 +111,7 @@ def test_bad_values_are_rejected_in_one_line_naming_the_flag(run_script, tmp_pat
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     result = run_script("train.py", *(arg.format(file=a_file) for arg in args))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("train.py: error: argument " + flag), result.stderr
+    assert_flag_error(result, "train.py", flag)
     assert not (tmp_path / "mlflow.db").exists() or flag == "--tracking-uri"
 
 

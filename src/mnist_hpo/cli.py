@@ -28,7 +28,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(kind: type, minimum: float, inclusive: bool, what: str, maximum: float = math.inf) -> Callable[[str], float]:
+def _number(
+    kind: type, minimum: float, inclusive: bool, what: str, maximum: float = math.inf
+) -> Callable[[str], float]:
     def parse(text: str):
         try:
             value = kind(text)
@@ -49,7 +51,9 @@ positive_float = _number(float, 0, False, "a number greater than 0")
 
 def add_common_flags(parser: argparse.ArgumentParser, *, max_epochs: int) -> None:
     """The flags that mean the same in train.py and tune.py."""
-    parser.add_argument("--max-epochs", type=positive_int, default=max_epochs, help="epochs to train (default: %(default)s)")
+    parser.add_argument(
+        "--max-epochs", type=positive_int, default=max_epochs, help="epochs to train (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
         "--val-size",
@@ -57,13 +61,17 @@ def add_common_flags(parser: argparse.ArgumentParser, *, max_epochs: int) -> Non
         default=5_000,
         help="of the 60,000 training images, how many to hold out for validation (default: %(default)s)",
     )
-    parser.add_argument("--data-dir", default="data", help="where MNIST is kept, fetched on first use (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir", default="data", help="where MNIST is kept, fetched on first use (default: %(default)s)"
+    )
     parser.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default: sqlite:///mlflow.db here)",
     )
-    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto", help="where to train (default: %(default)s)")
+    parser.add_argument(
+        "--accelerator", choices=ACCELERATORS, default="auto", help="where to train (default: %(default)s)"
+    )
 
 
 def check_data_dir(parser: argparse.ArgumentParser, data_dir: str) -> None:

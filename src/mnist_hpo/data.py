@@ -115,7 +115,9 @@ class MNISTDataModule(pl.LightningDataModule):
     :mod:`mnist_hpo.mnist_files`); ``source`` then says where they came from.
     """
 
-    def __init__(self, data_dir: str | os.PathLike = "data", batch_size: int = 64, val_size: int = 5_000, seed: int = 0):
+    def __init__(
+        self, data_dir: str | os.PathLike = "data", batch_size: int = 64, val_size: int = 5_000, seed: int = 0
+    ):
         super().__init__()
         self.data_dir = os.fspath(data_dir)
         self.batch_size = batch_size
@@ -133,6 +135,10 @@ class MNISTDataModule(pl.LightningDataModule):
             self.device = self.trainer.strategy.root_device
         self.splits = load_splits(self.data_dir, self.val_size, str(self.device))
         self._shuffle = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # The splits already live on the device; Lightning's generic move costs 90 µs a batch.
+        return batch
 
     def train_dataloader(self) -> InMemoryBatches:
         return InMemoryBatches(self.splits.train_images, self.splits.train_labels, self.batch_size, self._shuffle)

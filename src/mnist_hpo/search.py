@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import Callback
 from mnist_hpo import studies
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.tracking import Tracker
-from mnist_hpo.training import TrainingDiverged, fit
+from mnist_hpo.training import fit
 
 
 def suggest_config(trial: optuna.Trial, max_epochs: int, seed: int, val_size: int) -> TrainConfig:
@@ -100,7 +100,9 @@ def objective(trial: optuna.Trial, settings: TuneSettings, tracker: Tracker) -> 
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
             result = fit(
-                config, tracker, run_id,
+                config,
+                tracker,
+                run_id,
                 data_dir=settings.data_dir,
                 accelerator=settings.accelerator,
                 callbacks=[ReportToTrial(trial)],
@@ -138,10 +140,16 @@ class TrialReport:
     def of(cls, trial: FrozenTrial) -> TrialReport:
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
         note = trial.user_attrs.get("pruned") or trial.user_attrs.get("fail_reason", "")
-        return cls(trial.number, trial.state.name, trial.params, trial.value, trial.user_attrs.get("val_acc"), seconds, note)
+        return cls(
+            trial.number, trial.state.name, trial.params, trial.value, trial.user_attrs.get("val_acc"), seconds, note
+        )
 
     def line(self) -> str:
-        params = f"batch_size={self.params.get('batch_size', '?'):>3} hidden_dim={self.params.get('hidden_dim', '?'):>3} lr={self.params.get('lr', math.nan):.2e}"
+        p = self.params
+        params = (
+            f"batch_size={p.get('batch_size', '?'):>3} hidden_dim={p.get('hidden_dim', '?'):>3} "
+            f"lr={p.get('lr', math.nan):.2e}"
+        )
         scores = (
             f"val_loss {self.value:.4f} val_acc {self.val_acc:.4f}"
             if self.state == TrialState.COMPLETE.name

@@ -100,6 +100,11 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
+    def run_url(self, run_id: str) -> str:
+        """Where the run is in the UI: mlflow ui's default address, or the tracking server's."""
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
     def ui_command(self) -> str:
         """The command that shows this store: plain ``mlflow ui`` for the default one."""
         if self.is_default:
@@ -150,7 +155,6 @@ class EpochMetricsLogger(Logger):
     def __init__(self, tracker: Tracker, run_id: str):
         super().__init__()
         self.tracker, self.run_id = tracker, run_id
-        self.history: dict[int, dict[str, float]] = {}
 
     @property
     def name(self) -> str:
@@ -166,7 +170,6 @@ class EpochMetricsLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = dict(metrics)
         epoch = int(metrics.pop("epoch"))
-        self.history.setdefault(epoch, {}).update(metrics)
         self.tracker.log_metrics(self.run_id, metrics, step=epoch)
 
 

@@ -3,6 +3,7 @@ and every trial of scripts/tune.py run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -10,9 +11,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.profilers import PassThroughProfiler
 
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.data import EVAL_BATCH_SIZE, SPLIT_SEED, MNISTDataModule
@@ -21,6 +24,9 @@ from mnist_hpo.tracking import EpochMetricsLogger, Tracker
 
 # Lightning advertises its cloud services in the log of every run; the rest of its log stays.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
+
+# Where each run keeps its best epoch's weights (a Lightning checkpoint), among its artifacts.
+CHECKPOINT_ARTIFACT = PurePosixPath("checkpoints/best.ckpt")
 
 # A bar redraw costs about as much as a training step; every 20 steps it is still live.
 PROGRESS_BAR_REFRESH_STEPS = 20
@@ -32,9 +38,7 @@ class FitResult:
     best_epoch: int  # 0-based, as MLflow's step
     val_loss: float  # at the best epoch (the lowest val_loss)
     val_acc: float  # at the best epoch
-    epochs: int  # epochs trained
     seconds: float
-    checkpoint_artifact: str  # the best epoch's weights, in the run's artifacts
     test_loss: float | None = None
     test_acc: float | None = None
 
@@ -43,12 +47,35 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being a number (too high a learning rate, typically)."""
 
 
-class _StopOnDivergence(Callback):
+class _BestEpoch(Callback):
+    """Keeps the best epoch (lowest val_loss): its number, metrics and a copy of its weights.
+
+    In memory rather than ModelCheckpoint's file per improvement: Lightning calls every
+    callback on every step, and ModelCheckpoint pays a repr() of its settings each time.
+    A val_loss that is not a number ends the run with TrainingDiverged.
+    """
+
+    def __init__(self):
+        self.epoch, self.metrics, self.weights = -1, {"val_loss": math.inf}, None
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        val_loss = float(trainer.callback_metrics["val_loss"])
-        if not math.isfinite(val_loss):
-            lr = pl_module.hparams.lr
-            raise TrainingDiverged(f"training diverged: val_loss is {val_loss} after epoch {trainer.current_epoch} (lr={lr:g})")
+        metrics = {name: float(trainer.callback_metrics[name]) for name in ("val_loss", "val_acc")}
+        if not math.isfinite(metrics["val_loss"]):
+            raise TrainingDiverged(
+                f"training diverged: val_loss is {metrics['val_loss']} after epoch {trainer.current_epoch} "
+                f"(lr={pl_module.hparams.lr:g})"
+            )
+        if metrics["val_loss"] < self.metrics["val_loss"]:
+            self.epoch, self.metrics = trainer.current_epoch, metrics
+            self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
+
+
+class _NoProfiler(PassThroughProfiler):
+    """Lightning wraps each of the ~40 hook calls of a step in ``profiler.profile(name)``, and
+    the default pass-through profiler builds a generator-based context manager every time."""
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
 
 def fit(
@@ -63,8 +90,8 @@ def fit(
     progress_bar: bool = True,
 ) -> FitResult:
     """Train ``config`` on MNIST, logging every setting, the per-epoch curves and the best
-    checkpoint to the MLflow run ``run_id``; with ``evaluate_test``, also the test metrics of
-    the best epoch's weights.
+    epoch's checkpoint to the MLflow run ``run_id``; with ``evaluate_test``, also the test
+    metrics of the best epoch's weights.
 
     The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).
     """
@@ -82,44 +109,41 @@ def fit(
             "accelerator": accelerator,
         },
     )
-    logger = EpochMetricsLogger(tracker, run_id)
-    with tempfile.TemporaryDirectory(prefix="mnist-hpo-") as checkpoint_dir:
-        checkpoint = ModelCheckpoint(
-            dirpath=checkpoint_dir, filename="best", monitor="val_loss", mode="min", save_weights_only=True
-        )
-        bar = [TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            max_epochs=config.max_epochs,
-            logger=logger,
-            callbacks=[_StopOnDivergence(), *callbacks, checkpoint, *bar],
-            enable_progress_bar=progress_bar,
-            enable_model_summary=progress_bar,
-            num_sanity_val_steps=0,  # validation runs after every epoch anyway
-            log_every_n_steps=0,  # every curve is per epoch; no step-level logging work at all
-        )
-        model = LitClassifier(lr=config.lr, hidden_dim=config.hidden_dim)
-        _interruptible(trainer.fit, model, datamodule=data)
+    best = _BestEpoch()
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=config.max_epochs,
+        logger=EpochMetricsLogger(tracker, run_id),
+        callbacks=[
+            best,
+            *callbacks,
+            *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
+        ],
+        enable_progress_bar=progress_bar,
+        enable_model_summary=progress_bar,
+        enable_checkpointing=False,  # _BestEpoch keeps the weights worth keeping
+        profiler=_NoProfiler(),
+        num_sanity_val_steps=0,  # validation runs after every epoch anyway
+        log_every_n_steps=0,  # every curve is per epoch: no step-level logging work at all
+    )
+    model = LitClassifier(lr=config.lr, hidden_dim=config.hidden_dim)
+    _interruptible(trainer.fit, model, datamodule=data)
 
-        curves = {epoch: metrics for epoch, metrics in logger.history.items() if "val_loss" in metrics}
-        best_epoch = min(curves, key=lambda epoch: curves[epoch]["val_loss"])
-        best = curves[best_epoch]
-        summary = {"best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"], "best_epoch": best_epoch}
-        test = {}
-        if evaluate_test:
-            best_weights = LitClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu")
-            test = evaluate_on_test(best_weights, data_dir, config.val_size, accelerator)
-        tracker.log_metrics(run_id, {**summary, **test})
-        tracker.client.log_artifact(run_id, checkpoint.best_model_path, artifact_path="checkpoints")
+    model.load_state_dict(best.weights)
+    summary = {"best_epoch": best.epoch, **{f"best_{name}": value for name, value in best.metrics.items()}}
+    test = evaluate_on_test(model, data_dir, config.val_size, accelerator) if evaluate_test else {}
+    tracker.log_metrics(run_id, {**summary, **test})
+    with tempfile.TemporaryDirectory(prefix="mnist-hpo-") as tmp:
+        path = Path(tmp) / CHECKPOINT_ARTIFACT.name
+        trainer.save_checkpoint(path, weights_only=True)
+        tracker.client.log_artifact(run_id, str(path), artifact_path=str(CHECKPOINT_ARTIFACT.parent))
     return FitResult(
         run_id=run_id,
-        best_epoch=best_epoch,
-        val_loss=best["val_loss"],
-        val_acc=best["val_acc"],
-        epochs=len(curves),
+        best_epoch=best.epoch,
+        val_loss=best.metrics["val_loss"],
+        val_acc=best.metrics["val_acc"],
         seconds=time.perf_counter() - started,
-        checkpoint_artifact="checkpoints/best.ckpt",
         test_loss=test.get("test_loss"),
         test_acc=test.get("test_acc"),
     )
@@ -128,7 +152,12 @@ def fit(
 def evaluate_on_test(model: LitClassifier, data_dir: str, val_size: int, accelerator: str = "auto") -> dict[str, float]:
     """test_loss and test_acc of ``model`` on the 10,000 test images."""
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     _interruptible(trainer.test, model, datamodule=MNISTDataModule(data_dir, val_size=val_size), verbose=False)
     return {name: float(trainer.callback_metrics[name]) for name in ("test_loss", "test_acc")}

@@ -30,7 +30,13 @@ def public_url(storage_url: str) -> str:
 
 
 def tune(
-    tracker: Tracker, storage_url: str, study_name: str, n_trials: int, workers: int, timeout: float | None = None, **settings
+    tracker: Tracker,
+    storage_url: str,
+    study_name: str,
+    n_trials: int,
+    workers: int,
+    timeout: float | None = None,
+    **settings,
 ) -> SessionResult:
     """Run ``n_trials`` more trials of the study (created on first use) in ``workers`` processes.
 
@@ -54,11 +60,18 @@ def _session(tracker, storage_url, study_name, n_trials, workers, timeout, setti
     where = f"{public_url(storage_url)}, study {study_name!r}"
     print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
     parent_run_id = studies.parent_run(
-        tracker, study, {"study_name": study_name, "storage": public_url(storage_url), "objective": "val_loss (minimize)"}
+        tracker,
+        study,
+        {"study_name": study_name, "storage": public_url(storage_url), "objective": "val_loss (minimize)"},
     )
     settings = TuneSettings(
-        study_name=study_name, storage=storage_url, tracking_uri=tracker.tracking_uri,
-        experiment_id=tracker.experiment_id, parent_run_id=parent_run_id, trials_before=before, **settings,
+        study_name=study_name,
+        storage=storage_url,
+        tracking_uri=tracker.tracking_uri,
+        experiment_id=tracker.experiment_id,
+        parent_run_id=parent_run_id,
+        trials_before=before,
+        **settings,
     )
     bar = tqdm(total=n_trials, desc="study", unit="trial", dynamic_ncols=True)
 
@@ -103,10 +116,13 @@ def _print_summary(study, tracker, parent_run_id, storage_url, test) -> None:
     else:
         print(results.top_trials_table(study, n=5))
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-        print(f"best: trial {best.number} ({params}): val_loss {best.value:.4f}, val_acc {best.user_attrs['val_acc']:.4f}")
+        print(
+            f"best: trial {best.number} ({params}): val_loss {best.value:.4f}, val_acc {best.user_attrs['val_acc']:.4f}"
+        )
         if test:
-            print(f"test (best trial's weights, evaluated once): test_acc {test['test_acc']:.4f}, test_loss {test['test_loss']:.4f}")
+            scores = f"test_acc {test['test_acc']:.4f}, test_loss {test['test_loss']:.4f}"
+            print(f"test (the best trial's weights, evaluated once): {scores}")
     print(
-        f"look at it: {tracker.ui_command()}   then http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{parent_run_id}\n"
+        f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
         f"the study: {public_url(storage_url)}, study {study.study_name!r}; the same command continues it"
     )
