@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: tune train test test-fast clean
+.PHONY: tune train test test-fast ui benchmark clean
 
 tune: $(VENV)/installed  ## run the Optuna study (50 trials), tracked in MLflow
 	$(PY) scripts/tune.py --n-trials 50
@@ -16,6 +16,12 @@ test: $(VENV)/installed  ## the whole test suite, real-MNIST tests included
 
 test-fast: $(VENV)/installed  ## the tests on tiny synthetic data only
 	$(PY) -m pytest -m "not slow"
+
+ui: $(VENV)/installed  ## mlflow ui on http://127.0.0.1:5000, showing every run of this folder
+	$(VENV)/bin/mlflow ui
+
+benchmark: $(VENV)/installed  ## time an epoch and a study (see README, Performance)
+	$(PY) scripts/benchmark.py
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
