@@ -14,12 +14,14 @@ import pytest
 
 from mnist_hpo import mnist_files
 from mnist_hpo.mnist_files import md5_of, raw_dir, write_idx_images, write_idx_labels
+from mnist_hpo.tracking import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the real MNIST is kept: the same folder `make train` uses, so it is fetched once.
 REAL_DATA_DIR = ROOT / "data"
 
 TINY_TRAIN, TINY_TEST, TINY_VAL = 600, 200, 100
+STUDY_EPOCHS = 2  # per trial, in the tests' studies
 
 
 def tiny_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +60,15 @@ def tiny_mnist(tiny_data, monkeypatch) -> Path:
     for name, md5 in md5s.items():
         monkeypatch.setitem(mnist_files.MNIST_MD5, name, md5)
     return data_dir
+
+
+@pytest.fixture
+def study_env(tiny_mnist, tmp_path):
+    """A tracker, a storage URL and the tune() settings for a study on the tiny data."""
+    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    settings = dict(data_dir=str(tiny_mnist), max_epochs=STUDY_EPOCHS, val_size=TINY_VAL, accelerator="cpu")
+    return tracker, storage, settings
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """LitClassifier on its own."""
 
+import pytorch_lightning as pl
 import torch
 
+from mnist_hpo.data import InMemoryBatches
 from mnist_hpo.model import LitClassifier
 
 
@@ -13,16 +15,16 @@ def test_output_shape_and_architecture():
     assert model.hparams == {"lr": 1e-3, "hidden_dim": 32}
 
 
-def test_a_few_optimizer_steps_reduce_the_loss():
+def test_a_few_optimizer_steps_reduce_the_loss_and_the_lr_decays():
     torch.manual_seed(0)
-    model = LitClassifier(lr=1e-2, hidden_dim=64)
-    optimizer = model.configure_optimizers()
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    losses = []
-    for _ in range(20):
-        loss = model.loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    model = LitClassifier(lr=1e-2, hidden_dim=64)
+    before = model.loss_fn(model(x), y).item()
+    trainer = pl.Trainer(
+        max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=InMemoryBatches(x, y, batch_size=128))  # 20 epochs of one step
+    assert trainer.global_step == 20
+    assert model.loss_fn(model(x), y).item() < 0.5 * before
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 1e-2 * 1e-3  # cosine decay to ~0 at the end

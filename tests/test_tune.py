@@ -14,20 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY_VAL, assert_flag_error, tiny_images
-from mnist_hpo.tracking import connect
+from conftest import STUDY_EPOCHS, TINY_VAL, assert_flag_error, tiny_images
 from mnist_hpo.tuning import tune
-
-EPOCHS = 2
-
-
-@pytest.fixture
-def study_env(tiny_mnist, tmp_path):
-    """A tracker, a storage URL and the tune() settings for a study on the tiny data."""
-    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    settings = dict(data_dir=str(tiny_mnist), max_epochs=EPOCHS, val_size=TINY_VAL, accelerator="cpu")
-    return tracker, storage, settings
 
 
 def runs_of(client: MlflowClient, experiment: str = "tune-tests"):
@@ -60,7 +48,9 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
             k: str(trial.params[k]) for k in ("batch_size", "hidden_dim")
         }
         for name in ("train_loss", "val_loss", "val_acc"):
-            assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, name)] == list(range(EPOCHS))
+            assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, name)] == list(
+                range(STUDY_EPOCHS)
+            )
         # The objective is the best epoch's val_loss, and its val_acc goes with it.
         assert trial.value == pytest.approx(run.data.metrics["best_val_loss"])
         assert trial.user_attrs["val_acc"] == pytest.approx(run.data.metrics["best_val_acc"])

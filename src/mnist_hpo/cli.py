@@ -90,6 +90,8 @@ def check_data_dir(parser: argparse.ArgumentParser, data_dir: str) -> None:
 
 
 def check_accelerator(parser: argparse.ArgumentParser, accelerator: str) -> None:
+    if accelerator in ("auto", "cpu"):
+        return  # always there; no need to start torch to know
     import torch
 
     available = {

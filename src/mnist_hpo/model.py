@@ -22,7 +22,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 
 class LitClassifier(pl.LightningModule):
-    """Flatten -> Linear(784, hidden_dim) -> ReLU -> Linear(hidden_dim, 10), trained with AdamW.
+    """Flatten -> Linear(784, hidden_dim) -> ReLU -> Linear(hidden_dim, 10), trained with AdamW
+    whose learning rate decays to zero over the run along a cosine.
 
     Logs train_loss, val_loss and val_acc once per epoch, and test_loss and test_acc.
     """
@@ -51,9 +52,13 @@ class LitClassifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict:
         # fused: one kernel updates every parameter; the default loops over them in Python.
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, fused=True)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, fused=True)
+        # The write-up kept lr constant. Decaying it over the run's epochs takes this network
+        # from about 0.977 to 0.981 validation accuracy in 10 epochs (README, Results).
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
@@ -75,6 +80,7 @@ class LitClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.log("train_loss", self._loss_sum / self._samples)
+        self.lr_schedulers().step()  # by hand, as optimization is
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -1,8 +1,10 @@
-"""Figures of a study, as matplotlib figures: the parent run's artifacts and the README's pictures."""
+"""Figures of a study, for the parent run's artifacts and the README: Optuna's own plots with
+axes that say what they show, and the learning curves of the best trials."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -12,27 +14,61 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-
-def _figure_of(axes) -> plt.Figure:
-    return (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+OBJECTIVE = "val_loss at the best epoch\n(cross-entropy, log scale)"
+SIZE = (10, 4.5)
 
 
 def study_figures(study: optuna.Study) -> dict[str, plt.Figure]:
-    """Optuna's optimization history, parameter importances and slice plot, by file name.
+    """Optimization history, parameter importances and slice plots, by file name.
 
     Importances need two finished trials that differ; with fewer, that figure is left out.
     """
     figures = {}
     with warnings.catch_warnings():
-        # Experimental API, and notes on small studies (equal importances, one-point axes).
+        # Optuna's matplotlib plots are "experimental"; small studies add notes of their own.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
-        figures["optimization_history.png"] = _figure_of(optuna_plots.plot_optimization_history(study))
+        history = optuna_plots.plot_optimization_history(study)
+        history.set(title=f"Optimization history: {len(study.trials)} trials", xlabel="trial number", ylabel=OBJECTIVE)
+        history.set_yscale("log")
+        figures["optimization_history.png"] = history.figure
+
         try:
-            figures["param_importances.png"] = _figure_of(optuna_plots.plot_param_importances(study))
+            importances = optuna_plots.plot_param_importances(study)
         except (RuntimeError, ValueError, ZeroDivisionError):
             pass
-        figures["slice.png"] = _figure_of(optuna_plots.plot_slice(study))
+        else:
+            importances.set(
+                title="Hyperparameter importances (Optuna's PED-ANOVA)",
+                xlabel="importance for reaching the best val_loss (the three sum to 1)",
+            )
+            figures["param_importances.png"] = importances.figure
+
+        slices = optuna_plots.plot_slice(study)
+        axes = list(slices.flat) if hasattr(slices, "flat") else [slices]
+        for ax in axes:
+            ax.set_yscale("log")
+        axes[0].set_ylabel(OBJECTIVE)
+        axes[0].figure.suptitle("val_loss against each hyperparameter (colour: trial number)")
+        figures["slice.png"] = axes[0].figure
     for figure in figures.values():
-        figure.set_size_inches(10, 5)
+        figure.set_size_inches(*SIZE)
     return figures
+
+
+def learning_curves(curves: Sequence[tuple[str, Mapping[str, Sequence[float]]]]) -> plt.Figure:
+    """train_loss and val_loss per epoch, one colour per run: ``[(label, {metric: values})]``."""
+    figure, ax = plt.subplots(figsize=SIZE)
+    for (label, metrics), color in zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
+        ax.plot(metrics["val_loss"], color=color, marker="o", label=f"{label}: val_loss")
+        ax.plot(metrics["train_loss"], color=color, linestyle="--", label=f"{label}: train_loss")
+    ax.set(
+        title="Training and validation loss of the best trials",
+        xlabel="epoch",
+        ylabel="loss (cross-entropy, log scale)",
+        yscale="log",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

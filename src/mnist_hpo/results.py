@@ -22,21 +22,36 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return {state.name: sum(t.state == state for t in trials) for state in TrialState}
 
 
+def top_trials(study: optuna.Study, n: int = 10) -> list[dict]:
+    """The ``n`` best complete trials, best first: their scores, params and MLflow run."""
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+    return [
+        {
+            "trial": trial.number,
+            "val_loss": trial.value,
+            "val_acc": trial.user_attrs["val_acc"],
+            **trial.params,
+            "best_epoch": trial.user_attrs["best_epoch"],
+            "seconds": trial.duration.total_seconds(),
+            "run_id": trial.user_attrs["mlflow_run_id"],
+        }
+        for trial in complete[:n]
+    ]
+
+
 def top_trials_table(study: optuna.Study, n: int = 10) -> str:
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:n]
     rows = [
         f"{'trial':>5}  {'val_loss':>8}  {'val_acc':>7}  {'batch_size':>10}  {'hidden_dim':>10}  {'lr':>8}  seconds"
     ]
-    for trial in complete:
+    for row in top_trials(study, n):
         rows.append(
-            f"{trial.number:>5}  {trial.value:>8.4f}  {trial.user_attrs.get('val_acc', float('nan')):>7.4f}  "
-            f"{trial.params['batch_size']:>10}  {trial.params['hidden_dim']:>10}  {trial.params['lr']:>8.2e}  "
-            f"{trial.duration.total_seconds():>7.1f}"
+            f"{row['trial']:>5}  {row['val_loss']:>8.4f}  {row['val_acc']:>7.4f}  {row['batch_size']:>10}  "
+            f"{row['hidden_dim']:>10}  {row['lr']:>8.2e}  {row['seconds']:>7.1f}"
         )
     return "\n".join(rows)
 
 
-def test_best_trial(
+def evaluate_best_trial(
     study: optuna.Study, tracker: Tracker, parent_run_id: str, data_dir: str, accelerator: str
 ) -> dict[str, float] | None:
     """Evaluate the best trial's best-epoch weights on the test set, once, and log them, with

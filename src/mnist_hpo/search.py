@@ -85,7 +85,8 @@ class ReportToTrial(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, val_loss = trainer.current_epoch, float(trainer.callback_metrics["val_loss"])
         self.trial.report(val_loss, step=epoch)
-        if self.trial.should_prune():
+        last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
+        if not last_epoch and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_loss {val_loss:.4f}")
 
 

@@ -90,7 +90,7 @@ def _session(tracker, storage_url, study_name, n_trials, workers, timeout, setti
         _close_what_dead_workers_left(tracker, storage, study_name)
         results.log_study_summary(study, tracker, parent_run_id)
         if not interrupted:
-            test = results.test_best_trial(study, tracker, parent_run_id, settings.data_dir, settings.accelerator)
+            test = results.evaluate_best_trial(study, tracker, parent_run_id, settings.data_dir, settings.accelerator)
         _print_summary(study, tracker, parent_run_id, storage_url, test)
         if interrupted:
             raise KeyboardInterrupt  # after the summary; the parent run ends KILLED

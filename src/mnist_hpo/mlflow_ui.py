@@ -1,0 +1,144 @@
+"""`mlflow ui` in a real browser: start the server on a free loopback port and always stop it,
+and open Debian's Chromium through Playwright (a test tool's own browser download does not
+work offline). Used by scripts/screenshots.py and the browser test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+# Headless Chromium as root, quiet on a machine whose network is closed.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium (apt-get install chromium), or CHROMIUM if set."""
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(backend_store_uri: str, timeout: float = 90) -> Iterator[str]:
+    """Run ``mlflow ui`` for ``backend_store_uri`` on a free loopback port; yield its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri,
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_until_healthy(url, server, log, timeout)
+            yield url
+        finally:
+            # The whole process group: mlflow ui runs its web server as a child process.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+def _wait_until_healthy(url: str, server: subprocess.Popen, log, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"mlflow ui exited with code {server.returncode}:\n{log.read()[-2000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.3)
+    raise RuntimeError(f"mlflow ui did not answer on {url} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1400, height: int = 900):
+    """A Playwright page in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    if executable is None:
+        raise RuntimeError("Chromium is not installed: apt-get install chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+# The UI opens experiments in its GenAI view unless told otherwise; runs live in this one.
+TRAINING_VIEW = "workflowType=machine_learning"
+TABLE_COLUMNS = ("best_val_loss", "best_val_acc", "best_epoch", "batch_size", "hidden_dim", "lr")
+
+
+def runs_url(url: str, experiment_id: str, search_filter: str, **params: str) -> str:
+    query = urllib.parse.urlencode({"searchFilter": search_filter, **params})
+    return f"{url}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}&{query}"
+
+
+def study_filter(study_name: str) -> str:
+    return f"tags.`optuna.study` = '{study_name}' AND tags.`optuna.state` = 'COMPLETE'"
+
+
+def screenshot_runs_table(page, url: str, experiment_id: str, study_name: str, path: str) -> None:
+    """The study's complete trials, best val_loss first, with their scores and params."""
+    page.goto(
+        runs_url(url, experiment_id, study_filter(study_name), orderByKey="metrics.`best_val_loss`", orderByAsc="true")
+    )
+    page.get_by_role("row").filter(has_text="trial").first.wait_for(timeout=60_000)
+    _close_assistant(page)
+    page.get_by_role("button", name="Columns", exact=True).click()
+    for name in ("Dataset", "Source", "Models", *TABLE_COLUMNS):  # hide the empty, show ours
+        page.get_by_text(name, exact=True).last.click()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(1000)
+    page.screenshot(path=path)
+
+
+def screenshot_charts(page, url: str, experiment_id: str, run_ids: list[str], path: str) -> None:
+    """The chart view of ``run_ids`` (trials nested under their study's run): their losses."""
+    ids = ", ".join(f"'{run_id}'" for run_id in run_ids)
+    page.goto(runs_url(url, experiment_id, f"attributes.run_id IN ({ids})", compareRunsMode="CHART"))
+    parent = page.get_by_role("row").filter(has=page.locator("button[data-component-id*='runnamecellrenderer']"))
+    parent.first.wait_for(timeout=60_000)
+    _close_assistant(page)
+    parent.first.locator("button[data-component-id*='runnamecellrenderer']").click()  # show the trials
+    parent.first.locator("label:has(input.is-visibility-toggle-checkbox)").click()  # hide the study's run
+    page.get_by_placeholder("Search metric charts").fill("loss")
+    page.wait_for_timeout(3000)  # the charts animate in
+    page.screenshot(path=path)
+
+
+def _close_assistant(page) -> None:
+    close = page.get_by_role("button", name="Close", exact=True)
+    if close.count():
+        close.first.click()

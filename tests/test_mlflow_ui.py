@@ -1,0 +1,37 @@
+"""`mlflow ui` shows a study, checked in the page a real browser renders (headless Chromium)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mnist_hpo.mlflow_ui import chromium_page, chromium_path, runs_url, serve
+from mnist_hpo.tuning import tune
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        chromium_path() is None, reason="Chromium is not installed (apt-get install chromium); .ci/run installs it"
+    ),
+]
+
+
+def test_mlflow_ui_lists_the_study_and_shows_a_trials_curve(study_env):
+    tracker, storage, settings = study_env
+    session = tune(tracker, storage, "in-the-browser", n_trials=2, workers=1, **settings)
+    trials = {t.number: t.user_attrs["mlflow_run_id"] for t in session.study.trials}
+    val_loss = tracker.client.get_run(trials[1]).data.metrics["val_loss"]
+
+    with serve(tracker.tracking_uri) as url, chromium_page() as page:
+        page.goto(runs_url(url, tracker.experiment_id, ""))
+        parent = page.get_by_role("row").filter(has_text="in-the-browser")
+        parent.wait_for(timeout=60_000)
+        parent.locator("button[data-component-id*='runnamecellrenderer']").click()  # expand the study's run
+        for number in trials:
+            page.get_by_role("row").filter(has_text=f"trial {number}").wait_for(timeout=30_000)
+        assert page.get_by_role("row").filter(has_text="trial").count() == 2
+
+        page.goto(f"{url}/#/experiments/{tracker.experiment_id}/runs/{trials[1]}")
+        metric = page.get_by_role("row").filter(has_text="val_loss").filter(has_not_text="best_val_loss")
+        metric.wait_for(timeout=60_000)
+        assert repr(val_loss)[:6] in metric.inner_text()
+        assert page.get_by_text("trial 1", exact=True).first.is_visible()
