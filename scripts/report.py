@@ -20,10 +20,8 @@ from mnist_hpo import cli
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
-    parser.add_argument("--study-name", default="mnist", help="the study (default: %(default)s)")
+    cli.add_picture_flags(parser)
     parser.add_argument("--storage", default="sqlite:///optuna.db", help="its Optuna storage (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=None, help="its MLflow store (default: as tune.py's)")
-    parser.add_argument("--out", default="img", help="where the figures go (default: %(default)s)")
     parser.add_argument("--readme", default="README.md", help="the README to update, or 'none' (default: %(default)s)")
     args = parser.parse_args(argv)
     readme = None if args.readme == "none" else Path(args.readme)

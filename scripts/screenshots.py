@@ -19,10 +19,8 @@ from mnist_hpo import cli
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
-    parser.add_argument("--study-name", default="mnist", help="the study (default: %(default)s)")
+    cli.add_picture_flags(parser)
     parser.add_argument("--experiment", default="mnist-tune", help="its MLflow experiment (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=None, help="its MLflow store (default: as tune.py's)")
-    parser.add_argument("--out", default="img", help="where the screenshots go (default: %(default)s)")
     args = parser.parse_args(argv)
 
     from mlflow.tracking import MlflowClient

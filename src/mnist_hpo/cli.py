@@ -74,6 +74,13 @@ def add_common_flags(parser: argparse.ArgumentParser, *, max_epochs: int) -> Non
     )
 
 
+def add_picture_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the scripts that picture a finished study: which one, and where to write."""
+    parser.add_argument("--study-name", default="mnist", help="the study (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default=None, help="its MLflow store (default: as tune.py's)")
+    parser.add_argument("--out", default="img", help="where the pictures go (default: %(default)s)")
+
+
 def check_data_dir(parser: argparse.ArgumentParser, data_dir: str) -> None:
     path = Path(data_dir)
     if path.exists() and not path.is_dir():

@@ -55,8 +55,8 @@ class LitClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         # fused: one kernel updates every parameter; the default loops over them in Python.
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, fused=True)
-        # The write-up kept lr constant. Decaying it over the run's epochs takes this network
-        # from about 0.977 to 0.981 validation accuracy in 10 epochs (README, Results).
+        # The write-up kept lr constant. Decaying it over the run's epochs took the best trial of
+        # a 50-trial study from 0.978 to 0.983 validation accuracy (README, Results).
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 

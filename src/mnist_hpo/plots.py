@@ -29,8 +29,9 @@ def study_figures(study: optuna.Study) -> dict[str, plt.Figure]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
         history = optuna_plots.plot_optimization_history(study)
-        history.set(title=f"Optimization history: {len(study.trials)} trials", xlabel="trial number", ylabel=OBJECTIVE)
-        history.set_yscale("log")
+        history.set(xlabel="trial number", ylabel=OBJECTIVE, yscale="log")
+        _retitle(history, f"Optimization history: {len(study.trials)} trials (the complete ones shown)")
+        history.legend(["a complete trial", "the best so far"], loc="upper right")
         figures["optimization_history.png"] = history.figure
 
         try:
@@ -38,10 +39,9 @@ def study_figures(study: optuna.Study) -> dict[str, plt.Figure]:
         except (RuntimeError, ValueError, ZeroDivisionError):
             pass
         else:
-            importances.set(
-                title="Hyperparameter importances (Optuna's PED-ANOVA)",
-                xlabel="importance for reaching the best val_loss (the three sum to 1)",
-            )
+            importances.set_xlabel("importance for reaching the best val_loss (the three sum to 1)")
+            _retitle(importances, "Hyperparameter importances (Optuna's PED-ANOVA)")
+            importances.get_legend().remove()
             figures["param_importances.png"] = importances.figure
 
         slices = optuna_plots.plot_slice(study)
@@ -54,6 +54,12 @@ def study_figures(study: optuna.Study) -> dict[str, plt.Figure]:
     for figure in figures.values():
         figure.set_size_inches(*SIZE)
     return figures
+
+
+def _retitle(ax, title: str) -> None:
+    for loc in ("center", "right"):  # Optuna puts its own titles in either place
+        ax.set_title("", loc=loc)
+    ax.set_title(title, loc="left")
 
 
 def learning_curves(curves: Sequence[tuple[str, Mapping[str, Sequence[float]]]]) -> plt.Figure:
