@@ -43,7 +43,7 @@ def test_screenshots_of_the_table_and_the_charts(study_env, tmp_path):
     best = sorted((t for t in session.study.trials), key=lambda t: t.value)[:2]
     with serve(tracker.tracking_uri) as url, chromium_page() as page:
         screenshot_runs_table(page, url, tracker.experiment_id, "pictured", str(tmp_path / "table.png"))
-        assert page.get_by_role("columnheader", name="best_val_loss").count() == 1
+        assert page.get_by_role("columnheader", name="best_val_loss", exact=True).count() >= 1
         screenshot_charts(
             page,
             url,

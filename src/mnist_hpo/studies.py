@@ -82,19 +82,19 @@ def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[int]:
 
 def close_runs_of_finished_trials(tracker: Tracker, storage: RDBStorage, study_name: str) -> list[str]:
     """End, as KILLED, every MLflow run still RUNNING whose trial is no longer running."""
+    running = tracker.client.search_runs(
+        [tracker.experiment_id], f"attributes.status = 'RUNNING' AND tags.`optuna.study` = {study_name!r}"
+    )
+    if not running:
+        return []
     study_id = storage.get_study_id_from_name(study_name)
+    trials = {t.user_attrs.get("mlflow_run_id"): t for t in storage.get_all_trials(study_id, deepcopy=False)}
     closed = []
-    for trial in storage.get_all_trials(study_id, deepcopy=False):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if trial.state == TrialState.RUNNING or not run_id:
-            continue
-        try:
-            run = tracker.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - a run from another store, or deleted: nothing to close
-            continue
-        if run.info.status == "RUNNING":
+    for run in running:
+        trial = trials.get(run.info.run_id)  # the study's own run has no trial
+        if trial is not None and trial.state != TrialState.RUNNING:
             close_run_of_failed_trial(tracker, trial)
-            closed.append(run_id)
+            closed.append(run.info.run_id)
     return closed
 
 
