@@ -219,7 +219,8 @@ def test_ctrl_c_stops_cleanly(run_script, tiny_data, tmp_path, workers):
 
     trials = optuna.load_study(study_name="mnist", storage=storage).trials
     assert trials and all(t.state == TrialState.FAIL for t in trials)  # none left RUNNING
-    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in trials)
+    # Interrupted in its objective, or (in the moment Optuna creates a trial) left to the clean-up.
+    assert {t.user_attrs["fail_reason"] for t in trials} <= {"interrupted", "its worker process died"}
     runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "mnist-tune")
     assert {r.info.status for r in runs} == {"KILLED"}
 

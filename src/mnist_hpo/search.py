@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
-from mnist_hpo import studies
+from mnist_hpo import interrupts, studies
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.tracking import Tracker
 from mnist_hpo.training import fit
@@ -91,7 +91,21 @@ class ReportToTrial(Callback):
 
 
 def objective(trial: optuna.Trial, settings: TuneSettings, tracker: Tracker) -> float:
-    """Train the trial's configuration; its value is the best epoch's val_loss."""
+    """Train the trial's configuration; its value is the best epoch's val_loss.
+
+    Why a trial did not complete is kept with it: ``pruned`` or ``fail_reason``.
+    """
+    try:
+        return _train(trial, settings, tracker)
+    except optuna.TrialPruned as pruned:
+        trial.set_user_attr("pruned", str(pruned))
+        raise
+    except BaseException as error:
+        trial.set_user_attr("fail_reason", "interrupted" if isinstance(error, KeyboardInterrupt) else str(error))
+        raise
+
+
+def _train(trial: optuna.Trial, settings: TuneSettings, tracker: Tracker) -> float:
     trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
     config = suggest_config(trial, settings.max_epochs, settings.seed, settings.val_size)
     tags = {"optuna.study": settings.study_name, "optuna.trial": str(trial.number)}
@@ -100,23 +114,21 @@ def objective(trial: optuna.Trial, settings: TuneSettings, tracker: Tracker) -> 
     ) as run_id:
         trial.set_user_attr("mlflow_run_id", run_id)
         try:
-            result = fit(
-                config,
-                tracker,
-                run_id,
-                data_dir=settings.data_dir,
-                accelerator=settings.accelerator,
-                callbacks=[ReportToTrial(trial)],
-                evaluate_test=False,  # the test set is never used to choose
-                progress_bar=settings.verbose,
-            )
+            with interrupts.interruptible():
+                result = fit(
+                    config,
+                    tracker,
+                    run_id,
+                    data_dir=settings.data_dir,
+                    accelerator=settings.accelerator,
+                    callbacks=[ReportToTrial(trial)],
+                    evaluate_test=False,  # the test set is never used to choose
+                    progress_bar=settings.verbose,
+                )
         except optuna.TrialPruned as pruned:
-            trial.set_user_attr("pruned", str(pruned))
             tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": str(pruned)})
             raise
-        except BaseException as error:
-            reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
-            trial.set_user_attr("fail_reason", reason)
+        except BaseException:
             tracker.set_tags(run_id, {"optuna.state": "FAIL"})
             raise
         trial.set_user_attr("val_acc", result.val_acc)

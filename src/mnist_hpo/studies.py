@@ -9,6 +9,7 @@ failing. Many machines share one PostgreSQL or MySQL server instead.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import warnings
@@ -61,22 +62,30 @@ def _is_alive(pid: int) -> bool:
 
 
 def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker process on this machine is gone; return their numbers.
+    """Mark FAIL the RUNNING trials whose worker is gone; return their numbers.
 
-    Trials of other machines are left to the heartbeat: only their own machine can tell
-    whether their process still runs.
+    A worker records itself on its trial first thing. A trial of this machine whose process is
+    gone, or one that recorded no worker a grace period after it started (its worker stopped
+    before the objective began), is dead. Trials of other machines are left to the heartbeat:
+    only their own machine can tell whether their process still runs.
     """
     study_id = storage.get_study_id_from_name(study_name)
     failed = []
+    now = datetime.datetime.now()
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(WORKER_ATTR)
-        if owner and owner["host"] == socket.gethostname() and not _is_alive(owner["pid"]):
-            try:
-                storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another process got there first
-            failed.append(trial.number)
+        if owner is None:
+            dead = (now - trial.datetime_start).total_seconds() > GRACE_SECONDS
+        else:
+            dead = owner["host"] == socket.gethostname() and not _is_alive(owner["pid"])
+        if not dead:
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process got there first
+        failed.append(trial.number)
     return failed
 
 

@@ -3,17 +3,16 @@ results in the Optuna storage and in MLflow."""
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 
 import optuna
 from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
-from mnist_hpo import results, studies
+from mnist_hpo import interrupts, results, studies
 from mnist_hpo.search import TrialReport, TuneSettings
 from mnist_hpo.tracking import Tracker
-from mnist_hpo.workers import interrupt_once, quiet_libraries, run_workers
+from mnist_hpo.workers import quiet_libraries, run_workers
 
 
 @dataclass(frozen=True)
@@ -45,11 +44,8 @@ def tune(
     KeyboardInterrupt is raised.
     """
     quiet_libraries(settings.get("verbose", False))
-    previous_handler = signal.signal(signal.SIGINT, interrupt_once)
-    try:
+    with interrupts.handling():
         return _session(tracker, storage_url, study_name, n_trials, workers, timeout, settings)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
 
 
 def _session(tracker, storage_url, study_name, n_trials, workers, timeout, settings) -> SessionResult:
@@ -79,14 +75,13 @@ def _session(tracker, storage_url, study_name, n_trials, workers, timeout, setti
         bar.write(trial.line())
         bar.update()
 
-    interrupted, problems, test = False, [], None
+    problems, test = [], None
     with tracker.closing(parent_run_id):
         try:
             problems = run_workers(settings, n_trials, workers, timeout, report)
-        except KeyboardInterrupt:
-            interrupted = True
         finally:
             bar.close()
+        interrupted = interrupts.requested()
         _close_what_dead_workers_left(tracker, storage, study_name)
         results.log_study_summary(study, tracker, parent_run_id)
         if not interrupted:

@@ -22,7 +22,7 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_hpo import studies
+from mnist_hpo import interrupts, studies
 from mnist_hpo.data import trust_verified
 from mnist_hpo.search import TrialReport, TuneSettings, make_pruner, make_sampler, objective
 from mnist_hpo.tracking import Tracker
@@ -70,15 +70,18 @@ def run_workers(
 ) -> list[str]:
     """Run up to ``n_trials`` trials in ``workers`` processes; return the problems, if any.
 
-    Raises KeyboardInterrupt after Ctrl-C (see :func:`interrupt_once`), once every worker has
-    closed its trial.
+    After Ctrl-C (see :mod:`mnist_hpo.interrupts`) it returns once every worker has closed its
+    trial; ``interrupts.requested()`` then says so.
     """
     context = mp.get_context("spawn")
     budget = _Budget(context, n_trials, None if timeout is None else time.time() + timeout)
     threads = max(1, available_cores() // workers)
     if workers == 1:
         _prepare_worker(threads, settings.verbose)
-        run_trials(settings, 0, budget.claim, report)
+        try:
+            run_trials(settings, 0, lambda: not interrupts.requested() and budget.claim(), report)
+        except KeyboardInterrupt:
+            pass  # the trial is closed
         return []
 
     reports = context.Queue()
@@ -88,25 +91,23 @@ def run_workers(
     ]
     for process in processes:
         process.start()
-    interrupted = False
+    forwarded = False
     try:
         while any(p.is_alive() for p in processes) or not reports.empty():
-            try:
-                report(reports.get(timeout=0.2))
-            except queue.Empty:
-                pass
-            except KeyboardInterrupt:
+            if interrupts.requested() and not forwarded:
                 # The terminal sent SIGINT to every worker too; this reaches those it did not.
-                interrupted = True
+                forwarded = True
                 budget.cancel()
                 for process in processes:
                     if process.is_alive():
                         os.kill(process.pid, signal.SIGINT)
+            try:
+                report(reports.get(timeout=0.2))
+            except queue.Empty:
+                pass
     finally:
         for process in processes:
             process.join()
-    if interrupted:
-        raise KeyboardInterrupt
     return [f"worker {i} exited with code {p.exitcode}" for i, p in enumerate(processes) if p.exitcode != 0]
 
 
@@ -131,12 +132,6 @@ class _Budget:
             self.left.value = 0
 
 
-def interrupt_once(signum, frame) -> None:
-    """SIGINT handler: the first Ctrl-C stops the trial; later ones cannot cut the clean-up short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def quiet_libraries(verbose: bool) -> None:
     """Inside a study one line per trial says enough: Optuna, and Lightning unless ``verbose``,
     keep to warnings."""
@@ -153,16 +148,16 @@ def _prepare_worker(threads: int, verbose: bool) -> None:
 
 
 def _worker_main(settings: TuneSettings, index: int, threads: int, budget: _Budget, reports) -> None:
-    signal.signal(signal.SIGINT, interrupt_once)
     _prepare_worker(threads, settings.verbose)
     trust_verified(settings.data_dir, settings.data_source)
     parent = os.getppid()
 
     def claim() -> bool:
         # A worker whose tune.py was killed finishes its trial and stops there.
-        return os.getppid() == parent and budget.claim()
+        return not interrupts.requested() and os.getppid() == parent and budget.claim()
 
-    try:
-        run_trials(settings, index, claim, reports.put)
-    except KeyboardInterrupt:
-        pass  # the trial is closed; tune.py prints the summary
+    with interrupts.handling():
+        try:
+            run_trials(settings, index, claim, reports.put)
+        except KeyboardInterrupt:
+            pass  # the trial is closed; tune.py prints the summary

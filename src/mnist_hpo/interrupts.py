@@ -1,0 +1,53 @@
+"""Ctrl-C during a study: handled once, and only where stopping is safe.
+
+Training stops at once. Optuna's and MLflow's bookkeeping around it (creating a trial,
+recording its end) is never cut in half: a Ctrl-C that arrives there is held until that work
+is done, and then no new trial starts. A second Ctrl-C is ignored, so the clean-up that
+follows cannot be cut short either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+
+class _State:
+    requested = False  # Ctrl-C has been pressed
+    interruptible = False  # inside a block that may stop at once
+
+
+def handler(signum, frame) -> None:
+    """The SIGINT handler of a tune.py process and of its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _State.requested = True
+    if _State.interruptible:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def handling() -> Iterator[None]:
+    """Install :func:`handler` for the block, starting with no request, and restore the old one."""
+    _State.requested = _State.interruptible = False
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """A block that Ctrl-C may stop at once, with KeyboardInterrupt."""
+    if _State.requested:
+        raise KeyboardInterrupt
+    _State.interruptible = True
+    try:
+        yield
+    finally:
+        _State.interruptible = False
+
+
+def requested() -> bool:
+    return _State.requested
