@@ -11,7 +11,9 @@ step = epoch.
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -33,6 +35,38 @@ class TrackingUnavailable(RuntimeError):
     """The tracking URI or experiment cannot be used."""
 
 
+class RetryingClient:
+    """An MlflowClient whose calls wait their turn when SQLite says "database is locked".
+
+    A SQLite transaction reads before it writes; when two worker processes turn reader into
+    writer at the same moment, SQLite fails one of them at once instead of letting it wait
+    (seen here with two workers logging to mlflow.db). MLflow rolls the failed call back
+    whole, so it is safe to make again.
+    """
+
+    ATTEMPTS = 20
+
+    def __init__(self, tracking_uri: str):
+        self._client = MlflowClient(tracking_uri)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            for attempt in range(self.ATTEMPTS):
+                try:
+                    return method(*args, **kwargs)
+                except mlflow.exceptions.MlflowException as error:
+                    if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
+                        raise
+                    time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+
+        return call
+
+
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else MLflow's own default, resolved as MLflow resolves it."""
     return mlflow.get_tracking_uri()
@@ -42,7 +76,7 @@ def default_tracking_uri() -> str:
 class Tracker:
     """One MLflow store and experiment; every run of a process goes through it."""
 
-    client: MlflowClient
+    client: RetryingClient
     tracking_uri: str
     experiment_id: str
     # True when the URI is MLflow's own default, which `mlflow ui` with no flags shows.
@@ -122,14 +156,14 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
         if uri.startswith(("http://", "https://")):
             # MLflow's client retries an unreachable server for minutes; one probe says it now.
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
-        client = MlflowClient(uri)
+        client = RetryingClient(uri)
         return Tracker(client, uri, _experiment_id(client, experiment), is_default)
     except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the URI is unusable
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrackingUnavailable(f"cannot use the MLflow store {uri!r}: {message}") from error
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
+def _experiment_id(client: RetryingClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:

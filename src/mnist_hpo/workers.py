@@ -20,12 +20,11 @@ from collections.abc import Callable
 
 import optuna
 import torch
-from mlflow.tracking import MlflowClient
 
 from mnist_hpo import interrupts, studies
 from mnist_hpo.data import trust_verified
 from mnist_hpo.search import TrialReport, TuneSettings, make_pruner, make_sampler, objective
-from mnist_hpo.tracking import Tracker
+from mnist_hpo.tracking import RetryingClient, Tracker
 from mnist_hpo.training import TrainingDiverged
 
 
@@ -49,7 +48,7 @@ def run_trials(
     A diverging trial (NaN loss) is recorded as failed and the study goes on; any other
     error, and Ctrl-C, ends this worker after Optuna and MLflow have closed the trial.
     """
-    tracker = Tracker(MlflowClient(settings.tracking_uri), settings.tracking_uri, settings.experiment_id)
+    tracker = Tracker(RetryingClient(settings.tracking_uri), settings.tracking_uri, settings.experiment_id)
     storage = studies.open_storage(
         settings.storage, on_stale_trial=lambda study, trial: studies.close_run_of_failed_trial(tracker, trial)
     )
