@@ -1,5 +1,6 @@
 """LitClassifier on its own."""
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -15,6 +16,8 @@ def test_output_shape_and_architecture():
     assert model.hparams == {"lr": 1e-3, "hidden_dim": 32}
 
 
+# Only the optimizer is under test here, so there is deliberately no validation data.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_a_few_optimizer_steps_reduce_the_loss_and_the_lr_decays():
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
