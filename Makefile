@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: tune train test test-fast ui benchmark clean
+.PHONY: help tune train test test-fast ui benchmark clean
+
+help:  ## list the targets and what they do
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | expand -t 12
 
 tune: $(VENV)/installed  ## run the Optuna study (50 trials), tracked in MLflow
 	$(PY) scripts/tune.py --n-trials 50

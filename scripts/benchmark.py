@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mnist_hpo.benchmark import PATHS, time_epochs, time_startup, time_study
+    from mnist_hpo.devtools.benchmark import PATHS, time_epochs, time_startup, time_study
     from mnist_hpo.workers import available_cores
 
     machine = {

@@ -6,7 +6,8 @@ the study's complete trials sorted by val_loss and the chart view of its three b
 and always stops the server.
 
     python scripts/screenshots.py
-    python scripts/screenshots.py --study-name wide --tracking-uri sqlite:///elsewhere/mlflow.db
+    python scripts/screenshots.py --study-name wide --storage sqlite:///elsewhere/optuna.db \
+        --tracking-uri sqlite:///elsewhere/mlflow.db
 """
 
 from __future__ import annotations
@@ -20,35 +21,32 @@ from mnist_hpo import cli
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
     cli.add_picture_flags(parser)
-    parser.add_argument("--experiment", default="mnist-tune", help="its MLflow experiment (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    from mlflow.tracking import MlflowClient
-
-    from mnist_hpo import mlflow_ui
-    from mnist_hpo.tracking import default_tracking_uri
+    from mnist_hpo import tracking
+    from mnist_hpo.devtools import mlflow_ui
+    from mnist_hpo.report import searched_params
+    from mnist_hpo.results import top_trials
+    from mnist_hpo.trial import RUN_ATTR
 
     if mlflow_ui.chromium_path() is None:
         cli.fail(parser.prog, "Chromium is not installed: apt-get install chromium (or set CHROMIUM)")
-    uri = args.tracking_uri or default_tracking_uri()
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
-        parser.error(f"argument --experiment: no experiment {args.experiment!r} in {uri}")
-    best = client.search_runs(
-        [experiment.experiment_id], mlflow_ui.study_filter(args.study_name),
-        order_by=["metrics.best_val_loss ASC"], max_results=3,
-    )  # fmt: skip
-    if not best:
-        parser.error(f"argument --study-name: no complete trial of study {args.study_name!r} in {args.experiment!r}")
+    study = cli.load_study(parser, args.storage, args.study_name)
+    tracker = tracking.reader(args.tracking_uri)
+    best = [trial.user_attrs[RUN_ATTR] for trial in top_trials(study, 3)]
+    experiment_id = tracker.experiment_of(best[0])
+    if experiment_id is None:
+        parser.error(
+            f"argument --tracking-uri: {tracker.tracking_uri} does not hold the runs of study {args.study_name!r}"
+        )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with mlflow_ui.serve(uri) as url, mlflow_ui.chromium_page() as page:
-        mlflow_ui.screenshot_runs_table(page, url, experiment.experiment_id, args.study_name, str(out / "table.png"))
+    with mlflow_ui.serve(tracker.tracking_uri) as url, mlflow_ui.chromium_page() as page:
+        params = list(searched_params(study))
+        mlflow_ui.screenshot_runs_table(page, url, experiment_id, args.study_name, params, str(out / "table.png"))
         print(f"wrote {out / 'table.png'}")
-        run_ids = [run.info.run_id for run in best]
-        mlflow_ui.screenshot_charts(page, url, experiment.experiment_id, run_ids, str(out / "charts.png"))
+        mlflow_ui.screenshot_charts(page, url, experiment_id, best, str(out / "charts.png"))
         print(f"wrote {out / 'charts.png'}")
     return 0
 

@@ -10,43 +10,34 @@ checkpoint included, to one MLflow run. Then `mlflow ui`, in this folder, shows 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from mnist_hpo import cli
 from mnist_hpo.config import TrainConfig
 
-DEFAULTS = TrainConfig()
+SETTINGS = [field.name for field in dataclasses.fields(TrainConfig)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
-    parser.add_argument(
-        "--lr", type=cli.positive_float, default=DEFAULTS.lr, help="AdamW learning rate (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--hidden-dim", type=cli.positive_int, default=DEFAULTS.hidden_dim, help="hidden units (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=cli.positive_int,
-        default=DEFAULTS.batch_size,
-        help="training batch size (default: %(default)s)",
-    )
+    cli.add_config_flags(parser, SETTINGS)
     parser.add_argument("--experiment", default="mnist-train", help="MLflow experiment (default: %(default)s)")
-    cli.add_common_flags(parser, max_epochs=DEFAULTS.max_epochs)
+    cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     cli.check_data_dir(parser, args.data_dir)
     cli.check_accelerator(parser, args.accelerator)
     tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
 
     # Lightning is imported only once the flags have passed: a typo costs no start-up.
+    from mnist_hpo import interrupts
     from mnist_hpo.mnist_files import MNISTUnavailable
     from mnist_hpo.training import TrainingDiverged, fit
 
-    config = TrainConfig(args.lr, args.hidden_dim, args.batch_size, args.max_epochs, args.seed, args.val_size)
+    config = TrainConfig(**cli.config_from_flags(args, SETTINGS))
     run_name = f"lr={config.lr:g} hidden={config.hidden_dim} batch={config.batch_size}"
     try:
-        with tracker.run(run_name) as run_id:
+        with interrupts.handling(), tracker.run(run_name) as run_id, interrupts.interruptible():
             result = fit(config, tracker, run_id, data_dir=args.data_dir, accelerator=args.accelerator)
     except (MNISTUnavailable, TrainingDiverged) as error:
         cli.fail(parser.prog, str(error))

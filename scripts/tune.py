@@ -1,10 +1,11 @@
 """Tune the MNIST classifier with Optuna, every trial tracked in MLflow.
 
-Searches batch size, hidden dim and learning rate (TPE sampler, median pruning) with N worker
-processes; each trial trains with the same function as scripts/train.py and logs its curves
-to an MLflow run nested under the study's parent run. The study is kept in optuna.db: the
-same command again continues it. At the end, the best trial's weights are tested once and
-logged as an MLflow model. Then `mlflow ui`, in this folder, shows it all.
+Searches the space of src/mnist_hpo/search.py (batch size, hidden dim and learning rate; TPE
+sampler, median pruning) with N worker processes; each trial trains with the same function as
+scripts/train.py and logs its curves to an MLflow run nested under the study's parent run. The
+study is kept in optuna.db: the same command again continues it. At the end, the best trial's
+weights are tested once and logged as an MLflow model. Then `mlflow ui`, in this folder, shows
+it all.
 
     python scripts/tune.py --n-trials 50
     python scripts/tune.py --n-trials 20 --study-name wide --max-epochs 5
@@ -13,11 +14,16 @@ logged as an MLflow model. Then `mlflow ui`, in this folder, shows it all.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from mnist_hpo import cli
+from mnist_hpo.config import TrainConfig
+from mnist_hpo.search import SEARCH_SPACE
+from mnist_hpo.studies import DEFAULT_STORAGE
 
-STUDY_MAX_EPOCHS = 10
+# The settings of TrainConfig that the search does not choose: how every trial trains.
+SETTINGS = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in SEARCH_SPACE]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--study-name", default="mnist", help="Optuna study to create or continue (default: %(default)s)"
     )
-    parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s)")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     parser.add_argument(
         "--workers", type=cli.positive_int, default=None, help="worker processes (default: one per core, at most 8)"
     )
     parser.add_argument("--no-pruning", action="store_true", help="train every trial for all its epochs")
     parser.add_argument("--verbose", action="store_true", help="show Lightning's progress bars inside trials")
     parser.add_argument("--experiment", default="mnist-tune", help="MLflow experiment (default: %(default)s)")
-    cli.add_common_flags(parser, max_epochs=STUDY_MAX_EPOCHS)
+    cli.add_config_flags(parser, SETTINGS)
+    cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     if not args.study_name.strip():
         parser.error("argument --study-name: the name is empty")
@@ -61,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             args.n_trials,
             args.workers or default_workers(),
             args.timeout,
+            base=TrainConfig(**cli.config_from_flags(args, SETTINGS)),
             data_dir=args.data_dir,
             data_source=source,
-            max_epochs=args.max_epochs,
-            val_size=args.val_size,
-            seed=args.seed,
             pruning=not args.no_pruning,
             accelerator=args.accelerator,
             verbose=args.verbose,

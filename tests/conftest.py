@@ -3,6 +3,7 @@ to run the scripts as a user would."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mnist_hpo import mnist_files
+from mnist_hpo.config import TrainConfig
 from mnist_hpo.mnist_files import md5_of, raw_dir, write_idx_images, write_idx_labels
 from mnist_hpo.tracking import connect
 
@@ -22,6 +24,7 @@ REAL_DATA_DIR = ROOT / "data"
 
 TINY_TRAIN, TINY_TEST, TINY_VAL = 600, 200, 100
 STUDY_EPOCHS = 2  # per trial, in the tests' studies
+STUDY_BASE = TrainConfig(max_epochs=STUDY_EPOCHS, val_size=TINY_VAL)
 
 
 def tiny_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +70,13 @@ def study_env(tiny_mnist, tmp_path):
     """A tracker, a storage URL and the tune() settings for a study on the tiny data."""
     tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    settings = dict(data_dir=str(tiny_mnist), max_epochs=STUDY_EPOCHS, val_size=TINY_VAL, accelerator="cpu")
+    settings = dict(data_dir=str(tiny_mnist), base=STUDY_BASE, accelerator="cpu")
     return tracker, storage, settings
+
+
+def with_base(settings: dict, **changes) -> dict:
+    """The study settings of ``study_env`` with some of the trials' TrainConfig changed."""
+    return {**settings, "base": dataclasses.replace(settings["base"], **changes)}
 
 
 @pytest.fixture

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from mnist_hpo.mlflow_ui import chromium_page, chromium_path, runs_url, screenshot_charts, screenshot_runs_table, serve
+import pytest
+from PIL import Image
+
+from mnist_hpo.devtools.mlflow_ui import (
+    SCORE_COLUMNS,
+    chromium_page,
+    chromium_path,
+    runs_url,
+    screenshot_charts,
+    screenshot_runs_table,
+    serve,
+)
 from mnist_hpo.tuning import tune
 
 pytestmark = [
@@ -37,20 +48,30 @@ def test_mlflow_ui_lists_the_study_and_shows_a_trials_curve(study_env):
         assert page.get_by_text("trial 1", exact=True).first.is_visible()
 
 
-def test_screenshots_of_the_table_and_the_charts(study_env, tmp_path):
+def test_screenshots_show_the_best_trials_first_and_their_curves(study_env, tmp_path):
     tracker, storage, settings = study_env
     session = tune(tracker, storage, "pictured", n_trials=3, workers=1, **settings)
-    best = sorted((t for t in session.study.trials), key=lambda t: t.value)[:2]
-    with serve(tracker.tracking_uri) as url, chromium_page() as page:
-        screenshot_runs_table(page, url, tracker.experiment_id, "pictured", str(tmp_path / "table.png"))
-        assert page.get_by_role("columnheader", name="best_val_loss", exact=True).count() >= 1
+    by_loss = sorted(session.study.trials, key=lambda t: t.value)
+    params = list(by_loss[0].params)
+    with serve(tracker.tracking_uri) as url, chromium_page(width=1400, height=900) as page:
+        screenshot_runs_table(page, url, tracker.experiment_id, "pictured", params, str(tmp_path / "table.png"))
+        # The rows, top to bottom, are the trials from the lowest val_loss up, with their columns.
+        names = [re.search(r"trial \d+", text).group() for text in page.get_by_role("row").all_inner_texts()
+                 if re.search(r"trial \d+", text)]  # fmt: skip
+        assert names == [f"trial {t.number}" for t in by_loss]
+        for column in (*SCORE_COLUMNS, *params):
+            assert page.get_by_role("columnheader", name=column, exact=True).count() >= 1, column
+
+        best_two = by_loss[:2]
         screenshot_charts(
-            page,
-            url,
-            tracker.experiment_id,
-            [t.user_attrs["mlflow_run_id"] for t in best],
+            page, url, tracker.experiment_id, [t.user_attrs["mlflow_run_id"] for t in best_two],
             str(tmp_path / "charts.png"),
-        )
-        assert page.get_by_text("val_loss", exact=True).count() >= 1  # the chart's title
+        )  # fmt: skip
+        for metric in ("train_loss", "val_loss"):  # the charts' titles
+            assert page.get_by_text(metric, exact=True).count() >= 1, metric
+        for trial in best_two:  # each chart's legend names the two trials
+            assert page.get_by_text(f"trial {trial.number}", exact=True).count() >= 1
     for name in ("table.png", "charts.png"):
-        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (1400, 900)  # the whole page, as the browser drew it
+            assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # text and lines, not a blank

@@ -4,8 +4,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from mnist_hpo.data import InMemoryBatches
-from mnist_hpo.model import LitClassifier
+from mnist_hpo.data import InMemoryBatches, normalize
+from mnist_hpo.model import LitClassifier, pixel_classifier
 
 
 def test_output_shape_and_architecture():
@@ -13,7 +13,17 @@ def test_output_shape_and_architecture():
     assert model(torch.randn(5, 1, 28, 28)).shape == (5, 10)
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linear] == [(784, 32), (32, 10)]
-    assert model.hparams == {"lr": 1e-3, "hidden_dim": 32}
+    assert model.hparams == {"lr": 1e-3, "hidden_dim": 32, "weight_decay": 1e-2}
+
+
+def test_the_pixel_classifier_gives_the_trained_networks_scores_from_raw_pixels():
+    torch.manual_seed(0)
+    model = LitClassifier(hidden_dim=16)
+    pixels = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    classifier = pixel_classifier(model)
+    assert torch.allclose(classifier(pixels.float().unsqueeze(1) / 255), model(normalize(pixels)), atol=1e-5)
+    model.model[1].weight.data.zero_()  # a copy: later training does not change it
+    assert not torch.allclose(classifier(pixels.float().unsqueeze(1) / 255), model(normalize(pixels)))
 
 
 # Only the optimizer is under test here, so there is deliberately no validation data.

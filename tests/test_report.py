@@ -18,7 +18,7 @@ def small_study(study_env):
 
 def test_figures_are_written_as_png(small_study, tmp_path):
     study, tracker = small_study
-    written = write_figures(study, tracker.client, tmp_path / "img")
+    written = write_figures(study, tracker, tmp_path / "img")
     assert sorted(p.name for p in written) == [
         "learning_curves.png", "optimization_history.png", "param_importances.png", "slice.png",
     ]  # fmt: skip

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REAL_DATA_DIR, TINY_VAL, assert_flag_error
+from conftest import REAL_DATA_DIR, TINY_TEST, TINY_VAL, assert_flag_error, tiny_images
 from mnist_hpo.config import TrainConfig
+from mnist_hpo.data import normalize
+from mnist_hpo.model import LitClassifier
 from mnist_hpo.tracking import connect
 from mnist_hpo.training import fit
 
@@ -56,8 +59,16 @@ def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
     val_loss = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
     assert run.data.metrics["best_val_loss"] == min(val_loss)
     assert val_loss[-1] < val_loss[0]  # it learned
-    assert 0 <= run.data.metrics["test_acc"] <= 1 and run.data.metrics["test_loss"] > 0
-    assert f"test_acc {run.data.metrics['test_acc']:.4f}" in result.stdout
+    # The test metrics are those of the best epoch's weights, as logged in its checkpoint.
+    checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.ckpt", str(tmp_path))
+    model = LitClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    images, labels = tiny_images(TINY_TEST, seed=1)
+    with torch.no_grad():
+        predicted = model(normalize(torch.from_numpy(images))).argmax(dim=1)
+    accuracy = (predicted == torch.from_numpy(labels).long()).float().mean().item()
+    assert run.data.metrics["test_acc"] == pytest.approx(accuracy, abs=1e-6)
+    assert accuracy > 0.3  # ten classes: chance is 0.1
+    assert f"test_acc {accuracy:.4f}" in result.stdout
     [checkpoints] = client.list_artifacts(run.info.run_id)
     assert [a.path for a in client.list_artifacts(run.info.run_id, checkpoints.path)] == ["checkpoints/best.ckpt"]
 

@@ -14,7 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import STUDY_EPOCHS, TINY_VAL, assert_flag_error, tiny_images
+from conftest import STUDY_EPOCHS, TINY_VAL, assert_flag_error, tiny_images, with_base
+from mnist_hpo import workers
 from mnist_hpo.tuning import tune
 
 
@@ -75,7 +76,7 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
 
 def test_the_logged_model_predicts_digits_from_pixels(study_env):
     tracker, storage, settings = study_env
-    session = tune(tracker, storage, "model", n_trials=2, workers=1, **{**settings, "max_epochs": 4})
+    session = tune(tracker, storage, "model", n_trials=2, workers=1, **with_base(settings, max_epochs=4))
     [model_output] = tracker.client.get_run(session.parent_run_id).outputs.model_outputs
     mlflow.set_tracking_uri(tracker.tracking_uri)
     model = mlflow.pytorch.load_model(f"models:/{model_output.model_id}")
@@ -87,10 +88,11 @@ def test_the_logged_model_predicts_digits_from_pixels(study_env):
     assert accuracy > 0.5  # ten classes: chance is 0.1
 
 
-def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env):
+def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, monkeypatch):
     tracker, storage, settings = study_env
     always = optuna.pruners.ThresholdPruner(upper=-1.0)  # every val_loss is above -1: prune at once
-    tune(tracker, storage, "pruned", n_trials=2, workers=1, pruner=always, **{**settings, "max_epochs": 3})
+    monkeypatch.setattr(workers, "make_pruner", lambda pruning: always)  # one worker: this process
+    tune(tracker, storage, "pruned", n_trials=2, workers=1, **with_base(settings, max_epochs=3))
     study = optuna.load_study(study_name="pruned", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
     assert all(len(t.intermediate_values) == 1 for t in study.trials)
@@ -132,7 +134,7 @@ def test_running_again_continues_the_study_under_the_same_parent(study_env):
 def test_one_worker_and_the_same_seed_replay_the_same_study(study_env):
     tracker, storage, settings = study_env
     for name in ("replay-a", "replay-b"):
-        tune(tracker, storage, name, n_trials=3, workers=1, seed=11, **settings)
+        tune(tracker, storage, name, n_trials=3, workers=1, **with_base(settings, seed=11))
     a, b = (optuna.load_study(study_name=name, storage=storage).trials for name in ("replay-a", "replay-b"))
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]

@@ -4,13 +4,16 @@ work starts, and every error as one line that names the flag."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from mnist_hpo.config import TrainConfig
 from mnist_hpo.mnist_files import MNIST_MD5, raw_dir
+from mnist_hpo.studies import DEFAULT_STORAGE
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -45,22 +48,45 @@ def _number(
 
 
 positive_int = _number(int, 1, True, "a whole number of at least 1")
-nonnegative_int = _number(int, 0, True, "a whole number of at least 0")
 positive_float = _number(float, 0, False, "a number greater than 0")
 
 
-def add_common_flags(parser: argparse.ArgumentParser, *, max_epochs: int) -> None:
-    """The flags that mean the same in train.py and tune.py."""
-    parser.add_argument(
-        "--max-epochs", type=positive_int, default=max_epochs, help="epochs to train (default: %(default)s)"
-    )
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument(
-        "--val-size",
-        type=_number(int, 1, True, "a whole number from 1 to 59999", maximum=59_999),
-        default=5_000,
-        help="of the 60,000 training images, how many to hold out for validation (default: %(default)s)",
-    )
+def _flag_type(field: dataclasses.Field) -> Callable[[str], float]:
+    """The parser of a TrainConfig field's flag: a whole number of at least 1, or a number
+    above 0, unless the field's metadata sets other bounds."""
+    integer = field.type in (int, "int")
+    minimum = field.metadata.get("minimum", 1 if integer else 0)
+    inclusive = integer or "minimum" in field.metadata
+    maximum = field.metadata.get("maximum", math.inf)
+    if maximum < math.inf:
+        bounds = f"from {minimum} to {maximum}"
+    else:
+        bounds = f"of at least {minimum}" if inclusive else f"greater than {minimum}"
+    what = f"{'a whole number' if integer else 'a number'} {bounds}"
+    return _number(int if integer else float, minimum, inclusive, what, maximum)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """A flag for each of the TrainConfig fields ``names`` (``--hidden-dim`` for hidden_dim),
+    with its default and help text."""
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    for name in names:
+        field = fields[name]
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_flag_type(field),
+            default=field.default,
+            help=f"{field.metadata['help']} (default: %(default)s)",
+        )
+
+
+def config_from_flags(args: argparse.Namespace, names: Iterable[str]) -> dict[str, object]:
+    """The TrainConfig fields ``names`` as the flags of add_config_flags set them."""
+    return {name: getattr(args, name) for name in names}
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that mean the same in train.py and tune.py, beyond TrainConfig's."""
     parser.add_argument(
         "--data-dir", default="data", help="where MNIST is kept, fetched on first use (default: %(default)s)"
     )
@@ -77,6 +103,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, max_epochs: int) -> Non
 def add_picture_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of the scripts that picture a finished study: which one, and where to write."""
     parser.add_argument("--study-name", default="mnist", help="the study (default: %(default)s)")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="its Optuna storage (default: %(default)s)")
     parser.add_argument("--tracking-uri", default=None, help="its MLflow store (default: as tune.py's)")
     parser.add_argument("--out", default="img", help="where the pictures go (default: %(default)s)")
 
@@ -125,6 +152,21 @@ def fail(prog: str, message: str, code: int = 1):
     """Leave with one line on stderr: the run's own error, not a traceback."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def load_study(parser: argparse.ArgumentParser, storage: str, study_name: str):
+    """A finished study to picture, with at least one complete trial; else one line naming the flag."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        parser.error(f"argument --study-name: no study {study_name!r} in {storage}")
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        parser.error(f"argument --storage: cannot open {storage!r}: {str(error).splitlines()[0]}")
+    if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        parser.error(f"argument --study-name: study {study_name!r} has no complete trial yet")
+    return study
 
 
 def check_storage(parser: argparse.ArgumentParser, url: str) -> None:

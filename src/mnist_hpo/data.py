@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from mnist_hpo.config import TrainConfig
 from mnist_hpo.mnist_files import ensure_mnist
 
 # The training set's pixel mean and standard deviation (on the 0..1 scale), as usual for MNIST.
@@ -109,14 +110,20 @@ class InMemoryBatches:
 
 
 class MNISTDataModule(pl.LightningDataModule):
-    """MNIST with a fixed, seeded 55,000/5,000 train/validation split and the 10,000 test images.
+    """MNIST's 60,000 training images split into ``60,000 - val_size`` to train on and
+    ``val_size`` to validate on (a fixed split, the same for every seed), and the 10,000 test
+    images. Training batches are reshuffled every epoch from ``seed``.
 
     ``prepare_data`` makes sure the original files are present and verified (see
     :mod:`mnist_hpo.mnist_files`); ``source`` then says where they came from.
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike = "data", batch_size: int = 64, val_size: int = 5_000, seed: int = 0
+        self,
+        data_dir: str | os.PathLike = "data",
+        batch_size: int = TrainConfig.batch_size,
+        val_size: int = TrainConfig.val_size,
+        seed: int = TrainConfig.seed,
     ):
         super().__init__()
         self.data_dir = os.fspath(data_dir)

@@ -1,8 +1,8 @@
 """Ctrl-C during a study: handled once, and only where stopping is safe.
 
-Training stops at once. Optuna's and MLflow's bookkeeping around it (creating a trial,
-recording its end) is never cut in half: a Ctrl-C that arrives there is held until that work
-is done, and then no new trial starts. A second Ctrl-C is ignored, so the clean-up that
+Training stops at once. Optuna's and MLflow's bookkeeping (creating a trial, recording an
+epoch's metrics, recording its end) is never cut in half: a Ctrl-C that arrives there is held
+until that write is done, and then no new trial starts. A second Ctrl-C is ignored, so the clean-up that
 follows cannot be cut short either.
 """
 
@@ -47,6 +47,21 @@ def interruptible() -> Iterator[None]:
         yield
     finally:
         _State.interruptible = False
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A block that Ctrl-C never cuts in half, even inside an interruptible one: a write to a
+    store, say, whose transaction an exception in the middle would leave holding its locks.
+    A Ctrl-C that arrives here takes effect as the block ends."""
+    was = _State.interruptible
+    _State.interruptible = False
+    try:
+        yield
+    finally:
+        _State.interruptible = was
+    if was and _State.requested:
+        raise KeyboardInterrupt
 
 
 def requested() -> bool:

@@ -39,7 +39,7 @@ def study_figures(study: optuna.Study) -> dict[str, plt.Figure]:
         except (RuntimeError, ValueError, ZeroDivisionError):
             pass
         else:
-            importances.set_xlabel("importance for reaching the best val_loss (the three sum to 1)")
+            importances.set_xlabel("importance for reaching the best val_loss (they sum to 1)")
             _retitle(importances, "Hyperparameter importances (Optuna's PED-ANOVA)")
             importances.get_legend().remove()
             figures["param_importances.png"] = importances.figure

@@ -1,40 +1,43 @@
 """The README's results, from a finished study: figures into img/, and markdown tables (the top
-trials, and the trials grouped by each hyperparameter) between markers in the README."""
+trials, and the trials grouped by each hyperparameter) between markers in the README.
+
+The groups come from each parameter's distribution in the study: one group per choice of a
+categorical parameter, and four equal bins (on a log scale where the search was) over the
+range of a numeric one. Every trial with the parameter falls in exactly one group.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import statistics
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import optuna
-from mlflow.tracking import MlflowClient
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_hpo.plots import learning_curves, study_figures
-from mnist_hpo.results import top_trials
+from mnist_hpo.results import param_names, table_rows, top_trials
+from mnist_hpo.search import format_value
+from mnist_hpo.tracking import Tracker
+from mnist_hpo.trial import RUN_ATTR
 
-# How the trials are grouped, per hyperparameter: (label, low, high) with low <= value < high.
-GROUPS = {
-    "batch_size": [(str(size), size, size + 1) for size in (32, 64, 128, 256)],
-    "hidden_dim": [("32-127", 32, 128), ("128-255", 128, 256), ("256-383", 256, 384), ("384-512", 384, 513)],
-    "lr": [
-        ("1e-4 to 3e-4", 1e-4, 3e-4),
-        ("3e-4 to 1e-3", 3e-4, 1e-3),
-        ("1e-3 to 1e-2", 1e-3, 1e-2),
-        ("1e-2 to 1e-1", 1e-2, 0.11),
-    ],
-}
+BINS = 4
+CURVES = ("train_loss", "val_loss")
 
 
-def write_figures(study: optuna.Study, client: MlflowClient, out_dir: Path, n_curves: int = 3) -> list[Path]:
+def write_figures(study: optuna.Study, tracker: Tracker, out_dir: Path, n_curves: int = 3) -> list[Path]:
     """Optuna's plots and the learning curves of the ``n_curves`` best trials, as PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = study_figures(study)
-    best = top_trials(study, n_curves)
-    curves = [(f"trial {row['trial']}", _history(client, row["run_id"])) for row in best]
+    curves = [
+        (f"trial {t.number}", {name: tracker.metric_history(t.user_attrs[RUN_ATTR], name) for name in CURVES})
+        for t in top_trials(study, n_curves)
+    ]
     figures["learning_curves.png"] = learning_curves(curves)
     written = []
     for name, figure in figures.items():
@@ -44,48 +47,73 @@ def write_figures(study: optuna.Study, client: MlflowClient, out_dir: Path, n_cu
     return written
 
 
-def _history(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
-    return {
-        name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
-        for name in ("train_loss", "val_loss")
-    }
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:
+    """``align`` holds one character per column: ``l`` or ``r``."""
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return "\n".join([_row(header), rule, *map(_row, rows)])
+
+
+def _row(cells: list[str]) -> str:
+    return f"| {' | '.join(cells)} |"
 
 
 def top_trials_markdown(study: optuna.Study, n: int = 10) -> str:
-    lines = [
-        "| trial | val_loss | val_acc | batch_size | hidden_dim | lr | best epoch | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in top_trials(study, n):
-        lines.append(
-            f"| {row['trial']} | {row['val_loss']:.4f} | {row['val_acc']:.4f} | {row['batch_size']} | "
-            f"{row['hidden_dim']} | {row['lr']:.2e} | {row['best_epoch']} | {row['seconds']:.1f} |"
-        )
-    return "\n".join(lines)
+    header, rows = table_rows(top_trials(study, n))
+    return markdown_table(header, rows, "r" * len(header))
+
+
+def searched_params(study: optuna.Study) -> dict[str, BaseDistribution]:
+    """Each parameter of the study with its distribution (as the latest trial that has it saw it)."""
+    trials = study.get_trials(deepcopy=False)
+    return {
+        name: next(t.distributions[name] for t in reversed(trials) if name in t.distributions)
+        for name in param_names(trials)
+    }
 
 
 def groups_markdown(study: optuna.Study, param: str) -> str:
     """The trials grouped by one hyperparameter: how many finished, were pruned, and how well."""
-    lines = [
-        f"| {param} | trials | complete | pruned | failed | best val_loss | median val_loss | best val_acc |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, low, high in GROUPS[param]:
-        trials = [t for t in study.trials if param in t.params and low <= t.params[param] < high]
+    labels, group_of = groups(searched_params(study)[param])
+    members: list[list[FrozenTrial]] = [[] for _ in labels]
+    for trial in study.get_trials(deepcopy=False):
+        if param in trial.params:
+            members[group_of(trial.params[param])].append(trial)
+    rows = []
+    for label, trials in zip(labels, members, strict=True):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         count = {state: sum(t.state == state for t in trials) for state in TrialState}
         losses = [t.value for t in complete]
-        lines.append(
-            f"| {label} | {len(trials)} | {count[TrialState.COMPLETE]} | {count[TrialState.PRUNED]} | "
-            f"{count[TrialState.FAIL]} | {_fmt(min(losses, default=math.nan))} | "
-            f"{_fmt(statistics.median(losses) if losses else math.nan)} | "
-            f"{_fmt(max((_val_acc(t) for t in complete), default=math.nan))} |"
-        )
-    return "\n".join(lines)
+        rows.append([
+            label,
+            str(len(trials)),
+            str(count[TrialState.COMPLETE]),
+            str(count[TrialState.PRUNED]),
+            str(count[TrialState.FAIL]),
+            _fmt(min(losses, default=math.nan)),
+            _fmt(statistics.median(losses) if losses else math.nan),
+            _fmt(max((t.user_attrs["val_acc"] for t in complete), default=math.nan)),
+        ])  # fmt: skip
+    header = [param, "trials", "complete", "pruned", "failed", "best val_loss", "median val_loss", "best val_acc"]
+    return markdown_table(header, rows, "l" + "r" * 7)
 
 
-def _val_acc(trial: FrozenTrial) -> float:
-    return trial.user_attrs["val_acc"]
+def groups(distribution: BaseDistribution):
+    """The group labels of a parameter, and a function from a value to its group's index."""
+    if isinstance(distribution, CategoricalDistribution):
+        choices = list(distribution.choices)
+        return [format_value(c) for c in choices], choices.index
+    low, high = distribution.low, distribution.high
+    space = np.geomspace if distribution.log else np.linspace
+    if isinstance(distribution, IntDistribution):
+        inner = sorted({math.floor(e) for e in space(low, high + 1, BINS + 1)[1:-1]})
+        edges = [low, *inner, high + 1]  # group i holds edges[i] <= value < edges[i + 1]
+        labels = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:], strict=False)]
+    else:
+        edges = [float(e) for e in space(low, high, BINS + 1)]
+        labels = [f"{a:.2g} to {b:.2g}" for a, b in zip(edges, edges[1:], strict=False)]
+    last = len(labels) - 1
+    # Values outside the range (a space that was later narrowed) go to the nearest group.
+    return labels, lambda value: min(max(bisect.bisect_right(edges, value) - 1, 0), last)
 
 
 def _fmt(value: float) -> str:

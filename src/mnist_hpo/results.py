@@ -1,5 +1,9 @@
 """What a study session leaves behind: the best trial tested once, its model, and the parent
-run's summary (best params, a CSV of all trials, Optuna's plots)."""
+run's summary (best params, a CSV of all trials, Optuna's plots).
+
+Every table here takes its columns from the trials' own params, so it shows whatever the
+search space holds.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_hpo.search import format_value
 from mnist_hpo.tracking import Tracker, log_torch_model
+from mnist_hpo.trial import RUN_ATTR
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -22,33 +28,43 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return {state.name: sum(t.state == state for t in trials) for state in TrialState}
 
 
-def top_trials(study: optuna.Study, n: int = 10) -> list[dict]:
-    """The ``n`` best complete trials, best first: their scores, params and MLflow run."""
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)
-    return [
-        {
-            "trial": trial.number,
-            "val_loss": trial.value,
-            "val_acc": trial.user_attrs["val_acc"],
-            **trial.params,
-            "best_epoch": trial.user_attrs["best_epoch"],
-            "seconds": trial.duration.total_seconds(),
-            "run_id": trial.user_attrs["mlflow_run_id"],
-        }
-        for trial in complete[:n]
+def param_names(trials: list[FrozenTrial]) -> list[str]:
+    """Every parameter any of ``trials`` has, in the order they were first suggested."""
+    return list(dict.fromkeys(name for trial in trials for name in trial.params))
+
+
+def top_trials(study: optuna.Study, n: int = 10) -> list[FrozenTrial]:
+    """The ``n`` best complete trials, best first."""
+    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:n]
+
+
+def table_rows(trials: list[FrozenTrial]) -> tuple[list[str], list[list[str]]]:
+    """A header and one row per trial: its number, scores, params, best epoch and seconds."""
+    params = param_names(trials)
+    header = ["trial", "val_loss", "val_acc", *params, "best epoch", "seconds"]
+    rows = [
+        [
+            str(trial.number),
+            f"{trial.value:.4f}",
+            f"{trial.user_attrs['val_acc']:.4f}",
+            *(format_value(trial.params[name]) if name in trial.params else "-" for name in params),
+            str(trial.user_attrs["best_epoch"]),
+            f"{trial.duration.total_seconds():.1f}",
+        ]
+        for trial in trials
     ]
+    return header, rows
 
 
 def top_trials_table(study: optuna.Study, n: int = 10) -> str:
-    rows = [
-        f"{'trial':>5}  {'val_loss':>8}  {'val_acc':>7}  {'batch_size':>10}  {'hidden_dim':>10}  {'lr':>8}  seconds"
-    ]
-    for row in top_trials(study, n):
-        rows.append(
-            f"{row['trial']:>5}  {row['val_loss']:>8.4f}  {row['val_acc']:>7.4f}  {row['batch_size']:>10}  "
-            f"{row['hidden_dim']:>10}  {row['lr']:>8.2e}  {row['seconds']:>7.1f}"
-        )
-    return "\n".join(rows)
+    """The best trials as aligned text, for the console."""
+    header, rows = table_rows(top_trials(study, n))
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in [header, *rows])
+
+
+def describe_params(trial: FrozenTrial) -> str:
+    return ", ".join(f"{name}={format_value(value)}" for name, value in trial.params.items())
 
 
 def evaluate_best_trial(
@@ -63,11 +79,11 @@ def evaluate_best_trial(
     best = best_trial(study)
     if best is None:
         return None
-    run_id = best.user_attrs["mlflow_run_id"]
+    run_id = best.user_attrs[RUN_ATTR]
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.client.download_artifacts(run_id, str(CHECKPOINT_ARTIFACT), tmp)
+        path = tracker.download_artifact(run_id, str(CHECKPOINT_ARTIFACT), tmp)
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
-    val_size = int(tracker.client.get_run(run_id).data.params["val_size"])
+    val_size = int(tracker.params(run_id)["val_size"])
     test = evaluate_on_test(model, data_dir, val_size, accelerator)
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
@@ -97,9 +113,9 @@ def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "trials.csv"
         study.trials_dataframe().to_csv(csv, index=False)
-        tracker.client.log_artifact(parent_run_id, str(csv))
+        tracker.log_artifact(parent_run_id, csv)
         if best is not None:
             for name, figure in study_figures(study).items():
                 figure.savefig(Path(tmp) / name, dpi=100, bbox_inches="tight")
                 plt.close(figure)
-                tracker.client.log_artifact(parent_run_id, str(Path(tmp) / name), artifact_path="plots")
+                tracker.log_artifact(parent_run_id, Path(tmp) / name, "plots")

@@ -1,5 +1,5 @@
-"""Where a study lives: its Optuna storage, its parent MLflow run, and the clean-up of trials
-and runs that a killed process left open.
+"""Where a study lives: its Optuna storage, the records kept with it, and the trials that a
+killed process left RUNNING.
 
 The default storage is ``sqlite:///optuna.db`` in the working directory. SQLite serializes
 writers; a trial writes a few rows per epoch, so the handful of workers one machine runs
@@ -19,15 +19,15 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_hpo.tracking import Tracker
-
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 # How long a SQLite writer waits for another one before giving up, in seconds.
 SQLITE_BUSY_TIMEOUT = 120
 # A worker's trial records a heartbeat this often; a trial silent for the grace period belongs
 # to a dead worker (on any machine) and is marked failed by the next worker to start a trial.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 60
+# The study's user attribute that names its MLflow parent run, per tracking store.
 PARENT_RUN_ATTR = "mlflow_parent_run"
+# The trial's user attribute that names the process running it.
 WORKER_ATTR = "worker"
 
 
@@ -61,8 +61,8 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker is gone; return their numbers.
+def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
+    """Mark FAIL the RUNNING trials whose worker is gone; return them as they are now.
 
     A worker records itself on its trial first thing. A trial of this machine whose process is
     gone, or one that recorded no worker a grace period after it started (its worker stopped
@@ -85,61 +85,24 @@ def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[int]:
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process got there first
-        failed.append(trial.number)
+        failed.append(storage.get_trial(trial._trial_id))
     return failed
 
 
-def close_runs_of_finished_trials(tracker: Tracker, storage: RDBStorage, study_name: str) -> list[str]:
-    """End, as KILLED, every MLflow run still RUNNING whose trial is no longer running."""
-    running = tracker.client.search_runs(
-        [tracker.experiment_id], f"attributes.status = 'RUNNING' AND tags.`optuna.study` = {study_name!r}"
-    )
-    if not running:
-        return []
+def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
     study_id = storage.get_study_id_from_name(study_name)
-    trials = {t.user_attrs.get("mlflow_run_id"): t for t in storage.get_all_trials(study_id, deepcopy=False)}
-    closed = []
-    for run in running:
-        trial = trials.get(run.info.run_id)  # the study's own run has no trial
-        if trial is not None and trial.state != TrialState.RUNNING:
-            close_run_of_failed_trial(tracker, trial)
-            closed.append(run.info.run_id)
-    return closed
+    return [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.state.is_finished()]
 
 
-def close_run_of_failed_trial(tracker: Tracker, trial: FrozenTrial) -> None:
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        reason = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
-        tracker.set_tags(run_id, {"optuna.state": trial.state.name, "error": f"trial failed: {reason}"})
-        tracker.client.set_terminated(run_id, "KILLED")
+def recorded_parent_run(study: optuna.Study, store: str) -> str | None:
+    """The id of the study's parent run in the tracking store ``store``, if one was recorded."""
+    return study.user_attrs.get(PARENT_RUN_ATTR, {}).get(store)
 
 
-def parent_run(tracker: Tracker, study: optuna.Study, params: dict[str, object]) -> str:
-    """The study's MLflow parent run, created on first use and reopened when the study continues.
+def record_parent_run(study: optuna.Study, store: str, run_id: str) -> str:
+    """Record ``run_id`` as the study's parent run in ``store``; return the one recorded now.
 
-    Its id is kept with the study, per tracking URI; a second process starting at the same
-    moment reads back whichever id was stored last and drops its own run.
+    Two processes that record at the same moment read back whichever id was stored last.
     """
-    recorded = study.user_attrs.get(PARENT_RUN_ATTR, {})
-    run_id = recorded.get(tracker.tracking_uri)
-    if run_id and _run_exists(tracker, run_id):
-        tracker.client.update_run(run_id, status="RUNNING")
-        return run_id
-    run_id = tracker.client.create_run(
-        tracker.experiment_id, run_name=study.study_name, tags={"optuna.study": study.study_name}
-    ).info.run_id
-    tracker.log_params(run_id, params)
-    study.set_user_attr(PARENT_RUN_ATTR, {**recorded, tracker.tracking_uri: run_id})
-    winner = study.user_attrs[PARENT_RUN_ATTR][tracker.tracking_uri]  # read back from the storage
-    if winner != run_id:
-        tracker.client.delete_run(run_id)
-        tracker.client.update_run(winner, status="RUNNING")
-    return winner
-
-
-def _run_exists(tracker: Tracker, run_id: str) -> bool:
-    try:
-        return tracker.client.get_run(run_id).info.lifecycle_stage == "active"
-    except Exception:  # noqa: BLE001 - MLflow raises its own exception for a missing run
-        return False
+    study.set_user_attr(PARENT_RUN_ATTR, {**study.user_attrs.get(PARENT_RUN_ATTR, {}), store: run_id})
+    return study.user_attrs[PARENT_RUN_ATTR][store]  # read back from the storage

@@ -1,12 +1,9 @@
-"""MLflow: where runs go, how a run starts and always ends, and how Lightning's metrics get there.
+"""MLflow: where runs go, and how a run starts and always ends.
 
 The store is MLflow's own default tracking URI (``sqlite:///mlflow.db`` in the working
-directory), so ``mlflow ui`` started in the same folder with no flags shows every run.
-Lightning's MLFlowLogger is not used: its default is a ./mlruns file store that ``mlflow ui``
-does not show, it logs epoch-level metrics against the global step, and it marks a run FAILED
-on any exception, a pruned trial's included. Runs are opened and closed here instead, through
-one MlflowClient, and :class:`EpochMetricsLogger` hands Lightning's metrics over with
-step = epoch.
+directory), so ``mlflow ui`` started in the same folder with no flags shows every run. Every
+MLflow call of the project goes through a :class:`Tracker`: one store, one experiment, runs
+that end FINISHED, FAILED or KILLED and never stay RUNNING.
 """
 
 from __future__ import annotations
@@ -24,9 +21,9 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from pytorch_lightning.loggers import Logger
 
-DEFAULT_EXPERIMENT = "mnist"
+from mnist_hpo import interrupts
+
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
 
@@ -36,12 +33,15 @@ class TrackingUnavailable(RuntimeError):
 
 
 class RetryingClient:
-    """An MlflowClient whose calls wait their turn when SQLite says "database is locked".
+    """An MlflowClient whose calls Ctrl-C never cuts in half, and that wait their turn when
+    SQLite says "database is locked".
 
     A SQLite transaction reads before it writes; when two worker processes turn reader into
     writer at the same moment, SQLite fails one of them at once instead of letting it wait
     (seen here with two workers logging to mlflow.db). MLflow rolls the failed call back
-    whole, so it is safe to make again.
+    whole, so it is safe to make again. A KeyboardInterrupt inside a call, by contrast, could
+    leave its transaction open and the database locked for every other process (seen here:
+    two workers waiting on each other after a Ctrl-C), so it is held until the call returns.
     """
 
     ATTEMPTS = 20
@@ -58,7 +58,8 @@ class RetryingClient:
         def call(*args, **kwargs):
             for attempt in range(self.ATTEMPTS):
                 try:
-                    return method(*args, **kwargs)
+                    with interrupts.held():  # a Ctrl-C never leaves a transaction half done
+                        return method(*args, **kwargs)
                 except mlflow.exceptions.MlflowException as error:
                     if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
                         raise
@@ -78,7 +79,7 @@ class Tracker:
 
     client: RetryingClient
     tracking_uri: str
-    experiment_id: str
+    experiment_id: str | None  # None: a tracker that only reads runs
     # True when the URI is MLflow's own default, which `mlflow ui` with no flags shows.
     is_default: bool = False
 
@@ -96,10 +97,7 @@ class Tracker:
         An exception in ``finished_on`` (a pruned trial, say) ends the run FINISHED and still
         propagates.
         """
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        run_id = self.create_run(run_name, parent_run_id=parent_run_id, tags=tags)
         with self.closing(run_id, finished_on=finished_on):
             yield run_id
 
@@ -109,18 +107,64 @@ class Tracker:
         try:
             yield run_id
         except finished_on:
-            self.client.set_terminated(run_id, "FINISHED")
+            self.end_run(run_id, "FINISHED")
             raise
         except (KeyboardInterrupt, SystemExit) as stop:
-            self.client.set_tag(run_id, "error", f"interrupted ({type(stop).__name__})")
-            self.client.set_terminated(run_id, "KILLED")
+            self.end_run(run_id, "KILLED", {"error": f"interrupted ({type(stop).__name__})"})
             raise
         except BaseException as error:
-            self.client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-            self.client.set_terminated(run_id, "FAILED")
+            self.end_run(run_id, "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]})
             raise
         else:
-            self.client.set_terminated(run_id, "FINISHED")
+            self.end_run(run_id, "FINISHED")
+
+    def create_run(
+        self, run_name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def end_run(self, run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> None:
+        """Set ``tags`` (why it ended, say) and end the run with ``status``."""
+        if tags:
+            self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status)
+
+    def reopen(self, run_id: str) -> bool:
+        """Mark an existing, undeleted run RUNNING again; False if this store has no such run."""
+        try:
+            if self.client.get_run(run_id).info.lifecycle_stage != "active":
+                return False
+        except mlflow.exceptions.MlflowException:
+            return False  # a run of another store, or one that was removed
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def running_runs(self, tag: str, value: str) -> list[str]:
+        """The ids of this experiment's RUNNING runs whose tag ``tag`` is ``value``."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"attributes.status = 'RUNNING' AND tags.`{tag}` = {value!r}"
+        )
+        return [run.info.run_id for run in runs]
+
+    def experiment_of(self, run_id: str) -> str | None:
+        """The experiment of a run of this store; None if the store has no such run."""
+        try:
+            return self.client.get_run(run_id).info.experiment_id
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def params(self, run_id: str) -> dict[str, str]:
+        return self.client.get_run(run_id).data.params
+
+    def metric_history(self, run_id: str, name: str) -> list[float]:
+        """A metric's values in step order (one per epoch, for the curves)."""
+        return [m.value for m in sorted(self.client.get_metric_history(run_id, name), key=lambda m: m.step)]
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
@@ -134,6 +178,13 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
+    def log_artifact(self, run_id: str, local_path: str | os.PathLike, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, os.fspath(local_path), artifact_path=folder)
+
+    def download_artifact(self, run_id: str, path: str, into: str | os.PathLike) -> str:
+        """Fetch one of the run's artifacts into the folder ``into``; return its local path."""
+        return self.client.download_artifacts(run_id, path, os.fspath(into))
+
     def run_url(self, run_id: str) -> str:
         """Where the run is in the UI: mlflow ui's default address, or the tracking server's."""
         base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
@@ -146,6 +197,12 @@ class Tracker:
         if self.tracking_uri.startswith(("http://", "https://")):
             return f"open {self.tracking_uri}"
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+
+def reader(tracking_uri: str | None) -> Tracker:
+    """A tracker that reads runs by id (their curves, say) and writes nothing."""
+    uri = tracking_uri or default_tracking_uri()
+    return Tracker(RetryingClient(uri), uri, None)
 
 
 def connect(tracking_uri: str | None, experiment: str) -> Tracker:
@@ -176,35 +233,6 @@ def _experiment_id(client: RetryingClient, name: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
-
-
-class EpochMetricsLogger(Logger):
-    """Sends what the LightningModule logs to an MLflow run, with step = epoch.
-
-    Lightning adds the current epoch to every batch of epoch-level metrics it hands a logger;
-    one log_batch call per batch keeps the store's writes to a couple per epoch. The run's
-    lifecycle is the caller's (see :meth:`Tracker.run`), so ``finalize`` leaves it alone.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str):
-        super().__init__()
-        self.tracker, self.run_id = tracker, run_id
-
-    @property
-    def name(self) -> str:
-        return "mlflow"
-
-    @property
-    def version(self) -> str:
-        return self.run_id
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass  # the caller logs every setting itself, once, before training starts
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        metrics = dict(metrics)
-        epoch = int(metrics.pop("epoch"))
-        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
 
 
 def log_torch_model(tracker: Tracker, run_id: str, module, input_example) -> None:

@@ -1,26 +1,34 @@
 """Fit one configuration and track it in MLflow: the one training function that scripts/train.py
-and every trial of scripts/tune.py run."""
+and every trial of scripts/tune.py run.
+
+Lightning's MLFlowLogger is not used: its default is a ./mlruns file store that ``mlflow ui``
+does not show, it logs epoch-level metrics against the global step, and it marks a run FAILED
+on any exception, a pruned trial's included. The caller opens and closes the run (see
+:meth:`Tracker.run`), and :class:`EpochMetricsLogger` hands Lightning's metrics over with
+step = epoch.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
-from pytorch_lightning.profilers import PassThroughProfiler
+from pytorch_lightning.loggers import Logger
 
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.data import EVAL_BATCH_SIZE, SPLIT_SEED, MNISTDataModule
 from mnist_hpo.model import LitClassifier
-from mnist_hpo.tracking import EpochMetricsLogger, Tracker
+from mnist_hpo.speed import NoProfiler
+from mnist_hpo.tracking import Tracker
 
 # Lightning advertises its cloud services in the log of every run; the rest of its log stays.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
@@ -70,12 +78,33 @@ class _BestEpoch(Callback):
             self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
 
 
-class _NoProfiler(PassThroughProfiler):
-    """Lightning wraps each of the ~40 hook calls of a step in ``profiler.profile(name)``, and
-    the default pass-through profiler builds a generator-based context manager every time."""
+class EpochMetricsLogger(Logger):
+    """Sends what the LightningModule logs to an MLflow run, with step = epoch.
 
-    def profile(self, action_name: str) -> contextlib.nullcontext:
-        return contextlib.nullcontext()
+    Lightning adds the current epoch to every batch of epoch-level metrics it hands a logger;
+    one log_batch call per batch keeps the store's writes to a couple per epoch. The run's
+    lifecycle is the caller's (see :meth:`Tracker.run`), so ``finalize`` leaves it alone.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        super().__init__()
+        self.tracker, self.run_id = tracker, run_id
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.run_id
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the caller logs every setting itself, once, before training starts
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        metrics = dict(metrics)
+        epoch = int(metrics.pop("epoch"))
+        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
 
 
 def fit(
@@ -123,11 +152,11 @@ def fit(
         enable_progress_bar=progress_bar,
         enable_model_summary=progress_bar,
         enable_checkpointing=False,  # _BestEpoch keeps the weights worth keeping
-        profiler=_NoProfiler(),
+        profiler=NoProfiler(),
         num_sanity_val_steps=0,  # validation runs after every epoch anyway
         log_every_n_steps=0,  # every curve is per epoch: no step-level logging work at all
     )
-    model = LitClassifier(lr=config.lr, hidden_dim=config.hidden_dim)
+    model = LitClassifier.from_config(config)
     _interruptible(trainer.fit, model, datamodule=data)
 
     model.load_state_dict(best.weights)
@@ -137,7 +166,7 @@ def fit(
     with tempfile.TemporaryDirectory(prefix="mnist-hpo-") as tmp:
         path = Path(tmp) / CHECKPOINT_ARTIFACT.name
         trainer.save_checkpoint(path, weights_only=True)
-        tracker.client.log_artifact(run_id, str(path), artifact_path=str(CHECKPOINT_ARTIFACT.parent))
+        tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
     return FitResult(
         run_id=run_id,
         best_epoch=best.epoch,

@@ -17,15 +17,30 @@ import queue
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import optuna
 import torch
 
 from mnist_hpo import interrupts, studies
 from mnist_hpo.data import trust_verified
-from mnist_hpo.search import TrialReport, TuneSettings, make_pruner, make_sampler, objective
+from mnist_hpo.search import make_pruner, make_sampler
 from mnist_hpo.tracking import RetryingClient, Tracker
 from mnist_hpo.training import TrainingDiverged
+from mnist_hpo.trial import TrialReport, TrialSetup, close_run, objective
+
+
+@dataclass(frozen=True)
+class Session:
+    """What the workers of one tune.py session share: the two stores, and how to run a trial."""
+
+    storage_url: str
+    tracking_uri: str
+    experiment_id: str
+    trial: TrialSetup
+    data_source: str  # where tune.py found MNIST when it verified the files
+    pruning: bool = True
+    trials_before: int = 0  # trials the study held when this session started
 
 
 def available_cores() -> int:
@@ -40,52 +55,51 @@ def default_workers() -> int:
     return min(available_cores(), 8)
 
 
-def run_trials(
-    settings: TuneSettings, worker: int, claim: Callable[[], bool], report: Callable[[TrialReport], None]
-) -> None:
+def run_trials(session: Session, worker: int, claim: Callable[[], bool], report: Callable[[TrialReport], None]) -> None:
     """One worker: while ``claim()`` grants another trial, run it and ``report`` how it ended.
 
     A diverging trial (NaN loss) is recorded as failed and the study goes on; any other
     error, and Ctrl-C, ends this worker after Optuna and MLflow have closed the trial.
     """
-    tracker = Tracker(RetryingClient(settings.tracking_uri), settings.tracking_uri, settings.experiment_id)
-    storage = studies.open_storage(
-        settings.storage, on_stale_trial=lambda study, trial: studies.close_run_of_failed_trial(tracker, trial)
-    )
+    tracker = Tracker(RetryingClient(session.tracking_uri), session.tracking_uri, session.experiment_id)
+    storage = studies.open_storage(session.storage_url, on_stale_trial=lambda study, trial: close_run(tracker, trial))
     study = optuna.load_study(
-        study_name=settings.study_name,
+        study_name=session.trial.study_name,
         storage=storage,
-        sampler=make_sampler(settings, worker),
-        pruner=make_pruner(settings),
+        sampler=make_sampler(session.trial.base.seed, session.trials_before, worker),
+        pruner=make_pruner(session.pruning),
     )
-    run_objective = functools.partial(objective, settings=settings, tracker=tracker)
+    run_objective = functools.partial(objective, setup=session.trial, tracker=tracker)
     tell = [lambda study, trial: report(TrialReport.of(trial))]
     while claim():
         study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
 
 
 def run_workers(
-    settings: TuneSettings, n_trials: int, workers: int, timeout: float | None, report: Callable[[TrialReport], None]
+    session: Session, n_trials: int, workers: int, timeout: float | None, report: Callable[[TrialReport], None]
 ) -> list[str]:
     """Run up to ``n_trials`` trials in ``workers`` processes; return the problems, if any.
 
-    After Ctrl-C (see :mod:`mnist_hpo.interrupts`) it returns once every worker has closed its
-    trial; ``interrupts.requested()`` then says so.
+    Every worker runs at least one trial (it paid for its start-up); the rest of the budget
+    goes to whichever worker is free first. After Ctrl-C (see :mod:`mnist_hpo.interrupts`) it
+    returns once every worker has closed its trial; ``interrupts.requested()`` then says so.
     """
+    workers = min(workers, n_trials)
     context = mp.get_context("spawn")
-    budget = _Budget(context, n_trials, None if timeout is None else time.time() + timeout)
+    budget = _Budget(context, n_trials, workers, None if timeout is None else time.time() + timeout)
     threads = max(1, available_cores() // workers)
     if workers == 1:
-        _prepare_worker(threads, settings.verbose)
+        _prepare_worker(threads, session.trial.verbose)
+        claim = budget.for_worker()
         try:
-            run_trials(settings, 0, lambda: not interrupts.requested() and budget.claim(), report)
+            run_trials(session, 0, lambda: not interrupts.requested() and claim(), report)
         except KeyboardInterrupt:
             pass  # the trial is closed
         return []
 
     reports = context.Queue()
     processes = [
-        context.Process(target=_worker_main, args=(settings, i, threads, budget, reports), name=f"tune-worker-{i}")
+        context.Process(target=_worker_main, args=(session, i, threads, budget, reports), name=f"tune-worker-{i}")
         for i in range(workers)
     ]
     for process in processes:
@@ -111,24 +125,34 @@ def run_workers(
 
 
 class _Budget:
-    """Trials left to start, and the time after which none may start, shared by the workers."""
+    """The trials to run, shared by the workers: one reserved for each worker, the rest for
+    whoever asks first, and the time after which no more may start."""
 
-    def __init__(self, context, n_trials: int, deadline: float | None):
-        self.left = context.Value("i", n_trials)
+    def __init__(self, context, n_trials: int, workers: int, deadline: float | None):
+        self.shared = context.Value("i", n_trials - workers)
+        self.cancelled = context.Value("b", False)
         self.deadline = deadline
 
-    def claim(self) -> bool:
-        if self.deadline is not None and time.time() >= self.deadline:
-            return False
-        with self.left.get_lock():
-            if self.left.value <= 0:
+    def for_worker(self) -> Callable[[], bool]:
+        """One worker's claim: True while it may start another trial."""
+        reserved = [True]
+
+        def claim() -> bool:
+            if self.cancelled.value or (self.deadline is not None and time.time() >= self.deadline):
                 return False
-            self.left.value -= 1
-            return True
+            if reserved:
+                reserved.clear()
+                return True
+            with self.shared.get_lock():
+                if self.shared.value <= 0:
+                    return False
+                self.shared.value -= 1
+                return True
+
+        return claim
 
     def cancel(self) -> None:
-        with self.left.get_lock():
-            self.left.value = 0
+        self.cancelled.value = True
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -146,17 +170,18 @@ def _prepare_worker(threads: int, verbose: bool) -> None:
     quiet_libraries(verbose)
 
 
-def _worker_main(settings: TuneSettings, index: int, threads: int, budget: _Budget, reports) -> None:
-    _prepare_worker(threads, settings.verbose)
-    trust_verified(settings.data_dir, settings.data_source)
+def _worker_main(session: Session, index: int, threads: int, budget: _Budget, reports) -> None:
+    _prepare_worker(threads, session.trial.verbose)
+    trust_verified(session.trial.data_dir, session.data_source)
     parent = os.getppid()
+    claim_budget = budget.for_worker()
 
     def claim() -> bool:
         # A worker whose tune.py was killed finishes its trial and stops there.
-        return not interrupts.requested() and os.getppid() == parent and budget.claim()
+        return not interrupts.requested() and os.getppid() == parent and claim_budget()
 
     with interrupts.handling():
         try:
-            run_trials(settings, index, claim, reports.put)
+            run_trials(session, index, claim, reports.put)
         except KeyboardInterrupt:
             pass  # the trial is closed; tune.py prints the summary

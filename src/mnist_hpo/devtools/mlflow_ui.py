@@ -97,7 +97,8 @@ def chromium_page(width: int = 1400, height: int = 900):
 
 # The UI opens experiments in its GenAI view unless told otherwise; runs live in this one.
 TRAINING_VIEW = "workflowType=machine_learning"
-TABLE_COLUMNS = ("best_val_loss", "best_val_acc", "best_epoch", "batch_size", "hidden_dim", "lr")
+# The runs table's columns beside the searched parameters.
+SCORE_COLUMNS = ("best_val_loss", "best_val_acc", "best_epoch")
 
 
 def runs_url(url: str, experiment_id: str, search_filter: str, **params: str) -> str:
@@ -109,15 +110,15 @@ def study_filter(study_name: str) -> str:
     return f"tags.`optuna.study` = '{study_name}' AND tags.`optuna.state` = 'COMPLETE'"
 
 
-def screenshot_runs_table(page, url: str, experiment_id: str, study_name: str, path: str) -> None:
-    """The study's complete trials, best val_loss first, with their scores and params."""
+def screenshot_runs_table(page, url: str, experiment_id: str, study_name: str, params: list[str], path: str) -> None:
+    """The study's complete trials, best val_loss first, with their scores and ``params``."""
     page.goto(
         runs_url(url, experiment_id, study_filter(study_name), orderByKey="metrics.`best_val_loss`", orderByAsc="true")
     )
     page.get_by_role("row").filter(has_text="trial").first.wait_for(timeout=60_000)
     _close_assistant(page)
     page.get_by_role("button", name="Columns", exact=True).click()
-    for name in ("Dataset", "Source", "Models", *TABLE_COLUMNS):  # hide the empty, show ours
+    for name in ("Dataset", "Source", "Models", *SCORE_COLUMNS, *params):  # hide the empty, show ours
         page.get_by_text(name, exact=True).last.click()
     page.keyboard.press("Escape")
     page.wait_for_timeout(1000)

@@ -9,7 +9,8 @@ against a plain PyTorch loop, on the real MNIST, in one process (see scripts/ben
 - (c) ``plain``: forward, loss, backward and a fused AdamW step over in-memory tensors, and the
   same validation pass: the floor for this model in PyTorch.
 
-An epoch is one pass over the 55,000 training images plus validation on the 5,000 others.
+An epoch is one pass over the training images plus validation on the held-out ones (55,000 and
+5,000 by TrainConfig's defaults).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from mnist_hpo.tracking import connect
 from mnist_hpo.training import fit
 
 HIDDEN_DIM = 128
+VAL_SIZE = TrainConfig.val_size
+TRAIN_SIZE = 60_000 - VAL_SIZE
 PATHS = ("project", "write-up", "plain")
 
 
@@ -107,7 +110,7 @@ def time_write_up(data_dir: str, batch_size: int, epochs: int) -> list[float]:
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     full = datasets.MNIST(data_dir, train=True, download=False, transform=transform)
-    train, val = random_split(full, [55_000, 5_000], generator=torch.Generator().manual_seed(0))
+    train, val = random_split(full, [len(full) - VAL_SIZE, VAL_SIZE], generator=torch.Generator().manual_seed(0))
     clock = _EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
@@ -127,7 +130,7 @@ def time_write_up(data_dir: str, batch_size: int, epochs: int) -> list[float]:
 
 
 def time_plain(data_dir: str, batch_size: int, epochs: int) -> list[float]:
-    splits = load_splits(data_dir, 5_000)
+    splits = load_splits(data_dir, VAL_SIZE)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, HIDDEN_DIM), nn.ReLU(), nn.Linear(HIDDEN_DIM, 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -159,7 +162,7 @@ def time_epochs(path: str, data_dir: str, batch_size: int, epochs: int, warmup: 
     ensure_mnist_once(data_dir)
     timed = TIMERS[path](data_dir, batch_size, warmup + epochs)[warmup:]
     median = statistics.median(timed)
-    return EpochTiming(path, batch_size, median, 55_000 / median, timed)
+    return EpochTiming(path, batch_size, median, TRAIN_SIZE / median, timed)
 
 
 def time_startup(data_dir: str) -> dict[str, float]:
@@ -171,7 +174,7 @@ def time_startup(data_dir: str) -> dict[str, float]:
 
     timings = {}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import mnist_hpo.training, mnist_hpo.search"], check=True)
+    subprocess.run([sys.executable, "-c", "import mnist_hpo.training, mnist_hpo.workers"], check=True)
     timings["python + imports (torch, Lightning, MLflow, Optuna)"] = time.perf_counter() - started
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -179,7 +182,7 @@ def time_startup(data_dir: str) -> dict[str, float]:
     timings["MD5 check of the four files"] = time.perf_counter() - started
     load_splits.cache_clear()
     started = time.perf_counter()
-    load_splits(data_dir, 5_000)
+    load_splits(data_dir, VAL_SIZE)
     timings["parse, normalize and split MNIST"] = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         connect(f"sqlite:///{tmp}/mlflow.db", "benchmark")
@@ -204,8 +207,8 @@ def time_study(data_dir: str, workers: int, trials: int, epochs: int) -> dict[st
                 "benchmark",
                 trials,
                 workers,
+                base=TrainConfig(max_epochs=epochs),
                 data_dir=data_dir,
-                max_epochs=epochs,
                 pruning=False,
             )
         seconds = time.perf_counter() - started

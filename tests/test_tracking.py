@@ -1,0 +1,57 @@
+"""The MLflow side: runs that always end, and calls that wait out a locked SQLite store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from mnist_hpo import tracking
+from mnist_hpo.tracking import RetryingClient, connect
+
+
+def locked_then(method, failures: int, calls: list):
+    """``method``, failing the first ``failures`` calls as SQLite's lock upgrade does."""
+
+    def call(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= failures:
+            raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+        return method(*args, **kwargs)
+
+    return call
+
+
+def test_a_call_that_finds_the_store_locked_is_made_again(tracking_uri, monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    client = RetryingClient(tracking_uri)
+    calls = []
+    monkeypatch.setattr(client._client, "create_experiment", locked_then(client._client.create_experiment, 3, calls))
+    experiment_id = client.create_experiment("after the lock")
+    assert len(calls) == 4 and client.get_experiment(experiment_id).name == "after the lock"
+
+
+def test_a_store_locked_for_good_and_other_errors_are_not_hidden(tracking_uri, monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    client = RetryingClient(tracking_uri)
+    calls = []
+    monkeypatch.setattr(client._client, "create_experiment", locked_then(client._client.create_experiment, 99, calls))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="database is locked"):
+        client.create_experiment("never")
+    assert len(calls) == RetryingClient.ATTEMPTS
+    with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):  # not a lock: raised at once
+        client.get_run("0" * 32)
+
+
+def test_a_run_ends_with_the_status_its_block_deserves(tracking_uri):
+    tracker = connect(tracking_uri, "ends")
+    with tracker.run("fine") as fine:
+        pass
+    with pytest.raises(ValueError), tracker.run("broken") as broken:
+        raise ValueError("boom")
+    with pytest.raises(KeyboardInterrupt), tracker.run("stopped") as stopped:
+        raise KeyboardInterrupt
+    with pytest.raises(StopIteration), tracker.run("done early", finished_on=(StopIteration,)) as early:
+        raise StopIteration
+    status = {run_id: tracker.client.get_run(run_id).info.status for run_id in (fine, broken, stopped, early)}
+    assert status == {fine: "FINISHED", broken: "FAILED", stopped: "KILLED", early: "FINISHED"}
+    assert tracker.client.get_run(broken).data.tags["error"] == "ValueError: boom"
