@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from mnist_hpo.devtools import mlflow_ui
     from mnist_hpo.report import searched_params
     from mnist_hpo.results import top_trials
+    from mnist_hpo.studies import uid
     from mnist_hpo.trial import RUN_ATTR
 
     if mlflow_ui.chromium_path() is None:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with mlflow_ui.serve(tracker.tracking_uri) as url, mlflow_ui.chromium_page() as page:
         params = list(searched_params(study))
-        mlflow_ui.screenshot_runs_table(page, url, experiment_id, args.study_name, params, str(out / "table.png"))
+        mlflow_ui.screenshot_runs_table(page, url, experiment_id, uid(study), params, str(out / "table.png"))
         print(f"wrote {out / 'table.png'}")
         mlflow_ui.screenshot_charts(page, url, experiment_id, best, str(out / "charts.png"))
         print(f"wrote {out / 'charts.png'}")

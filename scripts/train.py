@@ -25,21 +25,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="mnist-train", help="MLflow experiment (default: %(default)s)")
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
+    config = TrainConfig(**cli.config_from_flags(args, SETTINGS))
+    # Everything that can be checked is, before MNIST is fetched or any store or run is created.
     cli.check_data_dir(parser, args.data_dir)
     cli.check_accelerator(parser, args.accelerator)
-    tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
+    cli.check_tracking(parser, args.tracking_uri, args.experiment)
+    cli.check_memory(parser, config)
 
-    # Lightning is imported only once the flags have passed: a typo costs no start-up.
     from mnist_hpo import interrupts
+    from mnist_hpo.data import ensure_mnist_once
     from mnist_hpo.mnist_files import MNISTUnavailable
     from mnist_hpo.training import TrainingDiverged, fit
 
-    config = TrainConfig(**cli.config_from_flags(args, SETTINGS))
+    try:
+        ensure_mnist_once(args.data_dir)
+    except MNISTUnavailable as error:
+        cli.fail(parser.prog, str(error))
+    tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
     run_name = f"lr={config.lr:g} hidden={config.hidden_dim} batch={config.batch_size}"
     try:
         with interrupts.handling(), tracker.run(run_name) as run_id, interrupts.interruptible():
             result = fit(config, tracker, run_id, data_dir=args.data_dir, accelerator=args.accelerator)
-    except (MNISTUnavailable, TrainingDiverged) as error:
+    except TrainingDiverged as error:
         cli.fail(parser.prog, str(error))
     except KeyboardInterrupt:
         cli.fail(parser.prog, "interrupted; the MLflow run is marked KILLED", code=130)

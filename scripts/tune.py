@@ -14,13 +14,17 @@ it all.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
+import time
 
-from mnist_hpo import cli
-from mnist_hpo.config import TrainConfig
-from mnist_hpo.search import SEARCH_SPACE
-from mnist_hpo.studies import DEFAULT_STORAGE
+STARTED = time.time()  # --timeout counts from here: start-up is part of the study's wall time
+
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+
+from mnist_hpo import cli  # noqa: E402
+from mnist_hpo.config import TrainConfig  # noqa: E402
+from mnist_hpo.search import SEARCH_SPACE  # noqa: E402
+from mnist_hpo.studies import DEFAULT_STORAGE, GRACE_SECONDS  # noqa: E402
 
 # The settings of TrainConfig that the search does not choose: how every trial trains.
 SETTINGS = [field.name for field in dataclasses.fields(TrainConfig) if field.name not in SEARCH_SPACE]
@@ -32,51 +36,73 @@ def main(argv: list[str] | None = None) -> int:
         "--n-trials", type=cli.positive_int, default=50, help="trials to add to the study (default: %(default)s)"
     )
     parser.add_argument(
-        "--timeout", type=cli.positive_float, default=None, help="start no trial after this many seconds"
+        "--timeout",
+        type=cli.positive_float,
+        default=None,
+        help="the study's wall time in seconds, counted from the command's start: no trial starts after it but "
+        "each worker's first, and the running ones finish",
     )
     parser.add_argument(
         "--study-name", default="mnist", help="Optuna study to create or continue (default: %(default)s)"
     )
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     parser.add_argument(
-        "--workers", type=cli.positive_int, default=None, help="worker processes (default: one per core, at most 8)"
+        "--workers",
+        type=cli.positive_int,
+        default=None,
+        help="worker processes (default: one per core, at most 8, and no more than fit in memory)",
     )
     parser.add_argument("--no-pruning", action="store_true", help="train every trial for all its epochs")
     parser.add_argument("--verbose", action="store_true", help="show Lightning's progress bars inside trials")
     parser.add_argument("--experiment", default="mnist-tune", help="MLflow experiment (default: %(default)s)")
+    parser.add_argument(
+        "--grace-period",
+        type=cli.positive_int,
+        default=GRACE_SECONDS,
+        help="seconds a running trial may go without a heartbeat before it counts as dead, its machine "
+        "gone, and the next process to start a trial marks it FAIL (default: %(default)s)",
+    )
     cli.add_config_flags(parser, SETTINGS)
     cli.add_common_flags(parser)
     args = parser.parse_args(argv)
     if not args.study_name.strip():
         parser.error("argument --study-name: the name is empty")
+    base = TrainConfig(**cli.config_from_flags(args, SETTINGS))
+    # Everything that can be checked is, before MNIST is fetched or any store is created.
     cli.check_data_dir(parser, args.data_dir)
     cli.check_accelerator(parser, args.accelerator)
     cli.check_storage(parser, args.storage)
-    tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
+    cli.check_tracking(parser, args.tracking_uri, args.experiment)
+    workers = cli.check_workers(parser, args.workers, args.n_trials, base)
 
     from mnist_hpo.data import ensure_mnist_once
     from mnist_hpo.mnist_files import MNISTUnavailable
+    from mnist_hpo.studies import StudyMismatch
     from mnist_hpo.tuning import tune
-    from mnist_hpo.workers import default_workers
 
     try:
         source = ensure_mnist_once(args.data_dir)  # here, once, before any worker starts
+    except MNISTUnavailable as error:
+        cli.fail(parser.prog, str(error))
+    tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
+    try:
         session = tune(
             tracker,
             args.storage,
             args.study_name,
             args.n_trials,
-            args.workers or default_workers(),
-            args.timeout,
-            base=TrainConfig(**cli.config_from_flags(args, SETTINGS)),
+            workers,
+            base=base,
+            deadline=None if args.timeout is None else STARTED + args.timeout,
             data_dir=args.data_dir,
             data_source=source,
             pruning=not args.no_pruning,
             accelerator=args.accelerator,
             verbose=args.verbose,
+            grace=args.grace_period,
         )
-    except MNISTUnavailable as error:
-        cli.fail(parser.prog, str(error))
+    except StudyMismatch as error:
+        parser.error(f"argument {error.flag}: {error}")
     except KeyboardInterrupt:
         cli.fail(parser.prog, "interrupted; finished trials are kept, the others and their MLflow runs are closed", 130)
     for problem in session.problems:

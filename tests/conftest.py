@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from mnist_hpo import mnist_files
 from mnist_hpo.config import TrainConfig
@@ -121,3 +124,28 @@ def assert_flag_error(result: subprocess.CompletedProcess, script: str, flag: st
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: argument {flag}"), result.stderr
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition"):
+    """Poll ``condition`` until it returns something true; return that."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_trial_with_run(storage: str):
+    """A RUNNING trial of the only study in ``storage`` that has its MLflow run, if there is one."""
+    try:
+        [study] = optuna.get_all_study_summaries(storage)
+        trials = optuna.load_study(study_name=study.study_name, storage=storage).trials
+    except (ValueError, KeyError, optuna.exceptions.StorageInternalError):
+        return None
+    return next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
+
+
+def tune_args(data_dir, *extra: str) -> list[str]:
+    """tune.py's flags for a study on the tiny data set, and ``extra``."""
+    return ["--data-dir", str(data_dir), "--val-size", str(TINY_VAL), "--accelerator", "cpu", *extra]

@@ -54,7 +54,8 @@ def test_screenshots_show_the_best_trials_first_and_their_curves(study_env, tmp_
     by_loss = sorted(session.study.trials, key=lambda t: t.value)
     params = list(by_loss[0].params)
     with serve(tracker.tracking_uri) as url, chromium_page(width=1400, height=900) as page:
-        screenshot_runs_table(page, url, tracker.experiment_id, "pictured", params, str(tmp_path / "table.png"))
+        uid = session.study.user_attrs["uid"]
+        screenshot_runs_table(page, url, tracker.experiment_id, uid, params, str(tmp_path / "table.png"))
         # The rows, top to bottom, are the trials from the lowest val_loss up, with their columns.
         names = [re.search(r"trial \d+", text).group() for text in page.get_by_role("row").all_inner_texts()
                  if re.search(r"trial \d+", text)]  # fmt: skip

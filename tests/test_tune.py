@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import mlflow.pytorch
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import STUDY_EPOCHS, TINY_VAL, assert_flag_error, tiny_images, with_base
+from conftest import STUDY_EPOCHS, running_trial_with_run, tiny_images, tune_args, wait_for, with_base
 from mnist_hpo import workers
 from mnist_hpo.tuning import tune
 
@@ -140,54 +139,6 @@ def test_one_worker_and_the_same_seed_replay_the_same_study(study_env):
     assert [t.value for t in a] == [t.value for t in b]
 
 
-def wait_for(condition, timeout: float = 120, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def running_trial_with_run(storage: str):
-    try:
-        [study] = optuna.get_all_study_summaries(storage)
-        trials = optuna.load_study(study_name=study.study_name, storage=storage).trials
-    except (ValueError, KeyError, optuna.exceptions.StorageInternalError):
-        return None
-    return next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
-
-
-def tune_args(data_dir, *extra: str) -> list[str]:
-    return ["--data-dir", str(data_dir), "--val-size", str(TINY_VAL), "--accelerator", "cpu", *extra]
-
-
-def test_a_killed_worker_leaves_a_trial_the_next_run_marks_failed(run_script, tiny_data, tmp_path):
-    data_dir, _ = tiny_data
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = run_script(
-        "tune.py",
-        *tune_args(data_dir, "--n-trials", "3", "--workers", "1", "--max-epochs", "400", "--no-pruning"),
-        background=True,
-    )
-    victim = wait_for(lambda: running_trial_with_run(storage), what="a running trial")
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # what SIGKILL leaves
-    second = run_script("tune.py", *tune_args(data_dir, "--n-trials", "1", "--workers", "1", "--max-epochs", "1"))
-    assert second.returncode == 0, second.stderr
-    assert f"trial {victim.number} was left running by a process that is gone: marked FAIL" in second.stdout
-
-    trials = optuna.load_study(study_name="mnist", storage=storage).trials
-    assert trials[victim.number].state == TrialState.FAIL
-    assert [t.state for t in trials].count(TrialState.COMPLETE) >= 1
-    runs = runs_of(client, "mnist-tune")
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
-
-
 def test_two_workers_share_one_study(run_script, tiny_data, tmp_path):
     data_dir, _ = tiny_data
     result = run_script("tune.py", *tune_args(data_dir, "--n-trials", "4", "--workers", "2", "--max-epochs", "2"))
@@ -225,18 +176,3 @@ def test_ctrl_c_stops_cleanly(run_script, tiny_data, tmp_path, workers):
     assert {t.user_attrs["fail_reason"] for t in trials} <= {"interrupted", "its worker process died"}
     runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "mnist-tune")
     assert {r.info.status for r in runs} == {"KILLED"}
-
-
-@pytest.mark.parametrize(
-    ("args", "flag"),
-    [
-        (["--n-trials", "0"], "--n-trials"),
-        (["--timeout", "-5"], "--timeout"),
-        (["--workers", "0"], "--workers"),
-        (["--study-name", ""], "--study-name"),
-        (["--storage", "nosuchdb://x"], "--storage"),
-        (["--max-epochs", "two"], "--max-epochs"),
-    ],
-)
-def test_bad_values_are_rejected_in_one_line_naming_the_flag(run_script, args, flag):
-    assert_flag_error(run_script("tune.py", *args), "tune.py", flag)

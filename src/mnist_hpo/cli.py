@@ -137,11 +137,84 @@ def check_accelerator(parser: argparse.ArgumentParser, accelerator: str) -> None
         parser.error(f"argument --accelerator: {accelerator!r} is not available on this machine")
 
 
-def connect_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None, experiment: str):
-    from mnist_hpo.tracking import TrackingUnavailable, connect
+def check_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None, experiment: str) -> str:
+    """The tracking URI to use (the flag's, MLFLOW_TRACKING_URI, or MLflow's default), checked
+    without creating anything."""
+    from mnist_hpo.stores import StoreUnusable, check_tracking_uri
+    from mnist_hpo.tracking import default_tracking_uri
 
     if not experiment.strip():
         parser.error("argument --experiment: the name is empty")
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(uri)
+    except StoreUnusable as error:
+        parser.error(f"argument --tracking-uri: {error}")
+    return uri
+
+
+def check_storage(parser: argparse.ArgumentParser, url: str) -> None:
+    """The Optuna storage URL, checked without creating anything."""
+    from mnist_hpo.stores import StoreUnusable, check_database
+
+    try:
+        check_database(url)
+    except StoreUnusable as error:
+        parser.error(f"argument --storage: {error}")
+
+
+def check_memory(parser: argparse.ArgumentParser, config: TrainConfig) -> None:
+    """Refuse a configuration whose training cannot fit in this machine's memory, naming the
+    batch size if a smaller one would fit, and the network's size if not."""
+    from mnist_hpo import memory
+
+    def needed(config: TrainConfig) -> int:
+        return memory.PROCESS_BYTES + sum(memory.bytes_to_train(config))
+
+    available = memory.available_bytes()
+    if available is None or needed(config) <= available:
+        return
+    flag = "batch_size" if needed(dataclasses.replace(config, batch_size=1)) <= available else "hidden_dim"
+    parser.error(
+        f"argument --{flag.replace('_', '-')}: {getattr(config, flag)} needs about {memory.gigabytes(needed(config))} "
+        f"of memory to train; this machine has {memory.gigabytes(available)} available"
+    )
+
+
+def check_workers(parser: argparse.ArgumentParser, workers: int | None, n_trials: int, base: TrainConfig) -> int:
+    """How many workers to start: never more than trials, never more than fit in memory (the
+    default takes what fits; an explicit --workers that does not fit is refused), and a
+    warning where they outnumber the cores."""
+    from mnist_hpo import memory
+    from mnist_hpo.search import largest_config
+    from mnist_hpo.workers import available_cores, default_workers
+
+    wanted = min(workers or default_workers(), n_trials)
+    each = memory.PROCESS_BYTES + sum(memory.bytes_to_train(largest_config(base)))
+    available = memory.available_bytes()
+    fit = wanted if available is None else (available - memory.PROCESS_BYTES) // each
+    if fit < 1:
+        parser.error(f"argument --workers: not even one worker fits: it needs about {memory.gigabytes(each)}")
+    if wanted > fit:
+        if workers is None:
+            return fit
+        parser.error(
+            f"argument --workers: {wanted} workers need about {memory.gigabytes(each * wanted)} of memory "
+            f"({memory.gigabytes(each)} each); {memory.gigabytes(available)} is available: use --workers {fit} or fewer"
+        )
+    if wanted > available_cores():
+        print(
+            f"{parser.prog}: warning: {wanted} workers share {available_cores()} cores; one per core trains as many "
+            "epochs a second with less memory",
+            file=sys.stderr,
+        )
+    return wanted
+
+
+def connect_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None, experiment: str):
+    """Open the checked tracking store and the experiment, creating them on first use."""
+    from mnist_hpo.tracking import TrackingUnavailable, connect
+
     try:
         return connect(tracking_uri, experiment)
     except TrackingUnavailable as error:
@@ -158,22 +231,14 @@ def load_study(parser: argparse.ArgumentParser, storage: str, study_name: str):
     """A finished study to picture, with at least one complete trial; else one line naming the flag."""
     import optuna
 
+    from mnist_hpo.stores import public, reason
+
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        parser.error(f"argument --study-name: no study {study_name!r} in {storage}")
+        parser.error(f"argument --study-name: no study {study_name!r} in {public(storage)}")
     except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
-        parser.error(f"argument --storage: cannot open {storage!r}: {str(error).splitlines()[0]}")
+        parser.error(f"argument --storage: cannot open {public(storage)!r}: {reason(error, storage)}")
     if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         parser.error(f"argument --study-name: study {study_name!r} has no complete trial yet")
     return study
-
-
-def check_storage(parser: argparse.ArgumentParser, url: str) -> None:
-    from mnist_hpo.studies import open_storage
-
-    try:
-        open_storage(url)
-    except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        parser.error(f"argument --storage: cannot open {url!r}: {message}")

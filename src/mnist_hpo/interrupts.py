@@ -28,13 +28,15 @@ def handler(signum, frame) -> None:
 
 @contextlib.contextmanager
 def handling() -> Iterator[None]:
-    """Install :func:`handler` for the block, starting with no request, and restore the old one."""
+    """Install :func:`handler` for the block, starting with no request, and restore the old one
+    after it; after a Ctrl-C, SIGINT stays ignored instead, so that a second one cannot cut
+    into the libraries' clean-up as the process exits."""
     _State.requested = _State.interruptible = False
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if _State.requested else previous)
 
 
 @contextlib.contextmanager

@@ -14,8 +14,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mnist_hpo.search import format_value
+from mnist_hpo.stores import public, reason
 from mnist_hpo.tracking import Tracker, log_torch_model
 from mnist_hpo.trial import RUN_ATTR
+
+
+class NotEvaluated(RuntimeError):
+    """The best trial's weights cannot be had: its run, or the run's artifacts, are gone."""
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -81,7 +86,13 @@ def evaluate_best_trial(
         return None
     run_id = best.user_attrs[RUN_ATTR]
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.download_artifact(run_id, str(CHECKPOINT_ARTIFACT), tmp)
+        try:
+            path = tracker.download_artifact(run_id, str(CHECKPOINT_ARTIFACT), tmp)
+        except Exception as error:  # noqa: BLE001 - MLflow says "not found" in several ways
+            raise NotEvaluated(
+                f"the best trial, trial {best.number}, has no checkpoint in {public(tracker.tracking_uri)} "
+                f"(its MLflow run {run_id}: {reason(error)})"
+            ) from None
         model = LitClassifier.load_from_checkpoint(path, map_location="cpu")
     val_size = int(tracker.params(run_id)["val_size"])
     test = evaluate_on_test(model, data_dir, val_size, accelerator)

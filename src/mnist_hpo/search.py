@@ -32,6 +32,15 @@ def suggest_config(trial: optuna.Trial, base: TrainConfig) -> TrainConfig:
     return dataclasses.replace(base, **params, seed=base.seed + trial.number)
 
 
+def largest_config(base: TrainConfig) -> TrainConfig:
+    """The most demanding point of the space (every parameter at its highest), for estimating
+    the memory a worker needs."""
+    highest = {
+        name: max(d.choices) if isinstance(d, CategoricalDistribution) else d.high for name, d in SEARCH_SPACE.items()
+    }
+    return dataclasses.replace(base, **highest)
+
+
 def _suggest(trial: optuna.Trial, name: str, d: BaseDistribution):
     if isinstance(d, CategoricalDistribution):
         return trial.suggest_categorical(name, d.choices)

@@ -9,29 +9,50 @@ failing. Many machines share one PostgreSQL or MySQL server instead.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
+import time
+import uuid
 import warnings
 from collections.abc import Callable
 
 import optuna
+from optuna.distributions import distribution_to_json
 from optuna.storages import RDBStorage
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+
+from mnist_hpo.config import TrainConfig
+from mnist_hpo.search import SEARCH_SPACE
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 # How long a SQLite writer waits for another one before giving up, in seconds.
 SQLITE_BUSY_TIMEOUT = 120
-# A worker's trial records a heartbeat this often; a trial silent for the grace period belongs
-# to a dead worker (on any machine) and is marked failed by the next worker to start a trial.
-HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 60
-# The study's user attribute that names its MLflow parent run, per tracking store.
-PARENT_RUN_ATTR = "mlflow_parent_run"
+# A trial silent for the grace period belongs to a dead worker (on any machine) and is marked
+# failed by the next worker to start a trial; a live one records a heartbeat far more often.
+GRACE_SECONDS = 60
+# The study's user attributes: its identity, what makes its trials comparable, and its MLflow
+# parent run in each tracking store.
+UID_ATTR, DEFINITION_ATTR, PARENT_RUN_ATTR = "uid", "definition", "mlflow_parent_run"
 # The trial's user attribute that names the process running it.
 WORKER_ATTR = "worker"
+# How long a process that finds a study just created by another one waits for its records.
+CREATOR_SECONDS = 30
 
 
-def open_storage(url: str, on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> RDBStorage:
+class StudyMismatch(ValueError):
+    """A continuation would mix trials trained differently; ``flag`` is the setting that differs."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+def open_storage(
+    url: str, grace: int = GRACE_SECONDS, on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
+) -> RDBStorage:
     """An RDBStorage for ``url`` (SQLite, PostgreSQL, MySQL, ...), with heartbeats on."""
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():
@@ -40,9 +61,86 @@ def open_storage(url: str, on_stale_trial: Callable[[optuna.Study, FrozenTrial],
         return RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
+            heartbeat_interval=max(1, min(10, grace // 4)),
+            grace_period=grace,
             heartbeat_stale_trial_callback=on_stale_trial,
+        )
+
+
+def definition(base: TrainConfig, data: str) -> dict:
+    """What makes the trials of a study comparable: how each trains, in every setting the search
+    does not choose (its seed aside: that only changes which points are tried), the data, and
+    the search space."""
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in SEARCH_SPACE and k != "seed"}
+    space = {name: distribution_to_json(d) for name, d in SEARCH_SPACE.items()}
+    return {"settings": settings, "data": data, "space": space}
+
+
+def open_study(storage: RDBStorage, name: str, wanted: dict) -> tuple[optuna.Study, bool]:
+    """The study ``name``, created with the definition ``wanted`` if it does not exist; return it
+    and whether this call created it.
+
+    Creating a study is atomic (its name is unique in the storage), so of several processes
+    that start at the same moment exactly one creates it, and records its identity and
+    definition; the others wait a moment for those records. A continuation whose definition
+    differs raises StudyMismatch before anything in the storage changes.
+    """
+    try:
+        storage.create_new_study([StudyDirection.MINIMIZE], name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(study_name=name, storage=storage)
+    if created:
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+        study.set_user_attr(DEFINITION_ATTR, wanted)
+        return study, True
+    recorded = _wait_for(study, DEFINITION_ATTR)
+    if recorded is None:  # a study from before studies recorded their definition
+        study.set_user_attr(DEFINITION_ATTR, wanted)
+    else:
+        _check_definition(name, recorded, wanted)
+    if UID_ATTR not in study.user_attrs:
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    return study, False
+
+
+def uid(study: optuna.Study) -> str:
+    """The study's own identity: unlike its name, never shared with another study."""
+    return study.user_attrs[UID_ATTR]
+
+
+def _wait_for(study: optuna.Study, attr: str):
+    """A user attribute that the process creating the study records a moment after creating it.
+    A study with trials had its chance long ago: it gets no wait."""
+    deadline = time.monotonic() + CREATOR_SECONDS
+    while attr not in (attrs := study.user_attrs) and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return attrs.get(attr)
+
+
+def _check_definition(name: str, recorded: dict, wanted: dict) -> None:
+    for key, value in wanted["settings"].items():
+        was = recorded["settings"].get(key, value)
+        if was != value:
+            flag = f"--{key.replace('_', '-')}"
+            raise StudyMismatch(
+                flag,
+                f"study {name!r} trains every trial with {key}={was}, not {value}: its trials would not compare; "
+                f"continue it with {flag} {was}, or start another study with a new --study-name",
+            )
+    if recorded["data"] != wanted["data"]:
+        raise StudyMismatch(
+            "--data-dir",
+            f"study {name!r} was trained on other MNIST files (MD5s {recorded['data']}, here {wanted['data']}); "
+            "start another study with a new --study-name",
+        )
+    if recorded["space"] != wanted["space"]:
+        changed = sorted(set(recorded["space"].items()) ^ set(wanted["space"].items()))
+        raise StudyMismatch(
+            "--study-name",
+            f"study {name!r} searched another space than search.py's now ({', '.join(dict(changed))} differ); "
+            "start another study with a new --study-name",
         )
 
 
@@ -61,7 +159,7 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
+def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int = GRACE_SECONDS) -> list[FrozenTrial]:
     """Mark FAIL the RUNNING trials whose worker is gone; return them as they are now.
 
     A worker records itself on its trial first thing. A trial of this machine whose process is
@@ -75,7 +173,7 @@ def fail_dead_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(WORKER_ATTR)
         if owner is None:
-            dead = (now - trial.datetime_start).total_seconds() > GRACE_SECONDS
+            dead = (now - trial.datetime_start).total_seconds() > grace
         else:
             dead = owner["host"] == socket.gethostname() and not _is_alive(owner["pid"])
         if not dead:
@@ -94,9 +192,11 @@ def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
     return [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.state.is_finished()]
 
 
-def recorded_parent_run(study: optuna.Study, store: str) -> str | None:
-    """The id of the study's parent run in the tracking store ``store``, if one was recorded."""
-    return study.user_attrs.get(PARENT_RUN_ATTR, {}).get(store)
+def recorded_parent_run(study: optuna.Study, store: str, wait: bool = False) -> str | None:
+    """The id of the study's parent run in the tracking store ``store``, if one was recorded;
+    with ``wait``, give the process that created the study a moment to record it."""
+    records = _wait_for(study, PARENT_RUN_ATTR) if wait else study.user_attrs.get(PARENT_RUN_ATTR)
+    return (records or {}).get(store)
 
 
 def record_parent_run(study: optuna.Study, store: str, run_id: str) -> str:

@@ -12,7 +12,6 @@ import functools
 import os
 import random
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_hpo import interrupts
+from mnist_hpo.stores import public, reason
 
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
@@ -145,12 +145,12 @@ class Tracker:
     def delete_run(self, run_id: str) -> None:
         self.client.delete_run(run_id)
 
-    def running_runs(self, tag: str, value: str) -> list[str]:
-        """The ids of this experiment's RUNNING runs whose tag ``tag`` is ``value``."""
-        runs = self.client.search_runs(
-            [self.experiment_id], f"attributes.status = 'RUNNING' AND tags.`{tag}` = {value!r}"
-        )
-        return [run.info.run_id for run in runs]
+    def runs_tagged(self, tag: str, value: str, *, running: bool = False) -> list[mlflow.entities.Run]:
+        """This experiment's runs whose tag ``tag`` is exactly ``value`` (only RUNNING ones, with
+        ``running``), whatever quotes ``value`` holds."""
+        status = "attributes.status = 'RUNNING' AND " if running else ""
+        runs = self.client.search_runs([self.experiment_id], status + _tag_filter(tag, value), max_results=50_000)
+        return [run for run in runs if run.data.tags.get(tag) == value]
 
     def experiment_of(self, run_id: str) -> str | None:
         """The experiment of a run of this store; None if the store has no such run."""
@@ -199,6 +199,17 @@ class Tracker:
         return f"mlflow ui --backend-store-uri {self.tracking_uri}"
 
 
+def _tag_filter(tag: str, value: str) -> str:
+    """A search filter that matches tag ``tag`` equal to ``value``, or a few more runs where it
+    cannot be exact: MLflow's filter strings have no escape, so a value holding both kinds of
+    quote is matched with LIKE, each quote standing for any one character."""
+    if "'" not in value:
+        return f"tags.`{tag}` = '{value}'"
+    if '"' not in value:
+        return f'tags.`{tag}` = "{value}"'
+    return f"tags.`{tag}` LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
+
+
 def reader(tracking_uri: str | None) -> Tracker:
     """A tracker that reads runs by id (their curves, say) and writes nothing."""
     uri = tracking_uri or default_tracking_uri()
@@ -206,18 +217,14 @@ def reader(tracking_uri: str | None) -> Tracker:
 
 
 def connect(tracking_uri: str | None, experiment: str) -> Tracker:
-    """Open the store (creating it if need be) and the experiment; fail early, in one line."""
+    """Open the store (creating it on first use) and the experiment; fail in one line."""
     is_default = tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
     uri = tracking_uri or default_tracking_uri()
     try:
-        if uri.startswith(("http://", "https://")):
-            # MLflow's client retries an unreachable server for minutes; one probe says it now.
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
         client = RetryingClient(uri)
         return Tracker(client, uri, _experiment_id(client, experiment), is_default)
     except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the URI is unusable
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrackingUnavailable(f"cannot use the MLflow store {uri!r}: {message}") from error
+        raise TrackingUnavailable(f"cannot use the MLflow store {public(uri)!r}: {reason(error, uri)}") from error
 
 
 def _experiment_id(client: RetryingClient, name: str) -> str:

@@ -18,8 +18,10 @@ from mnist_hpo.search import format_value, suggest_config
 from mnist_hpo.tracking import Tracker
 from mnist_hpo.training import fit
 
-# The trial's user attribute that names its MLflow run.
+# The trial's user attribute that names its MLflow run, and the run's tags that name its study
+# and trial.
 RUN_ATTR = "mlflow_run_id"
+STUDY_UID_TAG, TRIAL_TAG = "optuna.study_uid", "optuna.trial"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class TrialSetup:
 
     base: TrainConfig  # its epochs, validation size and seed; the searched fields are replaced
     study_name: str
+    study_uid: str  # the study's identity, on every run: names can repeat and hold any quote
     parent_run_id: str
     data_dir: str
     accelerator: str = "auto"
@@ -52,7 +55,7 @@ def objective(trial: optuna.Trial, setup: TrialSetup, tracker: Tracker) -> float
 def _train(trial: optuna.Trial, setup: TrialSetup, tracker: Tracker) -> float:
     trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
     config = suggest_config(trial, setup.base)
-    tags = {"optuna.study": setup.study_name, "optuna.trial": str(trial.number)}
+    tags = {"optuna.study": setup.study_name, STUDY_UID_TAG: setup.study_uid, TRIAL_TAG: str(trial.number)}
     with tracker.run(
         f"trial {trial.number}", parent_run_id=setup.parent_run_id, tags=tags, finished_on=(optuna.TrialPruned,)
     ) as run_id:
@@ -101,9 +104,11 @@ class ReportToTrial(Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_loss {val_loss:.4f}")
 
 
-def close_run(tracker: Tracker, trial: FrozenTrial) -> None:
-    """End, as KILLED, the MLflow run of a trial that another process found dead."""
-    run_id = trial.user_attrs.get(RUN_ATTR)
+def close_run(tracker: Tracker, trial: FrozenTrial, run_id: str | None = None) -> None:
+    """End, as KILLED, the MLflow run (``run_id``, or the one the trial names) of a trial that
+    another process found dead; KILLED even if its curves were complete, since the trial
+    never recorded its result."""
+    run_id = run_id or trial.user_attrs.get(RUN_ATTR)
     if run_id:
         reason = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
         tracker.end_run(run_id, "KILLED", {"optuna.state": trial.state.name, "error": f"trial failed: {reason}"})

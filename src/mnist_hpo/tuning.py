@@ -3,16 +3,18 @@ results in the Optuna storage and in MLflow."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import optuna
-from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
 from mnist_hpo import interrupts, results, studies
 from mnist_hpo.config import TrainConfig
+from mnist_hpo.mnist_files import fingerprint
+from mnist_hpo.stores import public
 from mnist_hpo.tracking import Tracker
-from mnist_hpo.trial import RUN_ATTR, TrialReport, TrialSetup, close_run
+from mnist_hpo.trial import STUDY_UID_TAG, TRIAL_TAG, TrialReport, TrialSetup, close_run
 from mnist_hpo.workers import Session, quiet_libraries, run_workers
 
 
@@ -22,11 +24,7 @@ class SessionResult:
     parent_run_id: str
     problems: list[str]
     test: dict[str, float] | None
-
-
-def public_url(storage_url: str) -> str:
-    """The storage URL without its password, fit to print and to log."""
-    return make_url(storage_url).render_as_string(hide_password=True)
+    notes: list[str] = field(default_factory=list)  # what the summary said beyond the trials
 
 
 def tune(
@@ -35,36 +33,49 @@ def tune(
     study_name: str,
     n_trials: int,
     workers: int,
-    timeout: float | None = None,
     *,
     base: TrainConfig | None = None,
+    deadline: float | None = None,
     data_dir: str = "data",
     data_source: str = "existing files",
     pruning: bool = True,
     accelerator: str = "auto",
     verbose: bool = False,
+    grace: int = studies.GRACE_SECONDS,
 ) -> SessionResult:
     """Run ``n_trials`` more trials of the study (created on first use) in ``workers`` processes.
 
     ``base`` says how each trial trains (epochs, validation size, seed; TrainConfig's defaults
-    if None); the search space replaces the rest. The first Ctrl-C stops the trials; the clean-up and the summary still
-    run, and then KeyboardInterrupt is raised.
+    if None); the search space replaces the rest. No trial starts after ``deadline`` (a
+    time.time()) but each worker's first. A continuation whose settings differ from the
+    study's raises StudyMismatch before anything changes. The first Ctrl-C stops the trials;
+    the clean-up and the summary still run, and then KeyboardInterrupt is raised.
     """
     quiet_libraries(verbose)
+    base = base or TrainConfig()
     with interrupts.handling():
-        storage = studies.open_storage(storage_url)
-        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
-        _close_what_dead_workers_left(tracker, storage, study_name)
+        storage = studies.open_storage(storage_url, grace)
+        study, created = studies.open_study(storage, study_name, studies.definition(base, fingerprint()))
+        uid = studies.uid(study)
+        _close_what_dead_workers_left(tracker, storage, study_name, uid, grace)
         before = len(study.trials)
-        where = f"{public_url(storage_url)}, study {study_name!r}"
+        where = f"{public(storage_url)}, study {study_name!r}"
         print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
-        parent_run_id = _parent_run(
-            tracker,
-            study,
-            {"study_name": study_name, "storage": public_url(storage_url), "objective": "val_loss (minimize)"},
+        notes: list[str] = []
+        params = {"study_name": study_name, "storage": public(storage_url), "objective": "val_loss (minimize)"}
+        parent_run_id = _parent_run(tracker, study, uid, created, {**params, **dataclasses.asdict(base)}, notes)
+        setup = TrialSetup(base, study_name, uid, parent_run_id, data_dir, accelerator, verbose)
+        session = Session(
+            storage_url=storage_url,
+            tracking_uri=tracker.tracking_uri,
+            experiment_id=tracker.experiment_id,
+            trial=setup,
+            data_source=data_source,
+            pruning=pruning,
+            trials_before=before,
+            grace=grace,
+            deadline=deadline,
         )
-        setup = TrialSetup(base or TrainConfig(), study_name, parent_run_id, data_dir, accelerator, verbose)
-        session = Session(storage_url, tracker.tracking_uri, tracker.experiment_id, setup, data_source, pruning, before)
         bar = tqdm(total=n_trials, desc="study", unit="trial", dynamic_ncols=True)
 
         def report(trial: TrialReport) -> None:
@@ -74,56 +85,96 @@ def tune(
         problems, test = [], None
         with tracker.closing(parent_run_id):
             try:
-                problems = run_workers(session, n_trials, workers, timeout, report)
+                problems = run_workers(session, n_trials, workers, report)
             finally:
                 bar.close()
             interrupted = interrupts.requested()
-            _close_what_dead_workers_left(tracker, storage, study_name)
+            _close_what_dead_workers_left(tracker, storage, study_name, uid, grace)
             results.log_study_summary(study, tracker, parent_run_id)
-            if not interrupted:
-                test = results.evaluate_best_trial(study, tracker, parent_run_id, data_dir, accelerator)
-            _print_summary(study, tracker, parent_run_id, storage_url, test)
+            if not interrupted and not problems:
+                try:
+                    test = results.evaluate_best_trial(study, tracker, parent_run_id, data_dir, accelerator)
+                except results.NotEvaluated as why:
+                    notes.append(f"test evaluation skipped: {why}")
+            notes += _still_running_elsewhere(study, grace)
+            _print_summary(study, tracker, parent_run_id, storage_url, test, notes)
             if interrupted:
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
-    return SessionResult(study, parent_run_id, problems, test)
+    return SessionResult(study, parent_run_id, problems, test, notes)
 
 
-def _parent_run(tracker: Tracker, study: optuna.Study, params: dict[str, object]) -> str:
-    """The study's MLflow parent run, created on first use and reopened when the study continues.
+def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:
+    """The study's MLflow parent run in this tracking store: created with the study, reopened
+    when the study continues, and created anew (saying so) when the store lost it.
 
-    Its id is kept with the study, per tracking store; a second process starting at the same
-    moment reads back whichever id was stored last and drops its own run.
+    Only the process that created the study creates its run; one that found the study just
+    created waits for that run. Where a run must be made later (a store that lost it, or
+    another store), two processes starting at the same moment read back whichever id was
+    recorded last, and the other drops its own.
     """
-    run_id = studies.recorded_parent_run(study, tracker.tracking_uri)
-    if run_id and tracker.reopen(run_id):
-        return run_id
-    run_id = tracker.create_run(study.study_name, tags={"optuna.study": study.study_name})
+    store, name = public(tracker.tracking_uri), study.study_name
+    run_id = studies.recorded_parent_run(study, store, wait=not created)
+    if run_id is not None:
+        if tracker.reopen(run_id):
+            return run_id
+        notes.append(
+            f"the MLflow store {store} has no run of study {name!r} (its parent run {run_id} is gone): a new "
+            "parent run starts there; earlier trials keep their Optuna records, not their curves"
+        )
+        print(notes[-1], flush=True)
+    older = [
+        run
+        for run in tracker.runs_tagged("optuna.study", name)
+        if "mlflow.parentRunId" not in run.data.tags and run.data.tags.get(STUDY_UID_TAG) != uid
+    ]
+    if older:
+        notes.append(
+            f"a new study {name!r} began beside {len(older)} older one(s) of the same name in this MLflow "
+            f"experiment: its runs are named '{name} ({uid[:8]})' and carry the tag {STUDY_UID_TAG}={uid}"
+        )
+        print(notes[-1], flush=True)
+    run_id = tracker.create_run(
+        f"{name} ({uid[:8]})" if older else name, tags={"optuna.study": name, STUDY_UID_TAG: uid}
+    )
     tracker.log_params(run_id, params)
-    winner = studies.record_parent_run(study, tracker.tracking_uri, run_id)
+    winner = studies.record_parent_run(study, store, run_id)
     if winner != run_id:
         tracker.delete_run(run_id)
         tracker.reopen(winner)
     return winner
 
 
-def _close_what_dead_workers_left(tracker: Tracker, storage, study_name: str) -> None:
-    for trial in studies.fail_dead_trials(storage, study_name):
+def _close_what_dead_workers_left(tracker: Tracker, storage, study_name: str, uid: str, grace: int) -> None:
+    for trial in studies.fail_dead_trials(storage, study_name, grace):
         print(f"trial {trial.number} was left running by a process that is gone: marked FAIL", flush=True)
-    running = tracker.running_runs("optuna.study", study_name)
-    if not running:
-        return
-    finished = {trial.user_attrs.get(RUN_ATTR): trial for trial in studies.finished_trials(storage, study_name)}
-    for run_id in running:
-        if run_id in finished:  # the study's own run has no trial
-            close_run(tracker, finished[run_id])
-            print(f"MLflow run {run_id} of a finished trial was still RUNNING: marked KILLED", flush=True)
+        close_run(tracker, trial)
+    # A run can outlive its trial's record of it: killed between creating the run and naming
+    # it on the trial, say. Its tags still say which trial it belongs to.
+    finished = {trial.number: trial for trial in studies.finished_trials(storage, study_name)}
+    for run in tracker.runs_tagged(STUDY_UID_TAG, uid, running=True):
+        number = run.data.tags.get(TRIAL_TAG)
+        if number is not None and int(number) in finished:
+            close_run(tracker, finished[int(number)], run.info.run_id)
+            print(f"MLflow run {run.info.run_id} of a finished trial was still RUNNING: marked KILLED", flush=True)
 
 
-def _print_summary(study, tracker, parent_run_id, storage_url, test) -> None:
+def _still_running_elsewhere(study: optuna.Study, grace: int) -> list[str]:
+    """The study's trials that other processes still run, as this one stops."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return [
+        f"trial {trial.number} still runs on {owner.get('host', '?')} (pid {owner.get('pid', '?')}): it ends there, "
+        f"or, if its heartbeat stops for {grace} s, the next process to start a trial of this study marks it FAIL"
+        for trial in running
+        for owner in [trial.user_attrs.get(studies.WORKER_ATTR, {})]
+    ]
+
+
+def _print_summary(study, tracker, parent_run_id, storage_url, test, notes) -> None:
     counts = results.counts(study)
     print(
         f"\nstudy {study.study_name!r}: {len(study.trials)} trials, {counts['COMPLETE']} complete, "
         f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
     )
     best = results.best_trial(study)
     if best is None:
@@ -137,7 +188,9 @@ def _print_summary(study, tracker, parent_run_id, storage_url, test) -> None:
         if test:
             scores = f"test_acc {test['test_acc']:.4f}, test_loss {test['test_loss']:.4f}"
             print(f"test (the best trial's weights, evaluated once): {scores}")
+    for note in notes:
+        print(note)
     print(
         f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
-        f"the study: {public_url(storage_url)}, study {study.study_name!r}; the same command continues it"
+        f"the study: {public(storage_url)}, study {study.study_name!r}; the same command continues it"
     )

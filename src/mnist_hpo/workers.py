@@ -9,13 +9,13 @@ report. With one worker, the trials run in the tune.py process itself.
 
 from __future__ import annotations
 
-import functools
 import logging
 import multiprocessing as mp
 import os
 import queue
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +25,7 @@ import torch
 from mnist_hpo import interrupts, studies
 from mnist_hpo.data import trust_verified
 from mnist_hpo.search import make_pruner, make_sampler
+from mnist_hpo.stores import reason
 from mnist_hpo.tracking import RetryingClient, Tracker
 from mnist_hpo.training import TrainingDiverged
 from mnist_hpo.trial import TrialReport, TrialSetup, close_run, objective
@@ -41,6 +42,16 @@ class Session:
     data_source: str  # where tune.py found MNIST when it verified the files
     pruning: bool = True
     trials_before: int = 0  # trials the study held when this session started
+    grace: int = studies.GRACE_SECONDS  # seconds without a heartbeat after which a trial is dead
+    deadline: float | None = None  # time.time() after which a worker starts no more trials
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """What a worker reports, instead of a trial, when an error ends it: one line."""
+
+    worker: int
+    message: str
 
 
 def available_cores() -> int:
@@ -59,34 +70,48 @@ def run_trials(session: Session, worker: int, claim: Callable[[], bool], report:
     """One worker: while ``claim()`` grants another trial, run it and ``report`` how it ended.
 
     A diverging trial (NaN loss) is recorded as failed and the study goes on; any other
-    error, and Ctrl-C, ends this worker after Optuna and MLflow have closed the trial.
+    error, and Ctrl-C, ends this worker after Optuna and MLflow have closed the trial (and
+    reported it).
     """
     tracker = Tracker(RetryingClient(session.tracking_uri), session.tracking_uri, session.experiment_id)
-    storage = studies.open_storage(session.storage_url, on_stale_trial=lambda study, trial: close_run(tracker, trial))
+    storage = studies.open_storage(
+        session.storage_url, session.grace, on_stale_trial=lambda study, trial: close_run(tracker, trial)
+    )
     study = optuna.load_study(
         study_name=session.trial.study_name,
         storage=storage,
         sampler=make_sampler(session.trial.base.seed, session.trials_before, worker),
         pruner=make_pruner(session.pruning),
     )
-    run_objective = functools.partial(objective, setup=session.trial, tracker=tracker)
+    running: list[int] = []  # the id of the trial this worker runs now
+
+    def run_objective(trial: optuna.Trial) -> float:
+        running[:] = [trial._trial_id]
+        return objective(trial, session.trial, tracker)
+
     tell = [lambda study, trial: report(TrialReport.of(trial))]
-    while claim():
-        study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+    try:
+        while claim():
+            study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+            running.clear()
+    except BaseException:
+        # Optuna told the trial FAIL before it re-raised, but calls no callback for it.
+        if running and (trial := storage.get_trial(running[0])).state.is_finished():
+            report(TrialReport.of(trial))
+        raise
 
 
-def run_workers(
-    session: Session, n_trials: int, workers: int, timeout: float | None, report: Callable[[TrialReport], None]
-) -> list[str]:
-    """Run up to ``n_trials`` trials in ``workers`` processes; return the problems, if any.
+def run_workers(session: Session, n_trials: int, workers: int, report: Callable[[TrialReport], None]) -> list[str]:
+    """Run up to ``n_trials`` trials in ``workers`` processes; return the problems, one line each.
 
-    Every worker runs at least one trial (it paid for its start-up); the rest of the budget
-    goes to whichever worker is free first. After Ctrl-C (see :mod:`mnist_hpo.interrupts`) it
-    returns once every worker has closed its trial; ``interrupts.requested()`` then says so.
+    Every worker runs at least one trial (it paid for its start-up), whatever the deadline;
+    the rest of the budget goes to whichever worker is free first, until the deadline. After
+    Ctrl-C (see :mod:`mnist_hpo.interrupts`) it returns once every worker has closed its
+    trial; ``interrupts.requested()`` then says so.
     """
     workers = min(workers, n_trials)
     context = mp.get_context("spawn")
-    budget = _Budget(context, n_trials, workers, None if timeout is None else time.time() + timeout)
+    budget = _Budget(context, n_trials, workers, session.deadline)
     threads = max(1, available_cores() // workers)
     if workers == 1:
         _prepare_worker(threads, session.trial.verbose)
@@ -95,6 +120,8 @@ def run_workers(
             run_trials(session, 0, lambda: not interrupts.requested() and claim(), report)
         except KeyboardInterrupt:
             pass  # the trial is closed
+        except Exception as error:  # noqa: BLE001 - any error ends the study, in one line
+            return [_one_line(error, session, verbose=session.trial.verbose)]
         return []
 
     reports = context.Queue()
@@ -104,7 +131,7 @@ def run_workers(
     ]
     for process in processes:
         process.start()
-    forwarded = False
+    problems, forwarded = [], False
     try:
         while any(p.is_alive() for p in processes) or not reports.empty():
             if interrupts.requested() and not forwarded:
@@ -115,13 +142,23 @@ def run_workers(
                     if process.is_alive():
                         os.kill(process.pid, signal.SIGINT)
             try:
-                report(reports.get(timeout=0.2))
+                message = reports.get(timeout=0.2)
             except queue.Empty:
-                pass
+                continue
+            if isinstance(message, WorkerFailed):
+                budget.cancel()  # an error ends the study: the other workers finish their trial
+                problems.append(f"worker {message.worker}: {message.message}")
+            else:
+                report(message)
     finally:
         for process in processes:
             process.join()
-    return [f"worker {i} exited with code {p.exitcode}" for i, p in enumerate(processes) if p.exitcode != 0]
+    reported = {problem.split(":")[0] for problem in problems}
+    return problems + [
+        f"worker {i} exited with code {p.exitcode}"
+        for i, p in enumerate(processes)
+        if p.exitcode != 0 and f"worker {i}" not in reported
+    ]
 
 
 class _Budget:
@@ -138,11 +175,13 @@ class _Budget:
         reserved = [True]
 
         def claim() -> bool:
-            if self.cancelled.value or (self.deadline is not None and time.time() >= self.deadline):
+            if self.cancelled.value:
                 return False
-            if reserved:
+            if reserved:  # its first trial, whatever the time
                 reserved.clear()
                 return True
+            if self.deadline is not None and time.time() >= self.deadline:
+                return False
             with self.shared.get_lock():
                 if self.shared.value <= 0:
                     return False
@@ -156,9 +195,10 @@ class _Budget:
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Inside a study one line per trial says enough: Optuna, and Lightning unless ``verbose``,
-    keep to warnings."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    """Inside a study one line per trial says enough: Optuna keeps to errors (its warning about
+    a failed trial, traceback included, repeats what that trial's line says), and Lightning,
+    unless ``verbose``, to warnings."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not verbose:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -168,6 +208,14 @@ def quiet_libraries(verbose: bool) -> None:
 def _prepare_worker(threads: int, verbose: bool) -> None:
     torch.set_num_threads(threads)
     quiet_libraries(verbose)
+
+
+def _one_line(error: BaseException, session: Session, verbose: bool) -> str:
+    """An error that ends the study, as one line that shows no password (and, with --verbose,
+    its traceback on stderr first)."""
+    if verbose:
+        traceback.print_exception(error)
+    return f"{type(error).__name__}: {reason(error, session.storage_url, session.tracking_uri)}"
 
 
 def _worker_main(session: Session, index: int, threads: int, budget: _Budget, reports) -> None:
@@ -185,3 +233,5 @@ def _worker_main(session: Session, index: int, threads: int, budget: _Budget, re
             run_trials(session, index, claim, reports.put)
         except KeyboardInterrupt:
             pass  # the trial is closed; tune.py prints the summary
+        except Exception as error:  # noqa: BLE001 - reported in one line by tune.py
+            reports.put(WorkerFailed(index, _one_line(error, session, session.trial.verbose)))

@@ -106,14 +106,15 @@ def runs_url(url: str, experiment_id: str, search_filter: str, **params: str) ->
     return f"{url}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}&{query}"
 
 
-def study_filter(study_name: str) -> str:
-    return f"tags.`optuna.study` = '{study_name}' AND tags.`optuna.state` = 'COMPLETE'"
+def study_filter(study_uid: str) -> str:
+    """The complete trials of one study, by its id: a study's name may hold any quote."""
+    return f"tags.`optuna.study_uid` = '{study_uid}' AND tags.`optuna.state` = 'COMPLETE'"
 
 
-def screenshot_runs_table(page, url: str, experiment_id: str, study_name: str, params: list[str], path: str) -> None:
+def screenshot_runs_table(page, url: str, experiment_id: str, study_uid: str, params: list[str], path: str) -> None:
     """The study's complete trials, best val_loss first, with their scores and ``params``."""
     page.goto(
-        runs_url(url, experiment_id, study_filter(study_name), orderByKey="metrics.`best_val_loss`", orderByAsc="true")
+        runs_url(url, experiment_id, study_filter(study_uid), orderByKey="metrics.`best_val_loss`", orderByAsc="true")
     )
     page.get_by_role("row").filter(has_text="trial").first.wait_for(timeout=60_000)
     _close_assistant(page)

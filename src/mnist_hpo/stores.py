@@ -1,0 +1,124 @@
+"""The addresses of the two stores, an Optuna storage URL and an MLflow tracking URI: printed
+without their passwords, and checked before anything is created, so that a command that fails
+on a bad address leaves no file, table or experiment behind."""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+# The database servers SQLAlchemy reaches, by URL scheme (before any +driver).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")
+# What MLflow accepts as a tracking URI here: a database, a tracking server, or a folder.
+TRACKING_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "file")
+
+
+class StoreUnusable(ValueError):
+    """The address cannot be used: its message says why, in one line, without the password."""
+
+
+def public(url: str) -> str:
+    """``url`` with its password, if any, replaced by ***: fit to print and to log."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user_and_password, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user_and_password.split(':', 1)[0]}:***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def scheme(url: str) -> str:
+    return urllib.parse.urlsplit(url).scheme.split("+")[0]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///...`` URL; None for another kind of store or an in-memory one."""
+    if scheme(url) != "sqlite":
+        return None
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return Path(path.split("?", 1)[0]) if path and path != ":memory:" else None
+
+
+def check_database(url: str) -> None:
+    """A database URL that can be opened and written, checked without creating anything."""
+    kind = scheme(url)
+    if kind not in DATABASE_SCHEMES:
+        raise StoreUnusable(
+            f"{public(url)!r}: the scheme {kind!r} is not a database's (use sqlite:///FILE, or postgresql://...)"
+        )
+    path = sqlite_path(url)
+    if path is not None:
+        _check_sqlite_file(path)
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(kind))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - a missing driver, a refused connection, a bad password
+        raise StoreUnusable(f"cannot open {public(url)!r}: {reason(error, url)}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """An MLflow tracking URI that can be used, checked without creating anything."""
+    kind = scheme(uri) or "file"
+    if kind not in TRACKING_SCHEMES:
+        raise StoreUnusable(
+            f"the tracking URI's scheme {kind!r} is unknown ({public(uri)!r}): use sqlite:///FILE, "
+            "http://HOST:PORT of an mlflow server, or a database URL"
+        )
+    if kind in ("http", "https"):
+        try:
+            # MLflow's client retries an unreachable server for minutes; one probe says it now.
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except Exception as error:  # noqa: BLE001 - refused, unknown host, an HTTP error
+            why = reason(error, uri)
+            raise StoreUnusable(f"no MLflow tracking server answers at {public(uri)!r}: {why}") from None
+    elif kind == "file":
+        folder = Path(urllib.parse.urlsplit(uri).path if uri.startswith("file:") else uri)
+        _check_writable_place(folder)
+    else:
+        check_database(uri)
+
+
+def _check_sqlite_file(path: Path) -> None:
+    if path.exists():
+        if path.is_dir():
+            raise StoreUnusable(f"{str(path)!r} is a folder, not a database file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StoreUnusable(f"{str(path)!r} is read-only: a study writes to it")
+        with open(path, "rb") as f:
+            header = f.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise StoreUnusable(f"{str(path)!r} is not a SQLite database")
+    # SQLite writes a journal beside the database, so the folder must take new files too.
+    _check_writable_place(path.parent)
+
+
+def _check_writable_place(folder: Path) -> None:
+    """``folder``, or the nearest folder above it that exists, is a folder this process may write."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StoreUnusable(f"{str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreUnusable(f"the folder {str(existing)!r} is not writable")
+
+
+def _connect_timeout(kind: str) -> dict:
+    return {"connect_timeout": 10} if kind in ("postgresql", "mysql") else {}
+
+
+def reason(error: BaseException, *urls: str) -> str:
+    """The error's first line, never showing the password of any of ``urls``."""
+    text = str(getattr(error, "orig", None) or error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    for url in urls:
+        if password := urllib.parse.urlsplit(url).password:
+            line = line.replace(password, "***")
+    return line
