@@ -2,7 +2,8 @@
 
 Fetches MNIST on first use, trains with Lightning (one point per epoch for train_loss, val_loss
 and val_acc), evaluates the best epoch's weights on the test set, and logs everything, the
-checkpoint included, to one MLflow run. Then `mlflow ui`, in this folder, shows it.
+checkpoint and the model (for scripts/predict.py) included, to one MLflow run. Then `mlflow
+ui`, in this folder, shows it.
 
     python scripts/train.py --lr 1e-3 --hidden-dim 128
     python scripts/train.py --batch-size 256 --max-epochs 5 --experiment quick
@@ -32,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_tracking(parser, args.tracking_uri, args.experiment)
     cli.check_memory(parser, config)
 
-    from mnist_hpo import interrupts
-    from mnist_hpo.data import ensure_mnist_once
+    from mnist_hpo import interrupts, registry
+    from mnist_hpo.data import ensure_mnist_once, first_test_digits
     from mnist_hpo.mnist_files import MNISTUnavailable
+    from mnist_hpo.model import pixel_classifier
+    from mnist_hpo.stores import public
     from mnist_hpo.training import TrainingDiverged, fit
 
     try:
@@ -44,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     tracker = cli.connect_tracking(parser, args.tracking_uri, args.experiment)
     run_name = f"lr={config.lr:g} hidden={config.hidden_dim} batch={config.batch_size}"
     try:
-        with interrupts.handling(), tracker.run(run_name) as run_id, interrupts.interruptible():
-            result = fit(config, tracker, run_id, data_dir=args.data_dir, accelerator=args.accelerator)
+        with interrupts.handling(), tracker.run(run_name) as run_id:
+            with interrupts.interruptible():
+                result = fit(config, tracker, run_id, data_dir=args.data_dir, accelerator=args.accelerator)
+            example = first_test_digits(args.data_dir, 5).numpy()
+            model_id = registry.log_model(tracker, run_id, pixel_classifier(result.model), example)
     except TrainingDiverged as error:
         cli.fail(parser.prog, str(error))
     except KeyboardInterrupt:
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nbest epoch {result.best_epoch}: val_loss {result.val_loss:.4f}, val_acc {result.val_acc:.4f}; "
         f"test_acc {result.test_acc:.4f} (test_loss {result.test_loss:.4f}) in {result.seconds:.1f} s\n"
-        f"MLflow run {result.run_id} in experiment {args.experiment!r} of {tracker.tracking_uri}\n"
+        f"MLflow run {result.run_id} in experiment {args.experiment!r} of {public(tracker.tracking_uri)}\n"
+        f"the model: models:/{model_id} (python scripts/predict.py --model models:/{model_id} digit.png)\n"
         f"look at it: {tracker.ui_command()}   then {tracker.run_url(result.run_id)}"
     )
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from optuna.trial import TrialState
 from mnist_hpo import mnist_files
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.mnist_files import md5_of, raw_dir, write_idx_images, write_idx_labels
+from mnist_hpo.stores import create_once
 from mnist_hpo.tracking import connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,13 @@ def write_tiny_mnist(data_dir: Path) -> dict[str, str]:
         write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return {name: md5_of(raw / name) for name in mnist_files.MNIST_MD5}
+
+
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Every test works in its temporary folder: MLflow puts a SQLite store's artifacts in
+    ./mlruns, which would otherwise be the repository's."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -89,32 +98,33 @@ def tracking_uri(tmp_path) -> str:
 
 @pytest.fixture
 def run_script(tiny_data, tmp_path):
-    """Run scripts/<name> in a subprocess, in a temporary working directory, as a user would:
-    MLflow's default store is then <tmp_path>/mlflow.db. With ``background``, return the Popen.
+    """Run scripts/<name> in a subprocess, as a user would: in ``cwd`` (a temporary working
+    directory by default, so MLflow's default store is <tmp_path>/mlflow.db), and, with
+    ``hostname``, as if on another machine (its own UTS namespace, so another host name). With
+    ``background``, return the Popen, in a session of its own to be signalled as a terminal
+    would.
 
     tests/site/sitecustomize.py, imported by every Python process started this way (spawned
     workers included), puts the tiny data set's MD5s in place of the official ones.
     """
     _, md5s = tiny_data
 
-    def run(name: str, *args: str, timeout: float = 300, background: bool = False):
+    def run(name: str, *args: str, timeout: float = 300, background: bool = False, cwd=None, hostname=None):
         env = {
             **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
             "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), os.environ.get("PYTHONPATH", "")]),
             "MNIST_HPO_TEST_MD5": json.dumps(md5s),
         }
         command = [sys.executable, str(ROOT / "scripts" / name), *args]
-        if background:  # a Popen in a session of its own, to be signalled as a terminal would
+        if hostname:
+            command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *command]
+        where = cwd or tmp_path
+        if background:
             return subprocess.Popen(
-                command,
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+                command, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 start_new_session=True,
-            )
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+            )  # fmt: skip
+        return subprocess.run(command, cwd=where, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
 
@@ -126,23 +136,45 @@ def assert_flag_error(result: subprocess.CompletedProcess, script: str, flag: st
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: argument {flag}"), result.stderr
 
 
-def wait_for(condition, timeout: float = 120, what: str = "condition"):
-    """Poll ``condition`` until it returns something true; return that."""
+def wait_for(condition, timeout: float = 120, what: str = "condition", process: subprocess.Popen | None = None):
+    """Poll ``condition`` until it returns something true; return that. With ``process``, fail
+    at once, with what it said, if it ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if value := condition():
             return value
+        if process is not None and process.poll() is not None:
+            stdout, stderr = process.communicate()
+            raise AssertionError(
+                f"it ended (code {process.returncode}) before {what}:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+            )
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    said = ""
+    if process is not None:  # what it said so far tells why it never got there
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        said = f":\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    raise AssertionError(f"timed out waiting for {what}{said}")
+
+
+def read_trials(storage: str, study_name: str | None = None) -> list:
+    """The trials of ``study_name`` (or of the only study) in ``storage``, as a study that runs
+    elsewhere has them now; [] while it has none. It never makes the storage's tables, and it
+    opens the storage as tune.py does, through create_once: opening writes Optuna's version
+    rows even so, which raced a tune.py starting on the same empty SQLite file."""
+    try:
+        reader = create_once(storage, lambda: optuna.storages.RDBStorage(storage, skip_table_creation=True))
+        if study_name is None:
+            [summary] = optuna.get_all_study_summaries(reader)
+            study_name = summary.study_name
+        return optuna.load_study(study_name=study_name, storage=reader).trials
+    except Exception:  # noqa: BLE001 - no file, no tables, no study yet: all mean "not yet"
+        return []
 
 
 def running_trial_with_run(storage: str):
     """A RUNNING trial of the only study in ``storage`` that has its MLflow run, if there is one."""
-    try:
-        [study] = optuna.get_all_study_summaries(storage)
-        trials = optuna.load_study(study_name=study.study_name, storage=storage).trials
-    except (ValueError, KeyError, optuna.exceptions.StorageInternalError):
-        return None
+    trials = read_trials(storage)
     return next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
 
 

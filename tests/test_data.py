@@ -15,6 +15,7 @@ from conftest import TINY_TEST, TINY_TRAIN, TINY_VAL, tiny_images, write_tiny_mn
 from mnist_hpo import mnist_files
 from mnist_hpo.data import MNISTDataModule, normalize
 from mnist_hpo.mnist_files import MNISTUnavailable, ensure_mnist, md5_of, raw_dir, write_idx_from_pickle
+from mnist_hpo.speed import Chunks
 
 
 def setup_datamodule(data_dir, **kwargs) -> MNISTDataModule:
@@ -52,20 +53,33 @@ def test_images_are_normalized_with_the_mnist_mean_and_std(tiny_mnist):
     assert torch.allclose(data.splits.test_images[:, 0], expected, atol=1e-4)
 
 
+def minibatches(loader) -> list:
+    """An epoch's minibatches, out of the chunks the training loader hands Lightning."""
+    return [minibatch for chunk in loader for minibatch in chunk]
+
+
 def test_batches_have_the_right_shapes_and_reshuffle_each_epoch(tiny_mnist):
     data = setup_datamodule(tiny_mnist, batch_size=64)
     loader = data.train_dataloader()
-    epoch_one, epoch_two = list(loader), list(loader)
+    epoch_one, epoch_two = minibatches(loader), minibatches(loader)
     sizes = [len(y) for _, y in epoch_one]
-    assert len(loader) == len(epoch_one) == 8 and sizes == [64] * 7 + [52]
+    assert len(epoch_one) == 8 and sizes == [64] * 7 + [52]
     x, y = epoch_one[0]
     assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert not torch.equal(epoch_one[0][1], epoch_two[0][1])
     # The same seed serves the same batches.
-    again = list(setup_datamodule(tiny_mnist, batch_size=64).train_dataloader())
+    again = minibatches(setup_datamodule(tiny_mnist, batch_size=64).train_dataloader())
     assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, again, strict=True))
     # Validation is served whole, in order.
     assert torch.equal(torch.cat([y for _, y in data.val_dataloader()]), data.splits.val_labels)
+
+
+def test_lightning_gets_the_minibatches_in_chunks_of_sixteen(tiny_mnist):
+    chunks = Chunks(list(range(35)))
+    assert len(chunks) == 3 and [len(chunk) for chunk in chunks] == [16, 16, 3]
+    assert [item for chunk in chunks for item in chunk] == list(range(35))
+    loader = setup_datamodule(tiny_mnist, batch_size=10).train_dataloader()  # 50 minibatches
+    assert len(loader) == 4 and [len(chunk) for chunk in loader] == [16, 16, 16, 2]
 
 
 def test_corrupted_file_is_reported_and_left_alone(tmp_path, tiny_data, monkeypatch):

@@ -7,6 +7,9 @@ import re
 import pytest
 from PIL import Image
 
+from conftest import STUDY_EPOCHS, TINY_VAL
+from mnist_hpo import mnist_files
+from mnist_hpo.config import TrainConfig
 from mnist_hpo.devtools.mlflow_ui import (
     SCORE_COLUMNS,
     chromium_page,
@@ -16,6 +19,7 @@ from mnist_hpo.devtools.mlflow_ui import (
     screenshot_runs_table,
     serve,
 )
+from mnist_hpo.tracking import connect
 from mnist_hpo.tuning import tune
 
 pytestmark = [
@@ -26,52 +30,74 @@ pytestmark = [
 ]
 
 
-def test_mlflow_ui_lists_the_study_and_shows_a_trials_curve(study_env):
-    tracker, storage, settings = study_env
-    session = tune(tracker, storage, "in-the-browser", n_trials=2, workers=1, **settings)
-    trials = {t.number: t.user_attrs["mlflow_run_id"] for t in session.study.trials}
+@pytest.fixture(scope="module")
+def shown(tiny_data, tmp_path_factory):
+    """A 3-trial study on the tiny data set and `mlflow ui` serving its store, as (study,
+    tracker, url), for every test here; each test opens a browser of its own (the UI keeps
+    state in the browser)."""
+    data_dir, md5s = tiny_data
+    folder = tmp_path_factory.mktemp("shown")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # MLflow puts this SQLite store's artifacts in ./mlruns
+        for name, md5 in md5s.items():
+            patch.setitem(mnist_files.MNIST_MD5, name, md5)
+        tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "shown")
+        base = TrainConfig(max_epochs=STUDY_EPOCHS, val_size=TINY_VAL)
+        session = tune(tracker, f"sqlite:///{folder / 'optuna.db'}", "pictured", 3, 1, base=base,
+                       data_dir=str(data_dir), accelerator="cpu")  # fmt: skip
+    with serve(tracker.tracking_uri) as url:
+        yield session.study, tracker, url
+
+
+@pytest.fixture
+def page():
+    with chromium_page(width=1400, height=900) as page:
+        yield page
+
+
+def test_mlflow_ui_lists_the_study_and_shows_a_trials_curve(shown, page):
+    study, tracker, url = shown
+    trials = {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials}
     val_loss = tracker.client.get_run(trials[1]).data.metrics["val_loss"]
 
-    with serve(tracker.tracking_uri) as url, chromium_page() as page:
-        page.goto(runs_url(url, tracker.experiment_id, ""))
-        parent = page.get_by_role("row").filter(has_text="in-the-browser")
-        parent.wait_for(timeout=60_000)
-        parent.locator("button[data-component-id*='runnamecellrenderer']").click()  # expand the study's run
-        for number in trials:
-            page.get_by_role("row").filter(has_text=f"trial {number}").wait_for(timeout=30_000)
-        assert page.get_by_role("row").filter(has_text="trial").count() == 2
+    page.goto(runs_url(url, tracker.experiment_id, ""))
+    parent = page.get_by_role("row").filter(has_text="pictured")
+    parent.wait_for(timeout=60_000)
+    parent.locator("button[data-component-id*='runnamecellrenderer']").click()  # expand the study's run
+    for number in trials:
+        page.get_by_role("row").filter(has_text=f"trial {number}").wait_for(timeout=30_000)
+    assert page.get_by_role("row").filter(has_text="trial").count() == len(trials)
 
-        page.goto(f"{url}/#/experiments/{tracker.experiment_id}/runs/{trials[1]}")
-        metric = page.get_by_role("row").filter(has_text="val_loss").filter(has_not_text="best_val_loss")
-        metric.wait_for(timeout=60_000)
-        assert repr(val_loss)[:6] in metric.inner_text()
-        assert page.get_by_text("trial 1", exact=True).first.is_visible()
+    page.goto(f"{url}/#/experiments/{tracker.experiment_id}/runs/{trials[1]}")
+    metric = page.get_by_role("row").filter(has_text="val_loss").filter(has_not_text="best_val_loss")
+    metric.wait_for(timeout=60_000)
+    assert repr(val_loss)[:6] in metric.inner_text()
+    assert page.get_by_text("trial 1", exact=True).first.is_visible()
 
 
-def test_screenshots_show_the_best_trials_first_and_their_curves(study_env, tmp_path):
-    tracker, storage, settings = study_env
-    session = tune(tracker, storage, "pictured", n_trials=3, workers=1, **settings)
-    by_loss = sorted(session.study.trials, key=lambda t: t.value)
+def test_screenshots_show_the_best_trials_first_and_their_curves(shown, page, tmp_path):
+    study, tracker, url = shown
+    by_loss = sorted(study.trials, key=lambda t: t.value)
     params = list(by_loss[0].params)
-    with serve(tracker.tracking_uri) as url, chromium_page(width=1400, height=900) as page:
-        uid = session.study.user_attrs["uid"]
-        screenshot_runs_table(page, url, tracker.experiment_id, uid, params, str(tmp_path / "table.png"))
-        # The rows, top to bottom, are the trials from the lowest val_loss up, with their columns.
-        names = [re.search(r"trial \d+", text).group() for text in page.get_by_role("row").all_inner_texts()
-                 if re.search(r"trial \d+", text)]  # fmt: skip
-        assert names == [f"trial {t.number}" for t in by_loss]
-        for column in (*SCORE_COLUMNS, *params):
-            assert page.get_by_role("columnheader", name=column, exact=True).count() >= 1, column
+    screenshot_runs_table(
+        page, url, tracker.experiment_id, study.user_attrs["uid"], params, str(tmp_path / "table.png")
+    )
+    # The rows, top to bottom, are the trials from the lowest val_loss up, with their columns.
+    names = [re.search(r"trial \d+", text).group() for text in page.get_by_role("row").all_inner_texts()
+             if re.search(r"trial \d+", text)]  # fmt: skip
+    assert names == [f"trial {t.number}" for t in by_loss]
+    for column in (*SCORE_COLUMNS, *params):
+        assert page.get_by_role("columnheader", name=column, exact=True).count() >= 1, column
 
-        best_two = by_loss[:2]
-        screenshot_charts(
-            page, url, tracker.experiment_id, [t.user_attrs["mlflow_run_id"] for t in best_two],
-            str(tmp_path / "charts.png"),
-        )  # fmt: skip
-        for metric in ("train_loss", "val_loss"):  # the charts' titles
-            assert page.get_by_text(metric, exact=True).count() >= 1, metric
-        for trial in best_two:  # each chart's legend names the two trials
-            assert page.get_by_text(f"trial {trial.number}", exact=True).count() >= 1
+    best_two = by_loss[:2]
+    screenshot_charts(
+        page, url, tracker.experiment_id, [t.user_attrs["mlflow_run_id"] for t in best_two],
+        str(tmp_path / "charts.png"),
+    )  # fmt: skip
+    for metric in ("train_loss", "val_loss"):  # the charts' titles
+        assert page.get_by_text(metric, exact=True).count() >= 1, metric
+    for trial in best_two:  # each chart's legend names the two trials
+        assert page.get_by_text(f"trial {trial.number}", exact=True).count() >= 1
     for name in ("table.png", "charts.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size == (1400, 900)  # the whole page, as the browser drew it

@@ -6,6 +6,7 @@ import torch
 
 from mnist_hpo.data import InMemoryBatches, normalize
 from mnist_hpo.model import LitClassifier, pixel_classifier
+from mnist_hpo.speed import Chunks
 
 
 def test_output_shape_and_architecture():
@@ -37,7 +38,7 @@ def test_a_few_optimizer_steps_reduce_the_loss_and_the_lr_decays():
         max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(model, train_dataloaders=InMemoryBatches(x, y, batch_size=128))  # 20 epochs of one step
+    trainer.fit(model, train_dataloaders=Chunks(InMemoryBatches(x, y, batch_size=128)))  # 20 epochs, a step each
     assert trainer.global_step == 20
     assert model.loss_fn(model(x), y).item() < 0.5 * before
     assert trainer.optimizers[0].param_groups[0]["lr"] < 1e-2 * 1e-3  # cosine decay to ~0 at the end

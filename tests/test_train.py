@@ -7,8 +7,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REAL_DATA_DIR, TINY_TEST, TINY_VAL, tiny_images
+from mnist_hpo import data
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.data import normalize
+from mnist_hpo.devtools.benchmark import train_plainly
 from mnist_hpo.model import LitClassifier
 from mnist_hpo.tracking import connect
 from mnist_hpo.training import fit
@@ -98,10 +100,32 @@ def test_the_same_seed_gives_the_same_metrics(tiny_mnist, tracking_uri):
     assert other.val_loss != first.val_loss
 
 
+def test_lightning_trains_exactly_as_a_plain_pytorch_loop(tiny_mnist, tracking_uri):
+    """fit(), Lightning and the chunks of minibatches included, makes the same updates as the
+    plain loop the benchmark times: the same curves, to float precision."""
+    config = TrainConfig(hidden_dim=32, batch_size=20, lr=3e-3, max_epochs=3, seed=5, val_size=TINY_VAL)
+    tracker = connect(tracking_uri, "same")
+    with tracker.run("lightning") as run_id:  # 25 minibatches an epoch: chunks of 16 and 9
+        fit(
+            config,
+            tracker,
+            run_id,
+            data_dir=str(tiny_mnist),
+            accelerator="cpu",
+            evaluate_test=False,
+            progress_bar=False,
+        )
+    plain = train_plainly(config, str(tiny_mnist))
+    for name, values in plain.items():
+        assert tracker.metric_history(run_id, name) == pytest.approx(values, rel=1e-5), name
+    assert plain["val_loss"][-1] < plain["val_loss"][0]
+
+
 @pytest.mark.slow
-def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys):
+def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, monkeypatch):
     """Through the real prepare_data path: the files, or torchvision's mirrors, or the offline
     fallback, verified against the official MD5s."""
+    monkeypatch.setattr(data, "_verified", {})  # verified here, whatever other tests did before
     tracker = connect(tracking_uri, "real")
     with tracker.run("real") as run_id:
         result = fit(TrainConfig(max_epochs=1), tracker, run_id, data_dir=str(REAL_DATA_DIR), progress_bar=False)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
-import mlflow.pytorch
-import numpy as np
 import optuna
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import STUDY_EPOCHS, running_trial_with_run, tiny_images, tune_args, wait_for, with_base
+from conftest import STUDY_EPOCHS, with_base
 from mnist_hpo import workers
 from mnist_hpo.tuning import tune
 
@@ -73,20 +67,6 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
     assert f"best: trial {best.number}" in out and "test_acc" in out and "look at it: mlflow" in out
 
 
-def test_the_logged_model_predicts_digits_from_pixels(study_env):
-    tracker, storage, settings = study_env
-    session = tune(tracker, storage, "model", n_trials=2, workers=1, **with_base(settings, max_epochs=4))
-    [model_output] = tracker.client.get_run(session.parent_run_id).outputs.model_outputs
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{model_output.model_id}")
-    images, labels = tiny_images(200, seed=1)  # the tiny test split, as raw pixels
-    with torch.no_grad():
-        predicted = model(torch.from_numpy(images).float().unsqueeze(1) / 255).argmax(dim=1).numpy()
-    accuracy = float(np.mean(predicted == labels))
-    assert accuracy == pytest.approx(session.test["test_acc"], abs=1e-6)
-    assert accuracy > 0.5  # ten classes: chance is 0.1
-
-
 def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, monkeypatch):
     tracker, storage, settings = study_env
     always = optuna.pruners.ThresholdPruner(upper=-1.0)  # every val_loss is above -1: prune at once
@@ -137,42 +117,3 @@ def test_one_worker_and_the_same_seed_replay_the_same_study(study_env):
     a, b = (optuna.load_study(study_name=name, storage=storage).trials for name in ("replay-a", "replay-b"))
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
-
-
-def test_two_workers_share_one_study(run_script, tiny_data, tmp_path):
-    data_dir, _ = tiny_data
-    result = run_script("tune.py", *tune_args(data_dir, "--n-trials", "4", "--workers", "2", "--max-epochs", "2"))
-    assert result.returncode == 0, result.stderr
-    trials = optuna.load_study(study_name="mnist", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers took trials
-    children, [parent] = children_and_parents(
-        runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "mnist-tune")
-    )
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
-    assert all(r.info.status == "FINISHED" for r in [*children, parent])
-    assert result.stdout.count(" COMPLETE ") == 4
-
-
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_ctrl_c_stops_cleanly(run_script, tiny_data, tmp_path, workers):
-    data_dir, _ = tiny_data
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    process = run_script(
-        "tune.py",
-        *tune_args(data_dir, "--n-trials", "6", "--workers", workers, "--max-epochs", "400", "--no-pruning"),
-        background=True,
-    )
-    wait_for(lambda: running_trial_with_run(storage), what="a running trial")
-    os.killpg(process.pid, signal.SIGINT)  # as the terminal does: to every process of the group
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "look at it:" in stdout  # the summary is printed
-
-    trials = optuna.load_study(study_name="mnist", storage=storage).trials
-    assert trials and all(t.state == TrialState.FAIL for t in trials)  # none left RUNNING
-    # Interrupted in its objective, or (in the moment Optuna creates a trial) left to the clean-up.
-    assert {t.user_attrs["fail_reason"] for t in trials} <= {"interrupted", "its worker process died"}
-    runs = runs_of(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "mnist-tune")
-    assert {r.info.status for r in runs} == {"KILLED"}

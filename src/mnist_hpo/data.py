@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.mnist_files import ensure_mnist
+from mnist_hpo.speed import Chunks
 
 # The training set's pixel mean and standard deviation (on the 0..1 scale), as usual for MNIST.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -84,6 +85,20 @@ def load_splits(data_dir: str, val_size: int, device: str = "cpu") -> MNISTSplit
     )
 
 
+def first_test_digits(data_dir: str, count: int) -> Tensor:
+    """The first ``count`` test images as a user's pixels: float32 in [0, 1], (N, 1, 28, 28)."""
+    images, _ = test_digits(data_dir, count)
+    return (images.float() / 255).unsqueeze(1)
+
+
+def test_digits(data_dir: str, count: int) -> tuple[Tensor, Tensor]:
+    """The first ``count`` test images as stored (uint8, (N, 28, 28)), and their labels."""
+    from torchvision.datasets import MNIST
+
+    test = MNIST(data_dir, train=False, download=False)
+    return test.data[:count], test.targets[:count]
+
+
 class InMemoryBatches:
     """Batches sliced out of tensors that already hold a whole split.
 
@@ -147,8 +162,11 @@ class MNISTDataModule(pl.LightningDataModule):
         # The splits already live on the device; Lightning's generic move costs 90 µs a batch.
         return batch
 
-    def train_dataloader(self) -> InMemoryBatches:
-        return InMemoryBatches(self.splits.train_images, self.splits.train_labels, self.batch_size, self._shuffle)
+    def train_dataloader(self) -> Chunks:
+        # Several minibatches per Lightning step (see speed.py): training_step takes a list.
+        return Chunks(
+            InMemoryBatches(self.splits.train_images, self.splits.train_labels, self.batch_size, self._shuffle)
+        )
 
     def val_dataloader(self) -> InMemoryBatches:
         return InMemoryBatches(self.splits.val_images, self.splits.val_labels, EVAL_BATCH_SIZE)

@@ -1,5 +1,6 @@
 """The README's results, from a finished study: figures into img/, and markdown tables (the top
-trials, and the trials grouped by each hyperparameter) between markers in the README.
+trials, and the trials grouped by each hyperparameter) between markers in the README; and
+pictures of digits, as a user brings them, for scripts/predict.py to read.
 
 The groups come from each parameter's distribution in the study: one group per choice of a
 categorical parameter, and four equal bins (on a log scale where the search was) over the
@@ -44,6 +45,32 @@ def write_figures(study: optuna.Study, tracker: Tracker, out_dir: Path, n_curves
         figure.savefig(out_dir / name, dpi=100, bbox_inches="tight")
         plt.close(figure)
         written.append(out_dir / name)
+    return written
+
+
+def digit_pictures(digits: list[tuple[np.ndarray, int]], out_dir: Path) -> list[tuple[Path, int]]:
+    """Pictures made from 28x28 MNIST digits (uint8 pixels, and their labels) the way a user's
+    pictures come, in turn: a large scan, light on dark, as PNG; a photo of ink on paper, dark
+    on light, as JPEG; and a wide page with the digit off to one side. Returns each picture's
+    path with its digit."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, (pixels, label) in enumerate(digits):
+        picture = Image.fromarray(pixels)
+        if n % 3 == 0:
+            path = out_dir / f"{label}-scan.png"
+            picture.resize((112, 112), Image.Resampling.BICUBIC).save(path)
+        elif n % 3 == 1:
+            path = out_dir / f"{label}-photo.jpg"
+            Image.fromarray(255 - np.asarray(picture.resize((200, 200), Image.Resampling.BICUBIC))).save(path)
+        else:
+            path = out_dir / f"{label}-page.png"
+            page = Image.new("L", (300, 160), 245)
+            page.paste(Image.fromarray(255 - np.asarray(picture.resize((84, 84)))), (40, 30))
+            page.save(path)
+        written.append((path, label))
     return written
 
 

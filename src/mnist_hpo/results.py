@@ -8,14 +8,16 @@ search space holds.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_hpo import registry
 from mnist_hpo.search import format_value
 from mnist_hpo.stores import public, reason
-from mnist_hpo.tracking import Tracker, log_torch_model
+from mnist_hpo.tracking import Tracker
 from mnist_hpo.trial import RUN_ATTR
 
 
@@ -72,12 +74,21 @@ def describe_params(trial: FrozenTrial) -> str:
     return ", ".join(f"{name}={format_value(value)}" for name, value in trial.params.items())
 
 
+@dataclass(frozen=True)
+class Tested:
+    """The best trial, its test metrics, and its network logged as an MLflow model."""
+
+    trial: FrozenTrial
+    metrics: dict[str, float]
+    model_id: str
+
+
 def evaluate_best_trial(
     study: optuna.Study, tracker: Tracker, parent_run_id: str, data_dir: str, accelerator: str
-) -> dict[str, float] | None:
+) -> Tested | None:
     """Evaluate the best trial's best-epoch weights on the test set, once, and log them, with
     the model, on the parent run. The test set plays no part in choosing the trial."""
-    from mnist_hpo.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
+    from mnist_hpo.data import first_test_digits
     from mnist_hpo.model import LitClassifier, pixel_classifier
     from mnist_hpo.training import CHECKPOINT_ARTIFACT, evaluate_on_test
 
@@ -98,13 +109,9 @@ def evaluate_best_trial(
     test = evaluate_on_test(model, data_dir, val_size, accelerator)
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
-
-    # The input example: five test digits as the exported model takes them, pixels in [0, 1].
-    data = MNISTDataModule(data_dir, val_size=val_size)
-    data.setup("test")
-    pixels = data.splits.test_images[:5].cpu() * MNIST_STD + MNIST_MEAN
-    log_torch_model(tracker, parent_run_id, pixel_classifier(model), pixels.numpy())
-    return test
+    example = first_test_digits(data_dir, 5).numpy()
+    model_id = registry.log_model(tracker, parent_run_id, pixel_classifier(model), example)
+    return Tested(best, test, model_id)
 
 
 def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:

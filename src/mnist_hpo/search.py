@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial
 
 from mnist_hpo.config import TrainConfig
 
@@ -63,8 +64,43 @@ def make_pruner(pruning: bool) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
 
 
-def make_sampler(seed: int, trials_before: int, worker: int) -> optuna.samplers.TPESampler:
-    # One seed per (study seed, session, worker): one worker replays a fresh study exactly, a
-    # continued study does not repeat its first trials, and workers do not propose twins.
-    derived = int(np.random.SeedSequence([seed, trials_before, worker]).generate_state(1)[0])
-    return optuna.samplers.TPESampler(seed=derived)
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    return SeededPerTrial(seed)
+
+
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, whose random draws for a trial come from (the study's seed, the
+    trial's number) alone.
+
+    Every process that shares a study runs a sampler of its own. Seeded per process, two of
+    them that start at the same point of the study draw the same numbers and propose twin
+    trials (seen: 3 of 6 trials twins, with two tune.py started together). A trial's number is
+    unique in its study, so here each trial draws its own numbers, on one machine or many;
+    one worker on a fresh study still replays exactly. TPE as Optuna 5 sets it up otherwise:
+    multivariate (the parameters modelled jointly) and with its constant liar, which counts
+    the trials other processes are running as if they had ended badly, so that no process
+    proposes a point next to one that is being tried.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial_seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+        self._tpe = optuna.samplers.TPESampler(seed=trial_seed)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)

@@ -1,13 +1,21 @@
 """The addresses of the two stores, an Optuna storage URL and an MLflow tracking URI: printed
-without their passwords, and checked before anything is created, so that a command that fails
-on a bad address leaves no file, table or experiment behind."""
+without their passwords; checked before anything is created, so that a command that fails on
+a bad address leaves no file, table or experiment behind; and created once, even when several
+processes start on an empty store at the same moment."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
+import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # The database servers SQLAlchemy reaches, by URL scheme (before any +driver).
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")
@@ -17,6 +25,38 @@ TRACKING_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "file")
 
 class StoreUnusable(ValueError):
     """The address cannot be used: its message says why, in one line, without the password."""
+
+
+class ServerUnavailable(RuntimeError):
+    """A store stopped answering for longer than the patience allowed; the message names it,
+    without its password."""
+
+
+def create_once(url: str, create: Callable[[], T]) -> T:
+    """``create()`` opens the store at ``url``, making its tables on first use.
+
+    Two processes making the tables of one empty store at the same moment fail each other
+    (seen with two tune.py in an empty folder: "table datasets already exists", or an Alembic
+    migration that found its row gone). On SQLite, an exclusive flock on the database file
+    makes them take turns; a server database gets a few tries instead, since the loser's
+    transaction is rolled back whole and on its next try finds the tables made.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        for attempt in range(5):
+            try:
+                return create()
+            except Exception:  # noqa: BLE001 - the next try tells a race from a real error
+                if attempt == 4:
+                    raise
+                time.sleep(random.uniform(0.2, 1.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # An empty file is a valid new SQLite database. The flock is not one of SQLite's own
+    # (POSIX) locks; closing it drops those of this process on the file, which holds none
+    # outside a transaction, and none is open once create() returns.
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return create()
 
 
 def public(url: str) -> str:

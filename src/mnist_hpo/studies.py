@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import itertools
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable
 
 import optuna
+import sqlalchemy.exc
 from optuna.distributions import distribution_to_json
-from optuna.storages import RDBStorage
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_hpo import stores
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.search import SEARCH_SPACE
 
@@ -40,6 +45,8 @@ UID_ATTR, DEFINITION_ATTR, PARENT_RUN_ATTR = "uid", "definition", "mlflow_parent
 WORKER_ATTR = "worker"
 # How long a process that finds a study just created by another one waits for its records.
 CREATOR_SECONDS = 30
+# How long a call waits out a database server that does not answer before the study stops.
+PATIENCE_SECONDS = 120
 
 
 class StudyMismatch(ValueError):
@@ -51,20 +58,101 @@ class StudyMismatch(ValueError):
 
 
 def open_storage(
-    url: str, grace: int = GRACE_SECONDS, on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None
+    url: str,
+    grace: int = GRACE_SECONDS,
+    on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    patience: float = PATIENCE_SECONDS,
 ) -> RDBStorage:
-    """An RDBStorage for ``url`` (SQLite, PostgreSQL, MySQL, ...), with heartbeats on."""
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():
-        # Heartbeats are "experimental" in Optuna 5, and relied on here knowingly.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=max(1, min(10, grace // 4)),
-            grace_period=grace,
-            heartbeat_stale_trial_callback=on_stale_trial,
-        )
+    """An RDBStorage for ``url`` (SQLite, PostgreSQL, MySQL, ...), with heartbeats on, that
+    waits out a server that stops answering for up to ``patience`` seconds."""
+    # pool_pre_ping: a connection that a database restart cut is replaced before it is used.
+    is_sqlite = url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if is_sqlite else {"pool_pre_ping": True}
+
+    def create() -> RDBStorage:
+        with warnings.catch_warnings():
+            # Heartbeats are "experimental" in Optuna 5, and relied on here knowingly.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return PatientStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=max(1, min(10, grace // 4)),
+                grace_period=grace,
+                heartbeat_stale_trial_callback=on_stale_trial,
+                patience=patience,
+            )
+
+    return stores.create_once(url, create)
+
+
+class PatientStorage(RDBStorage):
+    """An RDBStorage whose every call is made again, with growing pauses, while its database
+    server does not answer (a restart, a network blink), for up to ``patience`` seconds; then
+    it raises ServerUnavailable, which names the server.
+
+    A call that reached the server but whose answer was lost may run twice. Every call is an
+    upsert or a read but three: a trial created twice leaves one RUNNING trial without a worker,
+    which the clean-up fails after the grace period; a study created twice is found to exist;
+    and a trial's end recorded twice is taken as recorded.
+    """
+
+    def __init__(self, url: str, *, patience: float, **kwargs):
+        self._url, self._patience = url, patience
+        self._sqlite = url.startswith("sqlite")
+        self._down = False  # a call ran out of patience: the next ones try once, not for as long
+        super().__init__(url, **kwargs)
+
+    def _transient(self, error: BaseException) -> bool:
+        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+        if not isinstance(cause, sqlalchemy.exc.DBAPIError):
+            return False
+        if self._sqlite:
+            return "database is locked" in str(cause)
+        return cause.connection_invalidated or isinstance(cause, _CONNECTION_ERRORS)
+
+
+_CONNECTION_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+def _patient(name: str, method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self: PatientStorage, *args, **kwargs):
+        if getattr(_inside, "active", False):  # a call made by another: the outer one retries
+            return method(self, *args, **kwargs)
+        deadline, pause = time.monotonic() + (0 if self._down else self._patience), 0.25
+        _inside.active = True
+        try:
+            for attempt in itertools.count():
+                try:
+                    result = method(self, *args, **kwargs)
+                    self._down = False
+                    return result
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    if attempt and name == "set_trial_state_values":
+                        return True  # the first try was recorded; its answer was lost
+                    raise
+                except Exception as error:
+                    if not self._transient(error):
+                        raise
+                    if time.monotonic() + pause > deadline:
+                        self._down = True
+                        if name == "record_heartbeat":
+                            return None  # a missed heartbeat: the trial's own calls will say why
+                        raise stores.ServerUnavailable(
+                            f"the Optuna storage {stores.public(self._url)} did not answer for "
+                            f"{self._patience:.0f} s: {stores.reason(error.__cause__ or error, self._url)}"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 8)
+        finally:
+            _inside.active = False
+
+    return call
+
+
+_inside = threading.local()
+for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + ["record_heartbeat", "_get_stale_trial_ids"]:
+    setattr(PatientStorage, _name, _patient(_name, getattr(RDBStorage, _name)))
 
 
 def definition(base: TrainConfig, data: str) -> dict:

@@ -8,7 +8,9 @@ that end FINISHED, FAILED or KILLED and never stay RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import random
 import time
@@ -22,7 +24,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_hpo import interrupts
-from mnist_hpo.stores import public, reason
+from mnist_hpo.stores import ServerUnavailable, create_once, public, reason
 
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
@@ -48,6 +50,8 @@ class RetryingClient:
 
     def __init__(self, tracking_uri: str):
         self._client = MlflowClient(tracking_uri)
+        self._uri = tracking_uri
+        self._down: str | None = None  # why the tracking server was given up on, in this process
 
     def __getattr__(self, name: str):
         method = getattr(self._client, name)
@@ -56,16 +60,38 @@ class RetryingClient:
 
         @functools.wraps(method)
         def call(*args, **kwargs):
+            if self._down:  # it did not answer through all of MLflow's retries: do not wait again
+                raise ServerUnavailable(self._down)
             for attempt in range(self.ATTEMPTS):
                 try:
                     with interrupts.held():  # a Ctrl-C never leaves a transaction half done
                         return method(*args, **kwargs)
                 except mlflow.exceptions.MlflowException as error:
+                    if _SERVER_GONE in str(error):  # MLflow's own retries ran out: see http_patience
+                        self._down = (
+                            f"the MLflow tracking server {public(self._uri)} did not answer: {reason(error, self._uri)}"
+                        )
+                        raise ServerUnavailable(self._down) from None
                     if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
                         raise
                     time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
 
         return call
+
+
+# How MLflow's client says that a tracking server did not answer, after its own retries.
+_SERVER_GONE = "failed with exception"
+
+
+def http_patience(seconds: float) -> None:
+    """Make MLflow's client retry a tracking server that does not answer for about ``seconds``,
+    in this process and the workers it starts: its pauses double from 1 s (1 + 2 + 4 + ... >=
+    seconds), and a request that hangs (a server whose own database is down keeps it waiting
+    for minutes) is given up after ``seconds`` too. MLflow's default is about four minutes of
+    pauses and two minutes a request."""
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max(1, math.ceil(math.log2(seconds + 1))))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(seconds)))
 
 
 def default_tracking_uri() -> str:
@@ -103,17 +129,21 @@ class Tracker:
 
     @contextmanager
     def closing(self, run_id: str, *, finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
-        """End an open run when the block ends, with the status its outcome deserves."""
+        """End an open run when the block ends, with the status its outcome deserves. Where the
+        block failed and the tracking server does not answer either, the block's error is the
+        one raised: the run stays open, for a later session to close."""
         try:
             yield run_id
         except finished_on:
             self.end_run(run_id, "FINISHED")
             raise
         except (KeyboardInterrupt, SystemExit) as stop:
-            self.end_run(run_id, "KILLED", {"error": f"interrupted ({type(stop).__name__})"})
+            with contextlib.suppress(ServerUnavailable):
+                self.end_run(run_id, "KILLED", {"error": f"interrupted ({type(stop).__name__})"})
             raise
         except BaseException as error:
-            self.end_run(run_id, "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]})
+            with contextlib.suppress(ServerUnavailable):
+                self.end_run(run_id, "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]})
             raise
         else:
             self.end_run(run_id, "FINISHED")
@@ -220,11 +250,20 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
     """Open the store (creating it on first use) and the experiment; fail in one line."""
     is_default = tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
     uri = tracking_uri or default_tracking_uri()
+    # The scripts print each run's link once, in their summary; MLflow would print one per run
+    # that ends on a tracking server, and a progress bar per artifact. (Workers inherit this.)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        client = RetryingClient(uri)
-        return Tracker(client, uri, _experiment_id(client, experiment), is_default)
+        client, experiment_id = create_once(uri, lambda: _open(uri, experiment))
+        return Tracker(client, uri, experiment_id, is_default)
     except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the URI is unusable
         raise TrackingUnavailable(f"cannot use the MLflow store {public(uri)!r}: {reason(error, uri)}") from error
+
+
+def _open(uri: str, experiment: str) -> tuple[RetryingClient, str]:
+    client = RetryingClient(uri)  # MLflow makes a database's tables here, on first use
+    return client, _experiment_id(client, experiment)
 
 
 def _experiment_id(client: RetryingClient, name: str) -> str:
@@ -240,24 +279,3 @@ def _experiment_id(client: RetryingClient, name: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
-
-
-def log_torch_model(tracker: Tracker, run_id: str, module, input_example) -> None:
-    """Log ``module`` with mlflow.pytorch, with a signature and an input example, so that
-    ``mlflow.pytorch.load_model`` gives it back."""
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    with torch.no_grad():
-        output = module(torch.from_numpy(input_example)).numpy()
-    mlflow.set_tracking_uri(tracker.tracking_uri)  # log_model works through MLflow's fluent API
-    mlflow.pytorch.log_model(
-        module,
-        name="model",
-        run_id=run_id,
-        signature=infer_signature(input_example, output),
-        input_example=input_example,
-        # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )

@@ -43,6 +43,7 @@ PROGRESS_BAR_REFRESH_STEPS = 20
 @dataclass(frozen=True)
 class FitResult:
     run_id: str
+    model: LitClassifier  # with the best epoch's weights
     best_epoch: int  # 0-based, as MLflow's step
     val_loss: float  # at the best epoch (the lowest val_loss)
     val_acc: float  # at the best epoch
@@ -79,16 +80,21 @@ class _BestEpoch(Callback):
 
 
 class EpochMetricsLogger(Logger):
-    """Sends what the LightningModule logs to an MLflow run, with step = epoch.
+    """Sends what the LightningModule logs to an MLflow run, with step = epoch, in one write per
+    epoch.
 
-    Lightning adds the current epoch to every batch of epoch-level metrics it hands a logger;
-    one log_batch call per batch keeps the store's writes to a couple per epoch. The run's
-    lifecycle is the caller's (see :meth:`Tracker.run`), so ``finalize`` leaves it alone.
+    Lightning hands a logger an epoch's validation metrics, then its training metrics, each
+    batch with the epoch added. They are kept until the next epoch's first batch, or the end of
+    training however it ends (``finalize``: success, an exception, Ctrl-C), and then written in
+    one log_batch call: one request per epoch to a tracking server, where each costs about as
+    much CPU as a training step of a small trial. The run's lifecycle is the caller's (see
+    :meth:`Tracker.run`).
     """
 
     def __init__(self, tracker: Tracker, run_id: str):
         super().__init__()
         self.tracker, self.run_id = tracker, run_id
+        self._epoch, self._metrics = None, {}
 
     @property
     def name(self) -> str:
@@ -104,7 +110,18 @@ class EpochMetricsLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = dict(metrics)
         epoch = int(metrics.pop("epoch"))
-        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+        if epoch != self._epoch:
+            self._flush()
+            self._epoch = epoch
+        self._metrics.update(metrics)
+
+    def finalize(self, status: str) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._metrics:
+            self.tracker.log_metrics(self.run_id, self._metrics, step=self._epoch)
+            self._metrics = {}
 
 
 def fit(
@@ -169,6 +186,7 @@ def fit(
         tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
     return FitResult(
         run_id=run_id,
+        model=model,
         best_epoch=best.epoch,
         val_loss=best.metrics["val_loss"],
         val_acc=best.metrics["val_acc"],

@@ -128,9 +128,9 @@ class TrialReport:
     note: str = ""
 
     @classmethod
-    def of(cls, trial: FrozenTrial) -> TrialReport:
+    def of(cls, trial: FrozenTrial, note: str = "") -> TrialReport:
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
-        note = trial.user_attrs.get("pruned") or trial.user_attrs.get("fail_reason", "")
+        note = note or trial.user_attrs.get("pruned") or trial.user_attrs.get("fail_reason", "")
         return cls(
             trial.number,
             trial.state.name,

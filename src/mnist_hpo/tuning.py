@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import optuna
 from tqdm import tqdm
 
-from mnist_hpo import interrupts, results, studies
+from mnist_hpo import interrupts, registry, results, studies
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.mnist_files import fingerprint
 from mnist_hpo.stores import public
@@ -25,6 +25,8 @@ class SessionResult:
     problems: list[str]
     test: dict[str, float] | None
     notes: list[str] = field(default_factory=list)  # what the summary said beyond the trials
+    model_id: str | None = None  # the tested best trial's network, logged on the parent run
+    registered: registry.Registered | None = None
 
 
 def tune(
@@ -42,19 +44,23 @@ def tune(
     accelerator: str = "auto",
     verbose: bool = False,
     grace: int = studies.GRACE_SECONDS,
+    patience: float = studies.PATIENCE_SECONDS,
+    registered_model: str | None = registry.DEFAULT_NAME,
 ) -> SessionResult:
     """Run ``n_trials`` more trials of the study (created on first use) in ``workers`` processes.
 
     ``base`` says how each trial trains (epochs, validation size, seed; TrainConfig's defaults
     if None); the search space replaces the rest. No trial starts after ``deadline`` (a
-    time.time()) but each worker's first. A continuation whose settings differ from the
-    study's raises StudyMismatch before anything changes. The first Ctrl-C stops the trials;
-    the clean-up and the summary still run, and then KeyboardInterrupt is raised.
+    time.time()) but each worker's first. The tested best trial's network is registered as
+    ``registered_model`` (unless None), the alias champion moving to it if it is the best. A
+    continuation whose settings differ from the study's raises StudyMismatch before anything
+    changes. The first Ctrl-C stops the trials; the clean-up and the summary still run, and
+    then KeyboardInterrupt is raised.
     """
     quiet_libraries(verbose)
     base = base or TrainConfig()
     with interrupts.handling():
-        storage = studies.open_storage(storage_url, grace)
+        storage = studies.open_storage(storage_url, grace, patience=patience)
         study, created = studies.open_study(storage, study_name, studies.definition(base, fingerprint()))
         uid = studies.uid(study)
         _close_what_dead_workers_left(tracker, storage, study_name, uid, grace)
@@ -72,8 +78,8 @@ def tune(
             trial=setup,
             data_source=data_source,
             pruning=pruning,
-            trials_before=before,
             grace=grace,
+            patience=patience,
             deadline=deadline,
         )
         bar = tqdm(total=n_trials, desc="study", unit="trial", dynamic_ncols=True)
@@ -82,7 +88,7 @@ def tune(
             bar.write(trial.line())
             bar.update()
 
-        problems, test = [], None
+        problems, tested, registered = [], None, None
         with tracker.closing(parent_run_id):
             try:
                 problems = run_workers(session, n_trials, workers, report)
@@ -93,14 +99,33 @@ def tune(
             results.log_study_summary(study, tracker, parent_run_id)
             if not interrupted and not problems:
                 try:
-                    test = results.evaluate_best_trial(study, tracker, parent_run_id, data_dir, accelerator)
+                    tested = results.evaluate_best_trial(study, tracker, parent_run_id, data_dir, accelerator)
                 except results.NotEvaluated as why:
                     notes.append(f"test evaluation skipped: {why}")
+            if tested and registered_model:
+                registered = _register(tracker, study.study_name, uid, tested, registered_model, base)
+                notes.append(registered.line())
             notes += _still_running_elsewhere(study, grace)
+            test = tested.metrics if tested else None
             _print_summary(study, tracker, parent_run_id, storage_url, test, notes)
             if interrupted:
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
-    return SessionResult(study, parent_run_id, problems, test, notes)
+    return SessionResult(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
+
+
+def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str, base: TrainConfig):
+    """Register the tested best trial's model, with what it is on the version."""
+    trial = tested.trial
+    tags = {
+        "study": study_name,
+        "study_uid": uid,
+        "trial": trial.number,
+        "val_acc": trial.user_attrs["val_acc"],
+        **tested.metrics,
+        **{key: value for key, value in dataclasses.asdict(base).items() if key != "seed"},
+        **trial.params,
+    }
+    return registry.register(tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"))
 
 
 def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:

@@ -41,8 +41,8 @@ class Session:
     trial: TrialSetup
     data_source: str  # where tune.py found MNIST when it verified the files
     pruning: bool = True
-    trials_before: int = 0  # trials the study held when this session started
     grace: int = studies.GRACE_SECONDS  # seconds without a heartbeat after which a trial is dead
+    patience: float = studies.PATIENCE_SECONDS  # seconds to wait out a database that does not answer
     deadline: float | None = None  # time.time() after which a worker starts no more trials
 
 
@@ -66,7 +66,7 @@ def default_workers() -> int:
     return min(available_cores(), 8)
 
 
-def run_trials(session: Session, worker: int, claim: Callable[[], bool], report: Callable[[TrialReport], None]) -> None:
+def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[TrialReport], None]) -> None:
     """One worker: while ``claim()`` grants another trial, run it and ``report`` how it ended.
 
     A diverging trial (NaN loss) is recorded as failed and the study goes on; any other
@@ -74,13 +74,17 @@ def run_trials(session: Session, worker: int, claim: Callable[[], bool], report:
     reported it).
     """
     tracker = Tracker(RetryingClient(session.tracking_uri), session.tracking_uri, session.experiment_id)
-    storage = studies.open_storage(
-        session.storage_url, session.grace, on_stale_trial=lambda study, trial: close_run(tracker, trial)
-    )
+
+    def close_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Optuna found a trial (of any machine) silent for the grace period, and failed it.
+        close_run(tracker, trial)
+        report(TrialReport.of(trial, note=f"its heartbeat stopped for over {session.grace} s: its process died"))
+
+    storage = studies.open_storage(session.storage_url, session.grace, close_stale, session.patience)
     study = optuna.load_study(
         study_name=session.trial.study_name,
         storage=storage,
-        sampler=make_sampler(session.trial.base.seed, session.trials_before, worker),
+        sampler=make_sampler(session.trial.base.seed),
         pruner=make_pruner(session.pruning),
     )
     running: list[int] = []  # the id of the trial this worker runs now
@@ -117,7 +121,7 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
         _prepare_worker(threads, session.trial.verbose)
         claim = budget.for_worker()
         try:
-            run_trials(session, 0, lambda: not interrupts.requested() and claim(), report)
+            run_trials(session, lambda: not interrupts.requested() and claim(), report)
         except KeyboardInterrupt:
             pass  # the trial is closed
         except Exception as error:  # noqa: BLE001 - any error ends the study, in one line
@@ -199,7 +203,6 @@ def quiet_libraries(verbose: bool) -> None:
     a failed trial, traceback included, repeats what that trial's line says), and Lightning,
     unless ``verbose``, to warnings."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not verbose:
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
@@ -230,7 +233,7 @@ def _worker_main(session: Session, index: int, threads: int, budget: _Budget, re
 
     with interrupts.handling():
         try:
-            run_trials(session, index, claim, reports.put)
+            run_trials(session, claim, reports.put)
         except KeyboardInterrupt:
             pass  # the trial is closed; tune.py prints the summary
         except Exception as error:  # noqa: BLE001 - reported in one line by tune.py

@@ -8,14 +8,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+
+from mnist_hpo.devtools.servers import NO_JOBS, free_port, wait_until_healthy
 
 # Headless Chromium as root, quiet on a machine whose network is closed.
 CHROMIUM_ARGS = [
@@ -34,12 +34,6 @@ def chromium_path() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(backend_store_uri: str, timeout: float = 90) -> Iterator[str]:
     """Run ``mlflow ui`` for ``backend_store_uri`` on a free loopback port; yield its URL."""
@@ -49,10 +43,14 @@ def serve(backend_store_uri: str, timeout: float = 90) -> Iterator[str]:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri,
              "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **NO_JOBS},
         )  # fmt: skip
         try:
-            _wait_until_healthy(url, server, log, timeout)
+            try:
+                wait_until_healthy(url, server, "mlflow ui", timeout)
+            except RuntimeError as error:
+                log.seek(0)
+                raise RuntimeError(f"{error}:\n{log.read()[-2000:]}") from None
             yield url
         finally:
             # The whole process group: mlflow ui runs its web server as a child process.
@@ -63,20 +61,6 @@ def serve(backend_store_uri: str, timeout: float = 90) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
-
-
-def _wait_until_healthy(url: str, server: subprocess.Popen, log, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"mlflow ui exited with code {server.returncode}:\n{log.read()[-2000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.3)
-    raise RuntimeError(f"mlflow ui did not answer on {url} within {timeout:.0f} s")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,225 @@
+"""One study spread over "machines" through real servers: a PostgreSQL cluster for Optuna and
+`mlflow server` (on PostgreSQL, serving its artifacts) for MLflow, both started here. Each
+machine is a tune.py in a working directory and data folder of its own, with a host name of its
+own (a UTS namespace), sharing no file with the others."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY_TEST, TINY_VAL, read_trials, tiny_images, wait_for
+from mnist_hpo.devtools.servers import mlflow_server, postgres, postgres_bin, scratch_folder
+
+pytestmark = [
+    pytest.mark.servers,
+    pytest.mark.skipif(
+        postgres_bin() is None, reason="PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it"
+    ),
+]
+
+
+@contextlib.contextmanager
+def servers_in_a_scratch_folder():
+    """A new PostgreSQL cluster, and an mlflow server on it, for the block."""
+    folder = scratch_folder("mnist-hpo-servers-")
+    try:
+        with postgres(folder / "postgres") as database, mlflow_server(database.url("mlflow"), folder / "mlflow") as ml:
+            yield database, ml
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared_servers():
+    """Servers for the tests that leave them running: each keeps to a study and an experiment
+    of its own."""
+    with servers_in_a_scratch_folder() as servers:
+        yield servers
+
+
+@pytest.fixture
+def own_servers():
+    """Servers for a test that stops or restarts them."""
+    with servers_in_a_scratch_folder() as servers:
+        yield servers
+
+
+@pytest.fixture
+def machines(run_script, tiny_data, tmp_path, request):
+    """``start(servers, name, *args)``: tune.py on a "machine" ``name`` of its own against
+    ``servers``, in a study and an MLflow experiment named after the test; returns the Popen."""
+    study = request.node.name[:40]
+
+    def start(servers, name: str, *args: str):
+        database, tracking = servers
+        home = tmp_path / name
+        if not home.exists():
+            shutil.copytree(tiny_data[0], home / "data")
+        common = ["--storage", database.url("optuna"), "--tracking-uri", tracking.url, "--data-dir", "data"]
+        common += ["--study-name", study, "--experiment", study, "--val-size", str(TINY_VAL), "--accelerator", "cpu"]
+        return run_script("tune.py", *common, *args, background=True, cwd=home, hostname=name)
+
+    start.study = study
+    return start
+
+
+def trials_of(database, name: str) -> list:
+    return read_trials(database.url("optuna"), name)
+
+
+def finish(process, timeout: float = 300) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+def runs_of(tracking, experiment: str) -> list:
+    client = MlflowClient(tracking.url)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def assert_every_run_closed_with_curves(tracking, experiment: str, trials, epochs: int) -> list:
+    client = MlflowClient(tracking.url)
+    runs = runs_of(tracking, experiment)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    for trial in trials:
+        [run] = [r for r in runs if r.data.tags.get("optuna.trial") == str(trial.number)]
+        if trial.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(epochs))
+        else:
+            assert run.info.status in ("KILLED", "FAILED")
+    return runs
+
+
+def test_two_machines_started_together_share_one_study(machines, shared_servers, tmp_path):
+    database, tracking = shared_servers
+    started = [
+        machines(shared_servers, name, "--n-trials", "3", "--workers", "2", "--max-epochs", "2") for name in "ab"
+    ]
+    for code, stdout, stderr in map(finish, started):
+        assert code == 0 and "Traceback" not in stderr, stderr
+        assert database.password not in stdout + stderr
+
+    trials = trials_of(database, machines.study)
+    assert sorted(t.number for t in trials) == list(range(6)) and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no twins
+    assert {t.user_attrs["worker"]["host"] for t in trials} == {"a", "b"}
+    runs = assert_every_run_closed_with_curves(tracking, machines.study, trials, epochs=2)
+    assert len(runs) == 7
+    for name in "ab":  # nothing of either store on either machine
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["data"]
+
+    # From a third folder, through the server alone: every checkpoint, and the best model.
+    elsewhere = tmp_path / "third"
+    elsewhere.mkdir()
+    client = MlflowClient(tracking.url)
+    for trial in trials:
+        path = client.download_artifacts(trial.user_attrs["mlflow_run_id"], "checkpoints/best.ckpt", str(elsewhere))
+        assert os.path.getsize(path) > 10_000
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    mlflow.set_tracking_uri(tracking.url)
+    model = mlflow.pytorch.load_model(f"models:/{parent.outputs.model_outputs[0].model_id}", dst_path=str(elsewhere))
+    images, labels = tiny_images(TINY_TEST, seed=1)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images).float().unsqueeze(1) / 255).argmax(dim=1).numpy()
+    assert float(np.mean(predicted == labels)) == pytest.approx(parent.data.metrics["test_acc"], abs=1e-6)
+
+
+def test_a_dead_machines_trial_is_closed_by_the_one_that_survives(machines, shared_servers):
+    database, tracking = shared_servers
+    long_trials = ["--workers", "1", "--max-epochs", "100", "--no-pruning", "--grace-period", "3"]
+    a = machines(shared_servers, "a", "--n-trials", "1", *long_trials)
+    b = machines(shared_servers, "b", "--n-trials", "200", *long_trials)
+
+    def running_on(host: str):
+        return [t for t in trials_of(database, machines.study) if t.state == TrialState.RUNNING
+                and "mlflow_run_id" in t.user_attrs and t.user_attrs["worker"]["host"] == host]  # fmt: skip
+
+    [victim] = wait_for(lambda: running_on("b") and running_on("a"), what="both machines' trials")
+    os.killpg(a.pid, signal.SIGKILL)  # machine a dies mid-trial; b goes on
+    a.wait()
+    wait_for(lambda: trials_of(database, machines.study)[victim.number].state == TrialState.FAIL, what="its FAIL")
+    assert b.poll() is None  # b did it while it ran: nothing was restarted
+    os.killpg(b.pid, signal.SIGINT)
+    code, stdout, stderr = finish(b)
+    assert code == 130, stderr
+    assert f"trial {victim.number:>3} FAIL" in stdout and "its heartbeat stopped for over 3 s" in stdout
+
+    assert {t.state for t in trials_of(database, machines.study)} <= {TrialState.COMPLETE, TrialState.FAIL}
+    runs = runs_of(tracking, machines.study)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert [r.info.status for r in runs if r.info.run_id == victim.user_attrs["mlflow_run_id"]] == ["KILLED"]
+
+
+def test_a_machine_that_ends_first_says_which_trials_still_run_elsewhere(machines, shared_servers):
+    database, _ = shared_servers
+    long_trials = ["--n-trials", "1", "--workers", "1", "--max-epochs", "100", "--no-pruning"]
+    a = machines(shared_servers, "a", *long_trials)
+    [trial] = wait_for(
+        lambda: [t for t in trials_of(database, machines.study) if t.state == TrialState.RUNNING],
+        what="a's trial",
+        process=a,
+    )
+    os.killpg(a.pid, signal.SIGSTOP)  # machine a hangs, its trial RUNNING, for as long as b takes
+    try:
+        code, stdout, stderr = finish(machines(shared_servers, "b", *long_trials))
+    finally:
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+    assert code == 0, stderr
+    owner = trials_of(database, machines.study)[trial.number].user_attrs["worker"]
+    assert f"trial {trial.number} still runs on a (pid {owner['pid']}): it ends there, or, if its heartbeat " in stdout
+    assert "stops for 60 s, the next process to start a trial of this study marks it FAIL" in stdout
+
+
+def test_a_study_goes_on_through_a_restart_of_each_server(machines, own_servers):
+    database, tracking = own_servers
+    study = machines(own_servers, "a", "--n-trials", "6", "--workers", "2", "--max-epochs", "3", "--no-pruning")
+
+    def completed() -> int:
+        return sum(t.state == TrialState.COMPLETE for t in trials_of(database, machines.study))
+
+    wait_for(lambda: completed() >= 1, what="a first trial", process=study)
+    database.restart()  # every connection cut; the workers reconnect
+    wait_for(lambda: completed() >= 3, what="a third trial", process=study)
+    tracking.restart()  # down for about ten seconds
+    code, stdout, stderr = finish(study)
+    assert code == 0 and "Traceback" not in stderr, stderr
+    trials = trials_of(database, machines.study)
+    assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert_every_run_closed_with_curves(tracking, machines.study, trials, epochs=3)
+    assert "test (the best trial's weights, evaluated once)" in stdout
+
+
+def test_a_database_that_stays_down_stops_the_study_in_one_line(machines, own_servers):
+    database, tracking = own_servers
+    args = ["--workers", "1", "--max-epochs", "50", "--server-patience", "5"]
+    study = machines(own_servers, "a", "--n-trials", "6", *args)
+    wait_for(lambda: [t for t in trials_of(database, machines.study) if t.state == TrialState.RUNNING], what="a trial")
+    database.stop()  # the tracking server's own database too: it stops answering as well
+    started = time.monotonic()
+    code, stdout, stderr = finish(study)
+    assert code == 1 and time.monotonic() - started < 150
+    [line] = stderr.strip().splitlines()[-1:]
+    public = database.url("optuna").replace(database.password, "***")
+    assert line.startswith(f"tune.py: error: the Optuna storage {public} did not answer for 5 s: "), line
+    assert "Traceback" not in stderr and database.password not in stdout + stderr
+
+    # What it could not close, the next session on that machine closes, once the server is back.
+    database.start()
+    code, _, stderr = finish(machines(own_servers, "a", "--n-trials", "1", *args))
+    assert code == 0, stderr
+    assert {t.state for t in trials_of(database, machines.study)} <= {TrialState.COMPLETE, TrialState.FAIL}
+    assert not [r for r in runs_of(tracking, machines.study) if r.info.status == "RUNNING"]

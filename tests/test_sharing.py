@@ -1,0 +1,37 @@
+"""Several tune.py sharing one study on one machine (SQLite): started at the same instant in an
+empty folder, they end with one study, one parent run, and no twin trials."""
+
+from __future__ import annotations
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+from conftest import tune_args
+
+
+def start_together(run_script, commands: list[list[str]]) -> list[tuple[int, str, str]]:
+    """Start every command at once; wait for all; return (exit code, stdout, stderr) each."""
+    processes = [run_script("tune.py", *command, background=True) for command in commands]
+    ended = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        ended.append((process.returncode, stdout, stderr))
+    return ended
+
+
+def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_run(run_script, tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    command = tune_args(data_dir, "--n-trials", "1", "--workers", "1", "--max-epochs", "1")
+    for code, _, stderr in start_together(run_script, [command] * 3):
+        assert code == 0 and "Traceback" not in stderr and "error" not in stderr, stderr
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert optuna.study.get_all_study_names(storage) == ["mnist"]
+    trials = optuna.load_study(study_name="mnist", storage=storage).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2] and {t.state.name for t in trials} == {"COMPLETE"}
+    # Three processes at the same point of the same study: seeded alike, they proposed twins.
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs if r not in parents} == {parents[0].info.run_id}
