@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import random
@@ -262,6 +263,9 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
 
 
 def _open(uri: str, experiment: str) -> tuple[RetryingClient, str]:
+    # Making a new store's tables, MLflow logs two INFO lines of its own ("Creating initial
+    # MLflow database tables..."); the scripts say which store they use.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     client = RetryingClient(uri)  # MLflow makes a database's tables here, on first use
     return client, _experiment_id(client, experiment)
 
