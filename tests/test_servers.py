@@ -139,7 +139,8 @@ def test_two_machines_started_together_share_one_study(machines, shared_servers,
 
 def test_a_dead_machines_trial_is_closed_by_the_one_that_survives(machines, shared_servers):
     database, tracking = shared_servers
-    long_trials = ["--workers", "1", "--max-epochs", "100", "--no-pruning", "--grace-period", "3"]
+    # Trials of about 15 s on the tiny data: both machines' are seen running at once.
+    long_trials = ["--workers", "1", "--max-epochs", "400", "--no-pruning", "--grace-period", "3"]
     a = machines(shared_servers, "a", "--n-trials", "1", *long_trials)
     b = machines(shared_servers, "b", "--n-trials", "200", *long_trials)
 
@@ -165,7 +166,8 @@ def test_a_dead_machines_trial_is_closed_by_the_one_that_survives(machines, shar
 
 def test_a_machine_that_ends_first_says_which_trials_still_run_elsewhere(machines, shared_servers):
     database, _ = shared_servers
-    long_trials = ["--n-trials", "1", "--workers", "1", "--max-epochs", "100", "--no-pruning"]
+    # Long enough (about 15 s on the tiny data) to be seen running and stopped mid-way.
+    long_trials = ["--n-trials", "1", "--workers", "1", "--max-epochs", "400", "--no-pruning"]
     a = machines(shared_servers, "a", *long_trials)
     [trial] = wait_for(
         lambda: [t for t in trials_of(database, machines.study) if t.state == TrialState.RUNNING],
@@ -207,7 +209,11 @@ def test_a_database_that_stays_down_stops_the_study_in_one_line(machines, own_se
     database, tracking = own_servers
     args = ["--workers", "1", "--max-epochs", "50", "--server-patience", "5"]
     study = machines(own_servers, "a", "--n-trials", "6", *args)
-    wait_for(lambda: [t for t in trials_of(database, machines.study) if t.state == TrialState.RUNNING], what="a trial")
+    wait_for(
+        lambda: [t for t in trials_of(database, machines.study) if t.state == TrialState.RUNNING],
+        what="a trial",
+        process=study,
+    )
     database.stop()  # the tracking server's own database too: it stops answering as well
     started = time.monotonic()
     code, stdout, stderr = finish(study)
