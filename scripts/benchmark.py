@@ -52,12 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the 2-worker study against PostgreSQL and an mlflow server started here, "
         "beside the SQLite files (needs PostgreSQL: apt-get install postgresql)",
     )
-    parser.add_argument(
-        "--rounds",
-        type=cli.positive_int,
-        default=3,
-        help="studies on each kind of store, with --servers (default: %(default)s)",
-    )
+    rounds_help = "studies on each kind of store, with --servers (default: %(default)s)"
+    parser.add_argument("--rounds", type=cli.positive_int, default=3, help=rounds_help)
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
