@@ -162,6 +162,7 @@ def read_trials(storage: str, study_name: str | None = None) -> list:
     elsewhere has them now; [] while it has none. It never makes the storage's tables, and it
     opens the storage as tune.py does, through create_once: opening writes Optuna's version
     rows even so, which raced a tune.py starting on the same empty SQLite file."""
+    reader = None
     try:
         reader = create_once(storage, lambda: optuna.storages.RDBStorage(storage, skip_table_creation=True))
         if study_name is None:
@@ -170,6 +171,11 @@ def read_trials(storage: str, study_name: str | None = None) -> list:
         return optuna.load_study(study_name=study_name, storage=reader).trials
     except Exception:  # noqa: BLE001 - no file, no tables, no study yet: all mean "not yet"
         return []
+    finally:
+        # Polled several times a second: each undisposed engine kept a connection open, and a
+        # test's PostgreSQL refused the study's own ("too many clients already").
+        if reader is not None:
+            reader.engine.dispose()
 
 
 def running_trial_with_run(storage: str):

@@ -35,3 +35,21 @@ def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_r
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) == 4
     assert {r.data.tags["mlflow.parentRunId"] for r in runs if r not in parents} == {parents[0].info.run_id}
+
+
+def test_every_storage_call_optunas_cache_makes_is_retried_while_a_server_blinks():
+    """PatientStorage retries by wrapping RDBStorage's methods; Optuna's _CachedStorage, which
+    every study opened on it goes through, also calls private ones. A call left unwrapped fails
+    its trial on a database restart (seen: _set_trial_param), so each must be wrapped."""
+    import inspect
+    import re
+
+    from optuna.storages import _cached_storage
+
+    from mnist_hpo.studies import PatientStorage
+
+    called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
+    called -= {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}  # settings, no query
+    assert "_set_trial_param" in called  # what the pattern finds
+    unwrapped = [name for name in called if not hasattr(getattr(PatientStorage, name), "__wrapped__")]
+    assert not unwrapped, f"PatientStorage does not retry {unwrapped}"

@@ -104,10 +104,14 @@ class PatientStorage(RDBStorage):
 
     def _transient(self, error: BaseException) -> bool:
         cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+        if self._sqlite:
+            return isinstance(cause, sqlalchemy.exc.DBAPIError) and "database is locked" in str(cause)
+        # A session whose connection a restart cut mid-transaction refuses every later use
+        # until it is rolled back; the retry starts from a new session (see _patient).
+        if isinstance(cause, sqlalchemy.exc.PendingRollbackError):
+            return True
         if not isinstance(cause, sqlalchemy.exc.DBAPIError):
             return False
-        if self._sqlite:
-            return "database is locked" in str(cause)
         return cause.connection_invalidated or isinstance(cause, _CONNECTION_ERRORS)
 
 
@@ -142,6 +146,7 @@ def _patient(name: str, method: Callable) -> Callable:
                             f"the Optuna storage {stores.public(self._url)} did not answer for "
                             f"{self._patience:.0f} s: {stores.reason(error.__cause__ or error, self._url)}"
                         ) from None
+                    self.scoped_session.remove()  # the next try gets a new session, and connection
                     time.sleep(pause)
                     pause = min(pause * 2, 8)
         finally:
@@ -151,7 +156,12 @@ def _patient(name: str, method: Callable) -> Callable:
 
 
 _inside = threading.local()
-for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + ["record_heartbeat", "_get_stale_trial_ids"]:
+# Optuna wraps an RDBStorage in its _CachedStorage, which calls some of the backend's private
+# methods directly: a trial's parameters went through _set_trial_param unretried, and a
+# PostgreSQL restart failed the trial that was being suggested.
+_CALLED_BY_OPTUNAS_CACHE = ["_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id"]
+_CALLED_BY_OPTUNAS_CACHE += ["record_heartbeat", "_get_stale_trial_ids"]
+for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + _CALLED_BY_OPTUNAS_CACHE:
     setattr(PatientStorage, _name, _patient(_name, getattr(RDBStorage, _name)))
 
 
