@@ -12,6 +12,7 @@ import sqlite3
 import stat
 import subprocess
 import time
+import weakref
 
 import optuna
 import pytest
@@ -19,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import TINY_VAL, assert_flag_error, read_trials, running_trial_with_run, tune_args, wait_for
+from mnist_hpo import interrupts
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.tracking import connect
 from mnist_hpo.tuning import tune
@@ -209,6 +211,30 @@ def test_ctrl_c_closes_every_trial_and_says_only_what_it_did(run_script, tiny_da
     }
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert len(runs) == workers + 1 and {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_a_ctrl_c_that_a_garbage_collector_callback_swallows_still_stops_training(capfd):
+    """Seen once in 2-worker Ctrl-C runs: the handler's KeyboardInterrupt landed in a weakref
+    callback, which Python prints as "Exception ignored" and drops."""
+
+    class Thing:
+        pass
+
+    def callback(_):
+        interrupts.handler(signal.SIGINT, None)  # the Ctrl-C arrives just as this runs
+
+    original = signal.getsignal(signal.SIGINT)
+    try:
+        with interrupts.handling(), pytest.raises(KeyboardInterrupt), interrupts.interruptible():
+            thing = Thing()
+            ref = weakref.ref(thing, callback)
+            del thing  # the callback runs here; its KeyboardInterrupt goes nowhere
+            assert ref() is None and interrupts.requested()
+            interrupts.check()  # what training calls at every step
+            raise AssertionError("training went on")
+    finally:
+        signal.signal(signal.SIGINT, original)
+    assert "Exception ignored" not in capfd.readouterr().err
 
 
 def test_timeout_counts_from_the_start_and_every_worker_trains_once(run_script, tiny_data, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Iterator
 
 
@@ -32,6 +33,7 @@ def handling() -> Iterator[None]:
     after it; after a Ctrl-C, SIGINT stays ignored instead, so that a second one cannot cut
     into the libraries' clean-up as the process exits."""
     _State.requested = _State.interruptible = False
+    sys.unraisablehook = _unraisable  # a Ctrl-C swallowed by a callback: check() acts on it
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
@@ -68,3 +70,20 @@ def held() -> Iterator[None]:
 
 def requested() -> bool:
     return _State.requested
+
+
+def check() -> None:
+    """Stop now if Ctrl-C was pressed inside an interruptible block and did not stop it.
+
+    The handler's KeyboardInterrupt is raised in whatever Python runs at that instant; when
+    that is a garbage collector's weakref callback (seen: SQLAlchemy's class registry), Python
+    prints it as "Exception ignored" and goes on. Training calls this at every step, so the
+    Ctrl-C takes effect one step later, and :func:`handling` keeps that print off the screen.
+    """
+    if _State.requested and _State.interruptible:
+        raise KeyboardInterrupt
+
+
+def _unraisable(unraisable, hook=sys.unraisablehook) -> None:
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _State.requested):
+        hook(unraisable)

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import Logger
 
+from mnist_hpo import interrupts
 from mnist_hpo.config import TrainConfig
 from mnist_hpo.data import EVAL_BATCH_SIZE, SPLIT_SEED, MNISTDataModule
 from mnist_hpo.model import LitClassifier
@@ -54,6 +55,17 @@ class FitResult:
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a number (too high a learning rate, typically)."""
+
+
+class _CtrlC(Callback):
+    """A Ctrl-C that a garbage collector's callback swallowed still stops training, a step
+    later (see interrupts.check)."""
+
+    def on_train_batch_end(self, *args) -> None:
+        interrupts.check()
+
+    def on_validation_batch_end(self, *args) -> None:
+        interrupts.check()
 
 
 class _BestEpoch(Callback):
@@ -163,6 +175,7 @@ def fit(
         logger=EpochMetricsLogger(tracker, run_id),
         callbacks=[
             best,
+            _CtrlC(),
             *callbacks,
             *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
         ],
