@@ -13,7 +13,6 @@ well under a millisecond, faster than a copy to a GPU and back would take.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -120,9 +119,6 @@ def register(
         version = int(twins[0].version)
     else:
         source = f"models:/{model_id}"
-        # Through a tracking server, MLflow logs an INFO line while it waits for the version to
-        # be ready; the summary's own line says what was registered.
-        logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
         version = int(client.create_model_version(name, source, tags=version_tags, model_id=model_id).version)
         versions = client.search_model_versions(f"name = '{name}'")
     try:

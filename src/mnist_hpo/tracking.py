@@ -255,6 +255,11 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
     # that ends on a tracking server, and a progress bar per artifact. (Workers inherit this.)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor its INFO lines: "Creating initial MLflow database tables..." when it makes a new
+    # store, and "Waiting up to 300 seconds for model version..." when it registers a model
+    # through a server. The scripts' own lines say which store, and what was registered.
+    for chatty in ("mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         client, experiment_id = create_once(uri, lambda: _open(uri, experiment))
         return Tracker(client, uri, experiment_id, is_default)
@@ -263,9 +268,6 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
 
 
 def _open(uri: str, experiment: str) -> tuple[RetryingClient, str]:
-    # Making a new store's tables, MLflow logs two INFO lines of its own ("Creating initial
-    # MLflow database tables..."); the scripts say which store they use.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     client = RetryingClient(uri)  # MLflow makes a database's tables here, on first use
     return client, _experiment_id(client, experiment)
 
