@@ -1,28 +1,33 @@
 """Benchmark what an epoch and a trial cost, on the real MNIST, in one run.
 
-Times one epoch (the median over several, after a warm-up) of (a) the project's training path
-as train.py and tune.py run it, (b) the write-up's pipeline (per-image transforms through a
-DataLoader, self.log on every step, MLFlowLogger), and (c) a plain PyTorch loop on in-memory
-tensors, for batch sizes 32, 64 and 256, hidden_dim 128. Then times a short study with 1 and
-with 2 workers, in trials per minute, and with --servers the 2-worker study again on
-PostgreSQL and an mlflow server instead of SQLite files. Prints a table; --json writes the
-figures as JSON.
+Times epochs of (a) the project's training path as train.py and tune.py run it, (b) the
+student's pipeline (per-image transforms through a DataLoader, self.log on every step,
+MLFlowLogger), and (c) a plain PyTorch loop on in-memory tensors, for batch sizes 32, 64 and
+256, hidden_dim 128. (a) and (c) run in lockstep, an epoch of one and then one of the other,
+and the figure is the median of the ratios of neighbouring epochs: the machine's speed drifts
+too much for anything else. Then times a short study with 1 and with 2 workers, in trials per
+minute, and with --servers the 2-worker study again on PostgreSQL and an mlflow server instead
+of SQLite files. Prints a table; --json writes the figures as JSON.
 
     python scripts/benchmark.py
-    python scripts/benchmark.py --epochs 5 --json benchmark.json
+    python scripts/benchmark.py --epochs 8 --json benchmark.json
     python scripts/benchmark.py --skip-study --batch-sizes 64
     python scripts/benchmark.py --batch-sizes 64 --servers
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import statistics
 import sys
 import time
 
-from mnist_hpo import cli
+from experiment.settings import Settings
+from machinery import cli
+
+HIDDEN_DIM = 128
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-sizes", type=cli.positive_int, nargs="+", default=[32, 64, 256], help="(default: %(default)s)"
     )
     parser.add_argument(
-        "--epochs",
-        type=cli.positive_int,
-        default=3,
-        help="timed epochs per measurement, after one warm-up (default: %(default)s)",
-    )
+        "--epochs", type=cli.positive_int, default=6, help="timed epochs of (a) and of (c), after one warm-up each "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--write-up-epochs", type=cli.positive_int, default=1, help="timed epochs of (b), after one warm-up "
+        "(default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--study-trials", type=cli.positive_int, default=12, help="trials of the timed study (default: %(default)s)"
     )
@@ -60,15 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where all three paths train (default: cuda if there is one)",
     )
-    parser.add_argument("--data-dir", default="data", help="where MNIST is kept (default: %(default)s)")
+    parser.add_argument("--data-dir", default=Settings().data_dir, help="where MNIST is kept (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
-    cli.check_data_dir(parser, args.data_dir)
 
     import torch
 
-    from mnist_hpo.devtools.benchmark import PATHS, time_epochs, time_startup, time_study
-    from mnist_hpo.workers import available_cores
+    from machinery.workers import available_cores
+    from workbench.benchmark import lockstep, time_startup, time_study, time_write_up
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -84,39 +90,49 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(" ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
-    epochs = []
-    for batch_size in args.batch_sizes:
-        for path in PATHS:
-            timing = time_epochs(path, args.data_dir, batch_size, args.epochs, device)
-            epochs.append(timing)
-            each = ", ".join(f"{t:.2f}" for t in timing.epochs)
-            print(f"  {path:<8} batch {batch_size:>3}: {timing.seconds:6.2f} s/epoch  ({each})", flush=True)
-
-    print(
-        f"\nseconds per epoch on the {machine['device']} (median of {args.epochs} after a warm-up; "
-        "55,000 images trained, 5,000 validated):"
-    )
-    header = ("batch", "(a) project", "(b) write-up", "(c) plain", "(a) img/s", "b/a", "a/c")
-    print("  ".join(f"{h:>{w}}" for h, w in zip(header, (5, 11, 12, 9, 9, 5, 5), strict=True)))
+    base = Settings(hidden_dim=HIDDEN_DIM, data_dir=args.data_dir)
+    cli.prepare_data(parser, _experiment(), base)
     table = []
     for batch_size in args.batch_sizes:
-        a, b, c = (next(t for t in epochs if t.batch_size == batch_size and t.path == p) for p in PATHS)
+        settings = dataclasses.replace(base, batch_size=batch_size, max_epochs=args.epochs)
+        pairs = lockstep(settings, device)
+        write_up = time_write_up(dataclasses.replace(settings, max_epochs=1 + args.write_up_epochs), device)[1:]
+        a, b, c = statistics.median(pairs["project"]), statistics.median(write_up), statistics.median(pairs["plain"])
         row = {
             "batch_size": batch_size,
-            "project_s": a.seconds,
-            "write_up_s": b.seconds,
-            "plain_s": c.seconds,
-            "project_samples_per_s": a.samples_per_second,
-            "b_over_a": b.seconds / a.seconds,
-            "a_over_c": a.seconds / c.seconds,
+            "project_s": a,
+            "write_up_s": b,
+            "plain_s": c,
+            "project_images_per_s": (60_000 - settings.val_size) / a,
+            "b_over_a": b / a,
+            "a_over_c": pairs["ratio"],
+            "a_over_c_pairs": pairs["ratios"],
+            "project_epochs": pairs["project"],
+            "plain_epochs": pairs["plain"],
+            "write_up_epochs": write_up,
         }
         table.append(row)
+        spread = f"{min(pairs['ratios']):.2f}-{max(pairs['ratios']):.2f}"
         print(
-            f"{batch_size:>5}  {a.seconds:>11.2f}  {b.seconds:>12.2f}  {c.seconds:>9.2f}  "
-            f"{a.samples_per_second:>9.0f}  {row['b_over_a']:>5.1f}  {row['a_over_c']:>5.2f}"
+            f"  batch {batch_size:>3}: (a) {a:.2f} s  (b) {b:.2f} s  (c) {c:.2f} s  a/c {pairs['ratio']:.2f} "
+            f"(pairs {spread})",
+            flush=True,
         )
 
-    startup = time_startup(args.data_dir)
+    print(
+        f"\nseconds per epoch on the {machine['device']} (medians; 55,000 images trained, 5,000 validated); a/c is "
+        f"the median of {2 * (args.epochs - 1)} neighbouring pairs of epochs, (a) and (c) run in lockstep:"
+    )
+    header = ("batch", "(a) project", "(b) write-up", "(c) plain", "(a) img/s", "b/a", "a/c", "a/c pairs")
+    print("  ".join(f"{h:>{w}}" for h, w in zip(header, (5, 11, 12, 9, 9, 5, 5, 11), strict=True)))
+    for row in table:
+        spread = f"{min(row['a_over_c_pairs']):.2f}-{max(row['a_over_c_pairs']):.2f}"
+        print(
+            f"{row['batch_size']:>5}  {row['project_s']:>11.2f}  {row['write_up_s']:>12.2f}  {row['plain_s']:>9.2f}  "
+            f"{row['project_images_per_s']:>9.0f}  {row['b_over_a']:>5.1f}  {row['a_over_c']:>5.2f}  {spread:>11}"
+        )
+
+    startup = time_startup(base)
     print("\nstart-up, paid once per process (a train.py run, a tune worker):")
     for name, seconds in startup.items():
         print(f"  {name:<52} {seconds:5.2f} s")
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_study:
         print(f"\na study of {args.study_trials} trials x {args.study_epochs} epochs (no pruning, seed 0):")
         for workers in (1, 2):
-            study = time_study(args.data_dir, workers, args.study_trials, args.study_epochs)
+            study = time_study(dataclasses.replace(base, max_epochs=args.study_epochs), workers, args.study_trials)
             studies.append(study)
             print(
                 f"  --workers {workers}: {study['seconds']:5.1f} s in all, {study['trials_per_minute']:5.1f} "
@@ -142,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 pair = {}
                 for stores in ("sqlite", "servers")[:: 1 if round_ % 2 == 0 else -1]:
-                    study = time_study(args.data_dir, 2, args.study_trials, args.study_epochs, stores=stores)
+                    study_settings = dataclasses.replace(base, max_epochs=args.study_epochs)
+                    study = time_study(study_settings, 2, args.study_trials, stores=stores)
                     studies.append(study)
                     pair[stores] = study
                     in_stores = study["stores_cpu_seconds"] / args.study_trials
@@ -169,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
                     "epochs": table,
                     "startup": startup,
                     "study": studies,
-                    "raw": [t.__dict__ for t in epochs],
                 },
                 f,
                 indent=2,
             )
         print(f"wrote {args.json}")
     return 0
+
+
+def _experiment():
+    from experiment.search import EXPERIMENT
+
+    return EXPERIMENT
 
 
 def _version(distribution: str) -> str:

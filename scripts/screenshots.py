@@ -6,7 +6,7 @@ the study's complete trials sorted by val_loss and the chart view of its three b
 and always stops the server.
 
     python scripts/screenshots.py
-    python scripts/screenshots.py --study-name wide --storage sqlite:///elsewhere/optuna.db \
+    python scripts/screenshots.py --study-name mnist-cnn --storage sqlite:///elsewhere/optuna.db \
         --tracking-uri sqlite:///elsewhere/mlflow.db
 """
 
@@ -15,20 +15,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mnist_hpo import cli
+from experiment.settings import Settings
+from machinery import cli
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(__doc__)
-    cli.add_picture_flags(parser)
+    cli.add_picture_flags(parser, Settings().study)
     args = parser.parse_args(argv)
 
-    from mnist_hpo import tracking
-    from mnist_hpo.devtools import mlflow_ui
-    from mnist_hpo.report import searched_params
-    from mnist_hpo.results import top_trials
-    from mnist_hpo.studies import uid
-    from mnist_hpo.trial import RUN_ATTR
+    from machinery import tracking
+    from machinery.report import searched_params
+    from machinery.results import top_trials
+    from machinery.studies import uid
+    from machinery.trial import RUN_ATTR
+    from workbench import mlflow_ui
 
     if mlflow_ui.chromium_path() is None:
         cli.fail(parser.prog, "Chromium is not installed: apt-get install chromium (or set CHROMIUM)")

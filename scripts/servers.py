@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mnist_hpo import cli
+from machinery import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from mnist_hpo.devtools.servers import PostgresFailed, mlflow_server, postgres, postgres_bin
+    from workbench.servers import PostgresFailed, mlflow_server, postgres, postgres_bin
 
     if postgres_bin() is None:
         cli.fail(parser.prog, "PostgreSQL is not installed: apt-get install postgresql")

@@ -1,9 +1,12 @@
-"""Fixtures: a tiny synthetic MNIST in the real IDX format, temporary MLflow stores, and a way
-to run the scripts as a user would."""
+"""Fixtures: tiny synthetic data sets in the real file formats, temporary MLflow stores, and
+ways to run the scripts as a user would (in a process of their own) or quickly (in this one)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
+import io
 import json
 import os
 import signal
@@ -12,16 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mnist_hpo import mnist_files
-from mnist_hpo.config import TrainConfig
-from mnist_hpo.mnist_files import md5_of, raw_dir, write_idx_images, write_idx_labels
-from mnist_hpo.stores import create_once
-from mnist_hpo.tracking import connect
+from experiment.data import DATASETS
+from experiment.search import EXPERIMENT
+from experiment.settings import Settings
+from machinery.files import md5_of
+from machinery.idx import write_idx
+from machinery.options import TuneOptions
+from machinery.stores import create_once
+from machinery.tracking import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the real MNIST is kept: the same folder `make train` uses, so it is fetched once.
@@ -29,13 +36,12 @@ REAL_DATA_DIR = ROOT / "data"
 
 TINY_TRAIN, TINY_TEST, TINY_VAL = 600, 200, 100
 STUDY_EPOCHS = 2  # per trial, in the tests' studies
-STUDY_BASE = TrainConfig(max_epochs=STUDY_EPOCHS, val_size=TINY_VAL)
 
 
-def tiny_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Digits a small network learns in a few epochs, but not perfectly: one fixed random stroke
-    pattern per class, at a random brightness, under heavy noise."""
-    templates = np.random.default_rng(1234).random((10, 28, 28)) > 0.9
+def tiny_images(count: int, seed: int, pattern: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """Images a small network learns in a few epochs, but not perfectly: one fixed random pattern
+    of 4x4 blocks per class (shapes, for a CNN too), at a random brightness, under heavy noise."""
+    templates = np.kron(np.random.default_rng(pattern).random((10, 7, 7)) > 0.8, np.ones((4, 4))) > 0
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, count)
     brightness = rng.uniform(30, 90, (count, 1, 1))
@@ -44,51 +50,55 @@ def tiny_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.uint8)
 
 
-def write_tiny_mnist(data_dir: Path) -> dict[str, str]:
-    """Write the four IDX files; return their MD5s, as MNIST_MD5 lists the real ones."""
-    raw = raw_dir(data_dir)
+def write_tiny(data_dir: Path, dataset: str = "mnist") -> dict[str, str]:
+    """Write a data set's four files, tiny, in its real format (compressed where its are);
+    return their MD5s, as the data set's ``files`` lists the real ones."""
+    kind = DATASETS[dataset]
+    raw = Path(data_dir) / kind.folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for prefix, count, seed in (("train", TINY_TRAIN, 0), ("t10k", TINY_TEST, 1)):
-        images, labels = tiny_images(count, seed)
-        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return {name: md5_of(raw / name) for name in mnist_files.MNIST_MD5}
+    train_images, train_labels, test_images, test_labels = kind.files
+    pattern = 1234 + list(DATASETS).index(dataset)  # each data set its own classes
+    for images_file, labels_file, count, seed in ((train_images, train_labels, TINY_TRAIN, 0),
+                                                  (test_images, test_labels, TINY_TEST, 1)):  # fmt: skip
+        images, labels = tiny_images(count, seed, pattern)
+        write_idx(raw / images_file, images)
+        write_idx(raw / labels_file, labels)
+    return {name: md5_of(raw / name) for name in kind.files}
 
 
 @pytest.fixture(autouse=True)
 def _in_a_folder_of_its_own(tmp_path, monkeypatch):
-    """Every test works in its temporary folder: MLflow puts a SQLite store's artifacts in
-    ./mlruns, which would otherwise be the repository's."""
+    """Every test works in its temporary folder, with MLflow's own default store there: MLflow
+    puts a SQLite store's artifacts in ./mlruns, which would otherwise be the repository's. A
+    tracking URI that an earlier test set through MLflow's fluent API (logging a model does)
+    is forgotten."""
+    mlflow.set_tracking_uri(None)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    data_dir = tmp_path_factory.mktemp("tiny-mnist")
-    return data_dir, write_tiny_mnist(data_dir)
+def tiny_data(tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
+    """A data folder with every built-in data set, tiny, and their MD5s by data set."""
+    data_dir = tmp_path_factory.mktemp("tiny-data")
+    return data_dir, {dataset: write_tiny(data_dir, dataset) for dataset in DATASETS}
 
 
 @pytest.fixture
-def tiny_mnist(tiny_data, monkeypatch) -> Path:
-    """The tiny data set's folder, with its MD5s standing in for the official ones."""
+def tiny_files(tiny_data, monkeypatch) -> Path:
+    """The tiny data sets' folder, their MD5s standing in for the official ones in this process."""
     data_dir, md5s = tiny_data
-    for name, md5 in md5s.items():
-        monkeypatch.setitem(mnist_files.MNIST_MD5, name, md5)
+    for dataset, files in md5s.items():
+        monkeypatch.setattr(DATASETS[dataset], "files", files)
     return data_dir
 
 
 @pytest.fixture
-def study_env(tiny_mnist, tmp_path):
-    """A tracker, a storage URL and the tune() settings for a study on the tiny data."""
-    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    settings = dict(data_dir=str(tiny_mnist), base=STUDY_BASE, accelerator="cpu")
-    return tracker, storage, settings
-
-
-def with_base(settings: dict, **changes) -> dict:
-    """The study settings of ``study_env`` with some of the trials' TrainConfig changed."""
-    return {**settings, "base": dataclasses.replace(settings["base"], **changes)}
+def tiny_settings(tiny_files) -> Settings:
+    """The default settings, on the tiny data, for as many epochs as the tests' studies train."""
+    return Settings(data_dir=str(tiny_files), val_size=TINY_VAL, max_epochs=STUDY_EPOCHS)
 
 
 @pytest.fixture
@@ -97,36 +107,85 @@ def tracking_uri(tmp_path) -> str:
 
 
 @pytest.fixture
+def study_env(tiny_settings, tmp_path):
+    """``tune_here(study_name, n_trials, settings changes..., options=dict(...))``: a study in this
+    process on the tiny data, against SQLite stores in the test's folder; it returns tune()'s
+    result, and ``tune_here.tracker`` is the store."""
+    from machinery.tuning import tune
+
+    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
+
+    def tune_here(study_name: str, n_trials: int, options: dict | None = None, **changes):
+        settings = dataclasses.replace(tiny_settings, **changes)
+        chosen = TuneOptions(n_trials=n_trials, workers=1, accelerator="cpu", study_name=study_name,
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", **(options or {}))  # fmt: skip
+        return tune(EXPERIMENT, settings, chosen.resolved(settings), lambda: tracker)
+
+    tune_here.tracker = tracker
+    tune_here.storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    return tune_here
+
+
+def files_env(md5s: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The environment that makes a process started by the tests take the tiny data sets' MD5s
+    (tests/site/sitecustomize.py)."""
+    return {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), os.environ.get("PYTHONPATH", "")]),
+        "EXPERIMENT_TEST_FILES": json.dumps(md5s),
+    }
+
+
+@pytest.fixture
 def run_script(tiny_data, tmp_path):
     """Run scripts/<name> in a subprocess, as a user would: in ``cwd`` (a temporary working
     directory by default, so MLflow's default store is <tmp_path>/mlflow.db), and, with
     ``hostname``, as if on another machine (its own UTS namespace, so another host name). With
     ``background``, return the Popen, in a session of its own to be signalled as a terminal
-    would.
-
-    tests/site/sitecustomize.py, imported by every Python process started this way (spawned
-    workers included), puts the tiny data set's MD5s in place of the official ones.
-    """
+    would. Every Python process it starts, spawned workers included, takes the tiny data sets'
+    MD5s for the official ones."""
     _, md5s = tiny_data
 
-    def run(name: str, *args: str, timeout: float = 300, background: bool = False, cwd=None, hostname=None):
-        env = {
-            **{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), os.environ.get("PYTHONPATH", "")]),
-            "MNIST_HPO_TEST_MD5": json.dumps(md5s),
-        }
+    def run(name: str, *args: str, timeout: float = 300, background: bool = False, cwd=None, hostname=None,
+            env: dict | None = None):  # fmt: skip
+        environment = {**os.environ, **files_env(md5s)}
+        for variable, value in (env or {}).items():  # a PYTHONPATH of the test's goes first
+            environment[variable] = value + os.pathsep + environment[variable] if variable == "PYTHONPATH" else value
+        environment.pop("MLFLOW_TRACKING_URI", None)
         command = [sys.executable, str(ROOT / "scripts" / name), *args]
         if hostname:
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *command]
         where = cwd or tmp_path
         if background:
             return subprocess.Popen(
-                command, cwd=where, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                command, cwd=where, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 start_new_session=True,
             )  # fmt: skip
-        return subprocess.run(command, cwd=where, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(command, cwd=where, env=environment, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def call_script(tiny_files):
+    """Run scripts/<name>'s main() in this process, its output captured: what a user would see,
+    in a fraction of the time (no interpreter, no imports). Returns what ``run_script`` does."""
+
+    def call(name: str, *args: str) -> subprocess.CompletedProcess:
+        spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", ROOT / "scripts" / name)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+        sys.argv = [str(ROOT / "scripts" / name), *args]  # argparse names the script after it
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = script.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            sys.argv = argv
+        return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+    return call
 
 
 def assert_flag_error(result: subprocess.CompletedProcess, script: str, flag: str) -> None:
@@ -185,5 +244,5 @@ def running_trial_with_run(storage: str):
 
 
 def tune_args(data_dir, *extra: str) -> list[str]:
-    """tune.py's flags for a study on the tiny data set, and ``extra``."""
+    """tune.py's flags for a study on the tiny data, and ``extra``."""
     return ["--data-dir", str(data_dir), "--val-size", str(TINY_VAL), "--accelerator", "cpu", *extra]

@@ -3,7 +3,6 @@ and leaves no store created, no study changed and no MLflow run RUNNING."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -20,10 +19,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import TINY_VAL, assert_flag_error, read_trials, running_trial_with_run, tune_args, wait_for
-from mnist_hpo import interrupts
-from mnist_hpo.config import TrainConfig
-from mnist_hpo.tracking import connect
-from mnist_hpo.tuning import tune
+from experiment.search import EXPERIMENT
+from experiment.settings import Settings
+from machinery import interrupts
+from machinery.options import TuneOptions
+from machinery.tracking import connect
+from machinery.tuning import tune
 
 STORES = ("mlflow.db", "optuna.db", "mlruns", "mlartifacts")
 
@@ -51,6 +52,10 @@ BAD_TRAIN = [
     *(("--max-epochs", value) for value in ("0", "-1", "1e9")),
     *(("--seed", value) for value in ("-1", "nan")),
     *(("--val-size", value) for value in ("0", "-5", "60000")),
+    ("--dataset", "cifar-100"),
+    ("--model", "resnet"),
+    ("--minibatches-per-step", "0"),
+    ("--import", "{file}"),
     ("--accelerator", "tpu9"),
     ("--data-dir", "{file}"),
     *(("--tracking-uri", v) for v in ("foo://bar", "sqlite:///{file}/mlflow.db", "sqlite:///{readonly}")),
@@ -64,6 +69,9 @@ BAD_TUNE = [
     ("--workers", "100000", "--n-trials", "100000"),  # 90 TB of workers: refused on any machine
     ("--grace-period", "0"),
     *(("--study-name", value) for value in ("", "  ")),
+    ("--sampler", "cma"),
+    ("--pruner", "patient"),
+    ("--registered-model", "a'b"),
     *(("--storage", v) for v in ("nosuchdb://x", "sqlite:///{file}/optuna.db", "sqlite:///{readonly}")),
     ("--storage", "postgresql://user:s3cret@127.0.0.1:9/optuna"),
     *(("--max-epochs", value) for value in ("two", "0")),
@@ -78,8 +86,16 @@ BAD_TUNE = [
 SAID = {
     ("train.py", "--tracking-uri", "foo://bar"): "the tracking URI's scheme 'foo' is unknown",
     ("train.py", "--hidden-dim", "100000000"): "100000000 needs about 2.9 TB of memory to train",
+    (
+        "train.py",
+        "--dataset",
+        "cifar-100",
+    ): "invalid choice: 'cifar-100' (choose from 'mnist', 'fashion-mnist', 'kmnist')",
+    ("train.py", "--data-dir", "{file}"): "is a file, not a folder",
+    ("train.py", "--import", "{file}"): "SyntaxError",
     ("tune.py", "--workers", "100000"): "100000 workers need about",
     ("tune.py", "--storage", "postgresql://user:s3cret@127.0.0.1:9/optuna"): "postgresql://user:***@127.0.0.1:9/optuna",
+    ("tune.py", "--study-name", ""): "the value is empty",
 }
 
 
@@ -89,13 +105,13 @@ SAID = {
     + [("tune.py", flag, value, more) for flag, value, *more in BAD_TUNE],
 )
 def test_a_bad_value_is_one_line_that_names_its_flag_and_creates_nothing(
-    run_script, tiny_data, tmp_path, read_only_database, script, flag, value, more
+    call_script, tiny_files, tmp_path, read_only_database, script, flag, value, more
 ):
     a_file = tmp_path / "a-file"
-    a_file.write_text("not a folder")
+    a_file.write_text("not a folder, nor Python")
     before = read_only_database.read_bytes()
-    value = value.format(file=a_file, readonly=read_only_database)
-    result = run_script(script, "--data-dir", str(tiny_data[0]), "--val-size", str(TINY_VAL), flag, value, *more)
+    result = call_script(script, "--data-dir", str(tiny_files), "--val-size", str(TINY_VAL), flag,
+                         value.format(file=a_file, readonly=read_only_database), *more)  # fmt: skip
 
     assert_flag_error(result, script, flag)
     assert "Traceback" not in result.stderr and "s3cret" not in result.stdout + result.stderr
@@ -104,13 +120,25 @@ def test_a_bad_value_is_one_line_that_names_its_flag_and_creates_nothing(
     assert read_only_database.read_bytes() == before
 
 
+def test_a_bad_value_from_a_process_of_its_own_is_one_line_before_torch_is_imported(run_script, tiny_data):
+    """The real process, for what the quick in-process calls above cannot show: the numbers are
+    checked before the seconds that importing torch and Lightning takes."""
+    started = time.monotonic()
+    result = run_script("tune.py", "--data-dir", str(tiny_data[0]), "--lr", "-1", "-X", "importtime")
+    assert_flag_error(result, "tune.py", "--lr")
+    assert "torch" not in result.stderr and time.monotonic() - started < 60
+
+
 @pytest.mark.parametrize("script", ["train.py", "tune.py"])
-def test_corrupt_mnist_is_reported_before_any_store_or_run_exists(run_script, tiny_data, tmp_path, script):
+def test_corrupt_data_is_reported_before_any_store_or_run_exists(call_script, tiny_files, tmp_path, script):
     data_dir = tmp_path / "data"
-    shutil.copytree(tiny_data[0], data_dir)
+    shutil.copytree(tiny_files, data_dir)
     victim = data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     victim.write_bytes(victim.read_bytes()[:-3])
-    result = run_script(script, "--data-dir", str(data_dir), "--val-size", str(TINY_VAL))
+    from machinery import files
+
+    files._verified.clear()
+    result = call_script(script, "--data-dir", str(data_dir), "--val-size", str(TINY_VAL))
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"{script}: error: ") and "t10k-labels-idx1-ubyte is present but its MD5" in line
@@ -119,69 +147,72 @@ def test_corrupt_mnist_is_reported_before_any_store_or_run_exists(run_script, ti
 
 def a_study_in(folder, data_dir) -> None:
     """What `tune.py --n-trials 1 --max-epochs 2` in ``folder`` leaves there, made in this process."""
-    base = TrainConfig(max_epochs=2, val_size=TINY_VAL)
+    settings = Settings(max_epochs=2, val_size=TINY_VAL, data_dir=str(data_dir))
+    options = TuneOptions(n_trials=1, workers=1, accelerator="cpu", storage=f"sqlite:///{folder / 'optuna.db'}")
     tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "mnist-tune")
-    tune(
-        tracker,
-        f"sqlite:///{folder / 'optuna.db'}",
-        "mnist",
-        1,
-        1,
-        base=base,
-        data_dir=str(data_dir),
-        accelerator="cpu",
-    )
+    tune(EXPERIMENT, settings, options.resolved(settings), lambda: tracker)
 
 
-def test_a_continuation_with_other_settings_is_refused_and_changes_nothing(run_script, tiny_data, tmp_path):
-    data_dir, _ = tiny_data
+def test_a_continuation_with_other_settings_is_refused_and_changes_nothing(
+    run_script, call_script, tiny_files, tmp_path
+):
     # Never more workers than trials: one, here, and no warning.
-    first = run_script("tune.py", *tune_args(data_dir, "--n-trials", "1", "--workers", "3", "--max-epochs", "2"))
+    first = run_script("tune.py", *tune_args(tiny_files, "--n-trials", "1", "--workers", "3", "--max-epochs", "2"))
     assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
     [trial] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert trial.user_attrs["worker"]["pid"] != os.getpid()
     stores = {name: (tmp_path / name).read_bytes() for name in ("optuna.db", "mlflow.db")}
 
-    other = run_script("tune.py", *tune_args(data_dir, "--n-trials", "1", "--workers", "1", "--max-epochs", "3"))
-    assert_flag_error(other, "tune.py", "--max-epochs")
-    assert "trains every trial with max_epochs=2, not 3" in other.stderr and "--study-name" in other.stderr
+    for changed, flag, said in (
+        (["--max-epochs", "3"], "--max-epochs", "trains every trial with max_epochs=2, not 3"),
+        (["--model", "cnn", "--study-name", "mnist-mlp"], "--model", "trains every trial with model=mlp, not cnn"),
+        (["--dataset", "kmnist", "--study-name", "mnist-mlp"], "--dataset", "with dataset=mnist, not kmnist"),
+        (["--sampler", "random"], "--sampler", "searches with the sampler tpe, not random"),
+        (["--pruner", "hyperband"], "--pruner", "searches with the pruner median, not hyperband"),
+        (["--no-pruning"], "--no-pruning", "searches with the pruner median, not none"),
+    ):
+        args = tune_args(tiny_files, "--n-trials", "1", "--workers", "1", "--max-epochs", "2", *changed)
+        other = call_script("tune.py", *args)  # the last --max-epochs counts
+        assert_flag_error(other, "tune.py", flag)
+        assert said in other.stderr and "--study-name" in other.stderr
     assert {name: (tmp_path / name).read_bytes() for name in stores} == stores
     # The parent run records the settings that define the study.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [parent] = client.search_runs(["1"], "tags.`optuna.study` = 'mnist' AND tags.`mlflow.runName` = 'mnist'")
+    [parent] = client.search_runs(["1"], "tags.`optuna.study` = 'mnist-mlp' AND tags.`mlflow.runName` = 'mnist-mlp'")
     assert parent.data.params["max_epochs"] == "2" and parent.data.params["val_size"] == str(TINY_VAL)
 
 
-def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_mnist, tmp_path):
-    args = tune_args(tiny_mnist, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
-    a_study_in(tmp_path, tiny_mnist)
+def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_files, tmp_path):
+    args = tune_args(tiny_files, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
+    a_study_in(tmp_path, tiny_files)
     (tmp_path / "mlflow.db").unlink()
     shutil.rmtree(tmp_path / "mlruns")
 
-    again = run_script("tune.py", *args)
+    again = run_script("tune.py", *args)  # a process of its own: this one's MLflow holds the old file open
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
-    assert "has no run of study 'mnist'" in again.stdout and "a new parent run starts there" in again.stdout
+    assert "has no run of study 'mnist-mlp'" in again.stdout and "a new parent run starts there" in again.stdout
     assert "test evaluation skipped: the best trial, trial " in again.stdout  # unless the new trial is best
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2  # a parent and the new trial
 
 
-def test_a_new_study_beside_an_older_one_of_the_same_name_is_told_apart(run_script, tiny_mnist, tmp_path):
-    args = tune_args(tiny_mnist, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
-    a_study_in(tmp_path, tiny_mnist)
+def test_a_new_study_beside_an_older_one_of_the_same_name_is_told_apart(run_script, tiny_files, tmp_path):
+    args = tune_args(tiny_files, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
+    a_study_in(tmp_path, tiny_files)
     (tmp_path / "optuna.db").unlink()
 
-    again = run_script("tune.py", *args)
+    again = run_script("tune.py", *args)  # a process of its own: this one's MLflow holds the old file open
     assert again.returncode == 0, again.stderr
-    uid = optuna.load_study(study_name="mnist", storage=f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs["uid"]
-    note = "a new study 'mnist' began beside 1 older one(s) of the same name in this MLflow experiment"
+    uid = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs["uid"]
+    note = "a new study 'mnist-mlp' began beside 1 older one(s) of the same name in this MLflow experiment"
     assert again.stdout.count(note) == 2  # when it begins, and in the summary
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     new = [r for r in runs if r.data.tags.get("optuna.study_uid") == uid]
-    assert sorted(r.data.tags["mlflow.runName"] for r in new) == [f"mnist ({uid[:8]})", "trial 0"]
+    assert sorted(r.data.tags["mlflow.runName"] for r in new) == [f"mnist-mlp ({uid[:8]})", "trial 0"]
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_closes_every_trial_and_says_only_what_it_did(run_script, tiny_data, tmp_path, workers):
     data_dir, _ = tiny_data
@@ -204,8 +235,8 @@ def test_ctrl_c_closes_every_trial_and_says_only_what_it_did(run_script, tiny_da
     )
     assert "Traceback" not in stderr and "Exception ignored" not in stderr and "Trial 0 failed" not in stderr
     assert stdout.count(" FAIL ") == workers and stdout.count("interrupted") == workers  # a line each
-    assert f"study 'mnist': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
-    trials = optuna.load_study(study_name="mnist", storage=storage).trials
+    assert f"study 'mnist-mlp': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
+    trials = optuna.load_study(study_name="mnist-mlp", storage=storage).trials
     assert {t.state for t in trials} == {TrialState.FAIL} and {t.user_attrs["fail_reason"] for t in trials} == {
         "interrupted"
     }
@@ -237,11 +268,12 @@ def test_a_ctrl_c_that_a_garbage_collector_callback_swallows_still_stops_trainin
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_timeout_counts_from_the_start_and_every_worker_trains_once(run_script, tiny_data, tmp_path):
     data_dir, _ = tiny_data
     result = run_script("tune.py", *tune_args(data_dir, "--n-trials", "6", "--workers", "2", "--timeout", "1"))
     assert result.returncode == 0, result.stderr
-    trials = optuna.load_study(study_name="mnist", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    trials = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
     assert sorted(t.number for t in trials) == [0, 1] and {t.state for t in trials} == {TrialState.COMPLETE}
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers, one trial each
     assert result.stdout.count(" COMPLETE ") == 2
@@ -255,10 +287,38 @@ NASTY_NAME = "a'b\"c"  # both quotes: no MLflow filter string can hold it
 EPOCHS_UNDER_FIRE = 12  # a trial of the tiny data set lasts long enough to be killed mid-way
 
 
+def runners(storage: str) -> set[int]:
+    """The processes that run a trial of the only study in ``storage`` now."""
+    return {t.user_attrs["worker"]["pid"] for t in read_trials(storage) if t.state == TrialState.RUNNING
+            and "worker" in t.user_attrs}  # fmt: skip
+
+
+def freeze_mid_trial(storage: str, process: subprocess.Popen, whole_group: bool, rng: random.Random) -> list[int]:
+    """Freeze (SIGSTOP) at a random moment a worker in the middle of a trial, or the whole
+    process group while one is; return the frozen pids. A moment that falls between trials is
+    let go (SIGCONT) and another one drawn."""
+    while True:
+        wait_for(lambda: running_trial_with_run(storage), what="a running trial", process=process)
+        time.sleep(rng.uniform(0, 0.3))
+        workers = [int(pid) for pid in os.popen(f"pgrep -P {process.pid} -f spawn_main").read().split()]
+        candidates = sorted(runners(storage) & set(workers or [process.pid]))
+        if not candidates:
+            continue
+        victims = [process.pid, *workers] if whole_group else [rng.choice(candidates)]
+        for pid in victims:
+            os.kill(pid, signal.SIGSTOP)
+        if runners(storage) & set(victims):
+            return victims
+        for pid in victims:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.slow
 def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tiny_data, tmp_path):
-    """Kill one worker, or the whole process group, with SIGKILL at seeded random moments of
-    short sessions of a 2-worker study; run the same command again until as many trials
-    completed as asked; then every record must agree."""
+    """Kill one worker, or the whole process group, with SIGKILL at seeded random moments in the
+    middle of a trial of short sessions of a 2-worker study; run the same command again until
+    as many trials completed as asked; then every record must agree, and every trial a kill
+    left RUNNING must have been found and said so."""
     wanted, plan, rng = 5, ["worker", "group", "worker"], random.Random(20261128)
     data_dir, _ = tiny_data
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -272,14 +332,12 @@ def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tin
         process = run_script("tune.py", *base, "--n-trials", str(max(1, min(2, wanted - done))), background=True)
         killed = len(kills) < len(plan)
         if killed:
-            wait_for(lambda: running_trial_with_run(storage), what="a running trial", process=process)
-            time.sleep(rng.uniform(0, 1.0))
-            workers = [int(pid) for pid in os.popen(f"pgrep -P {process.pid} -f spawn_main").read().split()]
-            with contextlib.suppress(ProcessLookupError):  # it may just have ended by itself
-                if plan[len(kills)] == "worker" and workers:
-                    os.kill(rng.choice(workers), signal.SIGKILL)  # tune.py and the other worker go on
-                else:
-                    os.killpg(process.pid, signal.SIGKILL)  # the machine, as it were
+            whole_group = plan[len(kills)] == "group"
+            victims = freeze_mid_trial(storage, process, whole_group, rng)
+            if whole_group:
+                os.killpg(process.pid, signal.SIGKILL)  # the machine, as it were
+            else:
+                os.kill(victims[0], signal.SIGKILL)  # tune.py and the other worker go on
             kills.append(plan[len(kills)])
         stdout, stderr = process.communicate(timeout=300)
         outputs.append(stdout)
@@ -308,4 +366,8 @@ def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tin
             assert [m.step for m in history] == list(range(EPOCHS_UNDER_FIRE))
         else:
             assert all(run.info.status in ("KILLED", "FAILED") for run in by_trial.get(trial.number, []))
-    assert any("was left running by a process that is gone: marked FAIL" in out for out in outputs)
+    dead = [t for t in trials if t.user_attrs.get("fail_reason") == "its worker process died"]
+    assert len(dead) >= len(plan)  # every kill landed in the middle of a trial
+    said = "\n".join(outputs)
+    for trial in dead:
+        assert f"trial {trial.number} was left running by a process that is gone: marked FAIL" in said

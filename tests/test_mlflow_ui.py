@@ -8,9 +8,13 @@ import pytest
 from PIL import Image
 
 from conftest import STUDY_EPOCHS, TINY_VAL
-from mnist_hpo import mnist_files
-from mnist_hpo.config import TrainConfig
-from mnist_hpo.devtools.mlflow_ui import (
+from experiment.data import DATASETS
+from experiment.search import EXPERIMENT
+from experiment.settings import Settings
+from machinery.options import TuneOptions
+from machinery.tracking import connect
+from machinery.tuning import tune
+from workbench.mlflow_ui import (
     SCORE_COLUMNS,
     chromium_page,
     chromium_path,
@@ -19,11 +23,10 @@ from mnist_hpo.devtools.mlflow_ui import (
     screenshot_runs_table,
     serve,
 )
-from mnist_hpo.tracking import connect
-from mnist_hpo.tuning import tune
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.slow,
     pytest.mark.skipif(
         chromium_path() is None, reason="Chromium is not installed (apt-get install chromium); .ci/run installs it"
     ),
@@ -39,12 +42,13 @@ def shown(tiny_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shown")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)  # MLflow puts this SQLite store's artifacts in ./mlruns
-        for name, md5 in md5s.items():
-            patch.setitem(mnist_files.MNIST_MD5, name, md5)
+        for dataset, files in md5s.items():
+            patch.setattr(DATASETS[dataset], "files", files)
         tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "shown")
-        base = TrainConfig(max_epochs=STUDY_EPOCHS, val_size=TINY_VAL)
-        session = tune(tracker, f"sqlite:///{folder / 'optuna.db'}", "pictured", 3, 1, base=base,
-                       data_dir=str(data_dir), accelerator="cpu")  # fmt: skip
+        settings = Settings(max_epochs=STUDY_EPOCHS, val_size=TINY_VAL, data_dir=str(data_dir))
+        options = TuneOptions(n_trials=3, workers=1, study_name="pictured", storage=f"sqlite:///{folder / 'optuna.db'}",
+                              accelerator="cpu").resolved(settings)  # fmt: skip
+        session = tune(EXPERIMENT, settings, options, lambda: tracker)
     with serve(tracker.tracking_uri) as url:
         yield session.study, tracker, url
 

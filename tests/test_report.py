@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mnist_hpo.report import groups_markdown, replace_blocks, top_trials_markdown, write_figures
-from mnist_hpo.tuning import tune
+from machinery.report import groups_markdown, replace_blocks, top_trials_markdown, write_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
 def small_study(study_env):
-    tracker, storage, settings = study_env
-    return tune(tracker, storage, "report", n_trials=3, workers=1, **settings).study, tracker
+    return study_env("report", n_trials=3).study, study_env.tracker
 
 
 def test_figures_are_written_as_png(small_study, tmp_path):

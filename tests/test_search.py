@@ -1,39 +1,47 @@
-"""The search space: one declaration from which a trial's configuration, its console line, the
-summary, the README's tables, the CSV and the plots all follow."""
+"""The search space: one declaration in the experiment, from which a trial's settings, its
+console line, the summary, the README's tables, the CSV, the plots and the study's definition
+all follow."""
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import optuna
 import pandas as pd
 import pytest
-from optuna.distributions import FloatDistribution
 from optuna.trial import FixedTrial
 
-from conftest import with_base
-from mnist_hpo import search
-from mnist_hpo.config import TrainConfig
-from mnist_hpo.plots import study_figures
-from mnist_hpo.report import groups_markdown, searched_params, top_trials_markdown
-from mnist_hpo.results import top_trials_table
-from mnist_hpo.search import SEARCH_SPACE, suggest_config
-from mnist_hpo.trial import RUN_ATTR, TrialReport
-from mnist_hpo.tuning import tune
+from conftest import ROOT, tune_args
+from experiment.search import SEARCH_SPACE, objective
+from experiment.settings import Settings
+from machinery.plots import study_figures
+from machinery.report import groups_markdown, searched_params, top_trials_markdown
+from machinery.trial import TrialReport
 
 
-def test_every_searched_name_is_a_setting_of_one_training_run():
-    assert set(SEARCH_SPACE) <= {field.name for field in dataclasses.fields(TrainConfig)}
+def test_every_searched_name_is_a_setting_of_one_run():
+    assert set(SEARCH_SPACE) <= {field.name for field in dataclasses.fields(Settings)}
 
 
-def test_a_trial_trains_its_point_of_the_space_from_a_seed_of_its_own():
-    base = TrainConfig(max_epochs=3, val_size=500, seed=10)
+def test_the_objective_suggests_builds_fits_and_returns_from_a_seed_of_its_own():
+    base = Settings(max_epochs=3, val_size=500, seed=10)
+    fitted = []
+
+    class Result:
+        val_loss = 0.25
+
+    def fit(model, data, settings):
+        fitted.append((model, data, settings))
+        return Result
+
     trial = FixedTrial({"batch_size": 128, "hidden_dim": 300, "lr": 3e-3}, number=7)
-    assert suggest_config(trial, base) == TrainConfig(
-        batch_size=128, hidden_dim=300, lr=3e-3, max_epochs=3, val_size=500, seed=17
-    )
+    assert objective(trial, base, fit) == 0.25
+    [(model, data, settings)] = fitted
+    assert settings == Settings(batch_size=128, hidden_dim=300, lr=3e-3, max_epochs=3, val_size=500, seed=17)
+    assert data.batch_size == 128 and model.hparams.lr == 3e-3 and model.net[1][1].out_features == 300
     with pytest.raises(ValueError, match=r"100.* not in \(32, 64, 128, 256\)"):
-        suggest_config(FixedTrial({"batch_size": 100, "hidden_dim": 300, "lr": 3e-3}), base)
+        objective(FixedTrial({"batch_size": 100, "hidden_dim": 300, "lr": 3e-3}), base, fit)
 
 
 def test_a_trial_says_how_it_ended_in_one_aligned_line():
@@ -49,40 +57,55 @@ def test_a_trial_says_how_it_ended_in_one_aligned_line():
     )
 
 
-def test_a_fourth_hyperparameter_reaches_every_table_plot_and_line(study_env, monkeypatch, capsys, tmp_path):
-    """Adding weight decay to the space is all it takes: it is a TrainConfig field the model uses."""
-    tracker, storage, settings = study_env
-    wider = {**SEARCH_SPACE, "weight_decay": FloatDistribution(1e-4, 1e-1, log=True)}
-    monkeypatch.setattr(search, "SEARCH_SPACE", wider)
-    session = tune(tracker, storage, "wider", n_trials=3, workers=1, **with_base(settings, max_epochs=1))
-    trials = session.study.trials
-    out = capsys.readouterr().out
+WIDER = '    "weight_decay": FloatDistribution(1e-4, 1e-1, log=True),\n'
 
-    for trial in trials:
+
+def test_a_fourth_hyperparameter_is_one_line_in_the_space(run_script, tiny_data, tmp_path):
+    """As a user would: one line added to SEARCH_SPACE, in a copy of the experiment, and the
+    same command; every table, plot, CSV column and the study's definition follow."""
+    copy = tmp_path / "mine"
+    shutil.copytree(ROOT / "src" / "experiment", copy / "experiment")
+    search = copy / "experiment" / "search.py"
+    source = search.read_text()
+    assert source.count('    "lr": FloatDistribution(1e-4, 1e-1, log=True),\n') == 1
+    search.write_text(source.replace('    "lr": FloatDistribution(1e-4, 1e-1, log=True),\n',
+                                     '    "lr": FloatDistribution(1e-4, 1e-1, log=True),\n' + WIDER))  # fmt: skip
+
+    args = tune_args(tiny_data[0], "--n-trials", "3", "--workers", "1", "--max-epochs", "1")
+    result = run_script("tune.py", *args, env={"PYTHONPATH": str(copy)})
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    out = result.stdout
+    for trial in study.trials:
         decay = trial.params["weight_decay"]
-        assert 1e-4 <= decay <= 1e-1
-        # Each trial trained with its own value, and said so in its line.
-        assert float(tracker.params(trial.user_attrs[RUN_ATTR])["weight_decay"]) == pytest.approx(decay)
+        assert 1e-4 <= decay <= 1e-1 and trial.user_attrs["settings"]["weight_decay"] == decay  # trained with it
         assert f"trial {trial.number:>3} COMPLETE" in out and f"weight_decay={decay:.2e}" in out
-    header = top_trials_table(session.study).splitlines()[0].split()
-    assert header[3:7] == ["batch_size", "hidden_dim", "lr", "weight_decay"] and header[0] == "trial"
-    assert header[3:7] == out.split("\nstudy 'wider'")[1].splitlines()[1].split()[3:7]  # the summary printed it
+    summary = out.split("\nstudy 'mnist-mlp'")[1].splitlines()
+    assert summary[1].split()[3:7] == ["batch_size", "hidden_dim", "lr", "weight_decay"]
     assert "weight_decay=" in out.split("best: trial")[1].splitlines()[0]
 
-    assert top_trials_markdown(session.study).splitlines()[0].split(" | ")[6] == "weight_decay"
-    assert list(searched_params(session.study)) == ["batch_size", "hidden_dim", "lr", "weight_decay"]
-    rows = groups_markdown(session.study, "weight_decay").splitlines()
+    definition = study.user_attrs["definition"]
+    assert "weight_decay" in definition["space"] and "weight_decay" not in definition["settings"]
+    assert top_trials_markdown(study).splitlines()[0].split(" | ")[6] == "weight_decay"
+    assert list(searched_params(study)) == ["batch_size", "hidden_dim", "lr", "weight_decay"]
+    rows = groups_markdown(study, "weight_decay").splitlines()
     assert rows[0].startswith("| weight_decay | trials |") and len(rows) == 2 + 4
-    assert sum(int(row.split("|")[2]) for row in rows[2:]) == len(trials)
+    assert sum(int(row.split("|")[2]) for row in rows[2:]) == len(study.trials)
+    slices = study_figures(study)["slice.png"]
+    assert "weight_decay" in {ax.get_xlabel() for ax in slices.axes}
 
-    parent = tracker.client.get_run(session.parent_run_id)
-    best = min(trials, key=lambda t: t.value)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [parent] = client.search_runs(["1"], "tags.`mlflow.runName` = 'mnist-mlp'")
+    best = min(study.trials, key=lambda t: t.value)
     assert float(parent.data.tags["best.weight_decay"]) == pytest.approx(best.params["weight_decay"])
-    csv = pd.read_csv(tracker.download_artifact(session.parent_run_id, "trials.csv", tmp_path))
+    csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
     assert "params_weight_decay" in csv.columns
 
-    slices = study_figures(session.study)["slice.png"]
-    assert "weight_decay" in {ax.get_xlabel() for ax in slices.axes}
+    # The study now searches another space: the experiment as shipped may not continue it.
+    again = run_script("tune.py", *args)
+    assert again.returncode == 2 and "searched another space" in again.stderr and "weight_decay" in again.stderr
 
 
 def test_the_groups_of_a_numeric_parameter_hold_every_value_once():

@@ -19,10 +19,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import TINY_TEST, TINY_VAL, read_trials, tiny_images, wait_for
-from mnist_hpo.devtools.servers import mlflow_server, postgres, postgres_bin, scratch_folder
+from workbench.servers import mlflow_server, postgres, postgres_bin, scratch_folder
 
 pytestmark = [
     pytest.mark.servers,
+    pytest.mark.slow,
     pytest.mark.skipif(
         postgres_bin() is None, reason="PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it"
     ),

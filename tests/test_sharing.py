@@ -4,6 +4,7 @@ empty folder, they end with one study, one parent run, and no twin trials."""
 from __future__ import annotations
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tune_args
@@ -19,6 +20,7 @@ def start_together(run_script, commands: list[list[str]]) -> list[tuple[int, str
     return ended
 
 
+@pytest.mark.slow
 def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_run(run_script, tiny_data, tmp_path):
     data_dir, _ = tiny_data
     command = tune_args(data_dir, "--n-trials", "1", "--workers", "1", "--max-epochs", "1")
@@ -26,8 +28,8 @@ def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_r
         assert code == 0 and "Traceback" not in stderr and "error" not in stderr, stderr
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert optuna.study.get_all_study_names(storage) == ["mnist"]
-    trials = optuna.load_study(study_name="mnist", storage=storage).trials
+    assert optuna.study.get_all_study_names(storage) == ["mnist-mlp"]
+    trials = optuna.load_study(study_name="mnist-mlp", storage=storage).trials
     assert sorted(t.number for t in trials) == [0, 1, 2] and {t.state.name for t in trials} == {"COMPLETE"}
     # Three processes at the same point of the same study: seeded alike, they proposed twins.
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
@@ -46,7 +48,7 @@ def test_every_storage_call_optunas_cache_makes_is_retried_while_a_server_blinks
 
     from optuna.storages import _cached_storage
 
-    from mnist_hpo.studies import PatientStorage
+    from machinery.studies import PatientStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
     called -= {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}  # settings, no query

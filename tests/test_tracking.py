@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from mnist_hpo import tracking
-from mnist_hpo.tracking import RetryingClient, connect
+from machinery import tracking
+from machinery.tracking import RetryingClient, connect
 
 
 def locked_then(method, failures: int, calls: list):

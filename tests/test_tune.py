@@ -1,4 +1,4 @@
-"""Studies: scripts/tune.py and the session behind it, on the tiny synthetic data."""
+"""Studies: the session behind scripts/tune.py, on the tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import STUDY_EPOCHS, with_base
-from mnist_hpo import workers
-from mnist_hpo.tuning import tune
+from conftest import STUDY_EPOCHS
+from machinery import workers
 
 
 def runs_of(client: MlflowClient, experiment: str = "tune-tests"):
@@ -23,10 +22,10 @@ def children_and_parents(runs):
 
 
 def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
-    tracker, storage, settings = study_env
-    session = tune(tracker, storage, "small", n_trials=3, workers=1, **settings)
+    session = study_env("small", n_trials=3)
+    tracker = study_env.tracker
 
-    study = optuna.load_study(study_name="small", storage=storage)
+    study = optuna.load_study(study_name="small", storage=study_env.storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     children, parents = children_and_parents(runs_of(tracker.client))
     [parent] = parents
@@ -41,6 +40,8 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
         assert {k: run.data.params[k] for k in ("batch_size", "hidden_dim")} == {
             k: str(trial.params[k]) for k in ("batch_size", "hidden_dim")
         }
+        # Each trial trained from a seed of its own, as the objective says, and records it.
+        assert trial.user_attrs["settings"]["seed"] == trial.number and run.data.params["seed"] == str(trial.number)
         for name in ("train_loss", "val_loss", "val_acc"):
             assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, name)] == list(
                 range(STUDY_EPOCHS)
@@ -56,6 +57,7 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
     assert parent.data.tags["best_trial"] == str(best.number)
     assert parent.data.tags["best.hidden_dim"] == str(best.params["hidden_dim"])
     assert parent.data.metrics["test_acc"] == pytest.approx(session.test["test_acc"])
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
     artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
     assert "trials.csv" in artifacts
     plots = {a.path for a in tracker.client.list_artifacts(parent.info.run_id, "plots")}
@@ -68,14 +70,13 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
 
 
 def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, monkeypatch):
-    tracker, storage, settings = study_env
     always = optuna.pruners.ThresholdPruner(upper=-1.0)  # every val_loss is above -1: prune at once
-    monkeypatch.setattr(workers, "make_pruner", lambda pruning: always)  # one worker: this process
-    tune(tracker, storage, "pruned", n_trials=2, workers=1, **with_base(settings, max_epochs=3))
-    study = optuna.load_study(study_name="pruned", storage=storage)
+    monkeypatch.setattr(workers, "make_pruner", lambda *args: always)  # one worker: this process
+    study_env("pruned", n_trials=2, max_epochs=3)
+    study = optuna.load_study(study_name="pruned", storage=study_env.storage)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
     assert all(len(t.intermediate_values) == 1 for t in study.trials)
-    children, [parent] = children_and_parents(runs_of(tracker.client))
+    children, [parent] = children_and_parents(runs_of(study_env.tracker.client))
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
         assert run.data.tags["pruned"].startswith("pruned after epoch 0")
@@ -84,36 +85,46 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value")
 def test_a_diverging_trial_fails_and_the_study_goes_on(study_env, capsys):
-    tracker, storage, settings = study_env
-    study = optuna.create_study(study_name="nan", storage=storage)
+    study = optuna.create_study(study_name="nan", storage=study_env.storage)
     study.enqueue_trial({"batch_size": 32, "hidden_dim": 64, "lr": 1e6})  # NaN after one epoch
-    tune(tracker, storage, "nan", n_trials=2, workers=1, **settings)
-    failed, complete = optuna.load_study(study_name="nan", storage=storage).trials
+    study_env("nan", n_trials=2)
+    failed, complete = optuna.load_study(study_name="nan", storage=study_env.storage).trials
     assert failed.state == TrialState.FAIL and "val_loss is nan" in failed.user_attrs["fail_reason"]
     assert complete.state == TrialState.COMPLETE
-    run = tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
+    run = study_env.tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "val_loss is nan" in run.data.tags["error"]
     assert "trial   0 FAIL" in capsys.readouterr().out
 
 
 def test_running_again_continues_the_study_under_the_same_parent(study_env):
-    tracker, storage, settings = study_env
-    first = tune(tracker, storage, "again", n_trials=2, workers=1, **settings)
-    second = tune(tracker, storage, "again", n_trials=2, workers=1, **settings)
-    assert optuna.study.get_all_study_names(storage) == ["again"]
-    study = optuna.load_study(study_name="again", storage=storage)
+    first = study_env("again", n_trials=2)
+    second = study_env("again", n_trials=2)
+    assert optuna.study.get_all_study_names(study_env.storage) == ["again"]
+    study = optuna.load_study(study_name="again", storage=study_env.storage)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert second.parent_run_id == first.parent_run_id
-    children, parents = children_and_parents(runs_of(tracker.client))
+    children, parents = children_and_parents(runs_of(study_env.tracker.client))
     assert len(parents) == 1 and len(children) == 4 and parents[0].info.status == "FINISHED"
     # The continued session did not replay the first one's proposals.
     assert study.trials[2].params != study.trials[0].params
 
 
 def test_one_worker_and_the_same_seed_replay_the_same_study(study_env):
-    tracker, storage, settings = study_env
     for name in ("replay-a", "replay-b"):
-        tune(tracker, storage, name, n_trials=3, workers=1, **with_base(settings, seed=11))
-    a, b = (optuna.load_study(study_name=name, storage=storage).trials for name in ("replay-a", "replay-b"))
+        study_env(name, n_trials=3, seed=11)
+    a, b = (optuna.load_study(study_name=name, storage=study_env.storage).trials for name in ("replay-a", "replay-b"))
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.value for t in a] == [t.value for t in b]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "pruner"), [("tpe", "hyperband"), ("tpe", "halving"), ("gp", "median"), ("random", "median")]
+)
+def test_every_sampler_and_pruner_runs_a_study_and_is_recorded(study_env, sampler, pruner):
+    session = study_env(f"{sampler}-{pruner}", n_trials=2, options={"sampler": sampler, "pruner": pruner})
+    assert {t.state for t in session.study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len(session.study.trials) == 2
+    definition = session.study.user_attrs["definition"]["search"]
+    assert definition == {"sampler": sampler, "pruner": pruner}
+    parent = study_env.tracker.client.get_run(session.parent_run_id)
+    assert (parent.data.params["sampler"], parent.data.params["pruner"]) == (sampler, pruner)

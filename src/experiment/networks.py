@@ -1,0 +1,59 @@
+"""The networks: plain torch modules that map a batch of images to class scores (logits).
+
+Each is built as ``Net(input_shape, num_classes, hidden_dim)``, so that the search space applies
+to all of them, and registered in NETWORKS under the name ``--model`` takes. Yours: write the
+class, add one line to NETWORKS (or, from a file of your own, ``NETWORKS["name"] = Net``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Sequential):
+    """The student's network: Flatten -> Linear(pixels, hidden_dim) -> ReLU -> Linear(hidden_dim, classes)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int):
+        super().__init__(
+            nn.Flatten(),
+            nn.Linear(math.prod(input_shape), hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+
+class CNN(nn.Sequential):
+    """LeNet-5's shape: two 5x5 convolutions (6 and 16 channels), each followed by ReLU and 2x2
+    max pooling, then a fully connected layer of hidden_dim units and the classifier."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int):
+        channels, height, width = input_shape
+        super().__init__(
+            nn.Conv2d(channels, 6, kernel_size=5, padding=2),  # 28x28 stays 28x28
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5),  # 14x14 -> 10x10
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * ((height // 2 - 4) // 2) * ((width // 2 - 4) // 2), hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+
+NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std: put in front of a network, it takes pixels in [0, 1] as they are, and so
+    does the model that MLflow logs: a user's picture needs no other preprocessing."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std

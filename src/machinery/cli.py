@@ -1,0 +1,294 @@
+"""Command-line plumbing shared by the scripts: flags made from the fields of the experiment's
+settings and of the options, every check made before any work starts, and every error as one
+line that names the flag.
+
+A field's metadata says what its flag needs: ``help``; ``minimum`` and ``maximum`` (numbers are
+otherwise at least 1 if whole, above 0 if not); ``choices``, a list, or a registry named as
+"module:NAME" and imported once the other flags are checked (it may import torch); ``flag``,
+another name for the flag. A switch that is on by default gets a ``--no-`` flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import sys
+import typing
+from collections.abc import Callable
+
+from machinery.contract import SettingError
+from machinery.imports import import_files
+from machinery.options import flag
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: no usage block above them."""
+
+    def __init__(self, doc: str, **kwargs):
+        summary, _, details = doc.strip().partition("\n")
+        super().__init__(
+            description=summary, epilog=details.strip(), formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+        )
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(
+    kind: type, minimum: float, inclusive: bool, what: str, maximum: float = math.inf
+) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or not (value >= minimum if inclusive else value > minimum) or value > maximum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1, True, "a whole number of at least 1")
+positive_float = _number(float, 0, False, "a number greater than 0")
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the value is empty")
+    return text
+
+
+def _number_type(field: dataclasses.Field, integer: bool) -> Callable[[str], float]:
+    """A whole number of at least 1, or a number above 0, unless the metadata sets other bounds."""
+    minimum = field.metadata.get("minimum", 1 if integer else 0)
+    inclusive = integer or "minimum" in field.metadata
+    maximum = field.metadata.get("maximum", math.inf)
+    if maximum < math.inf:
+        bounds = f"from {minimum} to {maximum}"
+    else:
+        bounds = f"of at least {minimum}" if inclusive else f"greater than {minimum}"
+    what = f"{'a whole number' if integer else 'a number'} {bounds}"
+    return _number(int if integer else float, minimum, inclusive, what, maximum)
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        kinds = set(typing.get_args(kind)) - {type(None)} or {kind}
+        help_ = field.metadata["help"]
+        if kind is bool:
+            name = flag(field) if not field.default else f"--no-{field.name.replace('_', '-')}"
+            action = "store_false" if field.default else "store_true"
+            parser.add_argument(name, dest=field.name, action=action, help=help_)
+            continue
+        if typing.get_origin(kind) is tuple:
+            parser.add_argument(flag(field), dest=field.name, action="append", default=[], metavar="FILE", help=help_)
+            continue
+        if kinds <= {int, float}:
+            parse = _number_type(field, integer=int in kinds)
+        else:
+            parse = _text
+        choices = field.metadata.get("choices")
+        listed = choices if isinstance(choices, (tuple, list)) else None
+        default = "" if field.default is None else " (default: %(default)s)"
+        parser.add_argument(flag(field), dest=field.name, type=parse, choices=listed, default=field.default,
+                            help=help_ + default)  # fmt: skip
+
+
+def parse(doc: str, settings_class: type, options_class: type, argv: list[str] | None = None):
+    """The experiment's settings and the options, from the command line: ``(parser, settings,
+    options)``, the options' defaults that follow the settings filled in. Every flag is checked
+    here; a registry's choices only after the files of --import are imported."""
+    parser = Parser(doc)
+    _add_flags(parser, settings_class)
+    _add_flags(parser, options_class)
+    args = parser.parse_args(argv)
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
+    options = options_class(**{f.name: values[f.name] for f in dataclasses.fields(options_class)})
+    import_files(parser, options.imports)
+    settings = settings_class(**{f.name: values[f.name] for f in dataclasses.fields(settings_class)})
+    for obj in (settings, options):
+        _check_registries(parser, obj)
+    return parser, settings, options.resolved(settings)
+
+
+def _check_registries(parser: argparse.ArgumentParser, obj) -> None:
+    for field in dataclasses.fields(obj):
+        choices = field.metadata.get("choices")
+        if isinstance(choices, str):
+            module, _, name = choices.partition(":")
+            names = list(getattr(importlib.import_module(module), name))
+            if getattr(obj, field.name) not in names:
+                parser.error(
+                    f"argument {flag(field)}: invalid choice: {getattr(obj, field.name)!r} "
+                    f"(choose from {', '.join(map(repr, names))})"
+                )
+
+
+def setting_error(parser: argparse.ArgumentParser, settings, error: SettingError):
+    """An experiment's SettingError, as the one line that names its flag."""
+    field = next((f for f in dataclasses.fields(settings) if f.name == error.setting), None)
+    name = flag(field) if field else f"--{error.setting.replace('_', '-')}"
+    parser.error(f"argument {name}: {error}")
+
+
+def check_accelerator(parser: argparse.ArgumentParser, accelerator: str) -> None:
+    if accelerator in ("auto", "cpu"):
+        return  # always there; no need to start torch to know
+    import torch
+
+    available = {
+        "gpu": torch.cuda.is_available() or torch.backends.mps.is_available(),
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(accelerator, True):
+        parser.error(f"argument --accelerator: {accelerator!r} is not available on this machine")
+
+
+def check_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None) -> str:
+    """The tracking URI to use (the flag's, MLFLOW_TRACKING_URI, or MLflow's default), checked
+    without creating anything."""
+    from machinery.stores import StoreUnusable, check_tracking_uri
+    from machinery.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(uri)
+    except StoreUnusable as error:
+        parser.error(f"{_tracking_source(tracking_uri)}: {error}")
+    return uri
+
+
+def _tracking_source(tracking_uri: str | None) -> str:
+    """Where the tracking URI came from, as an error names it."""
+    if tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        return "environment variable MLFLOW_TRACKING_URI"
+    return "argument --tracking-uri"
+
+
+def check_storage(parser: argparse.ArgumentParser, url: str) -> None:
+    """The Optuna storage URL, checked without creating anything."""
+    from machinery.stores import StoreUnusable, check_database
+
+    try:
+        check_database(url)
+    except StoreUnusable as error:
+        parser.error(f"argument --storage: {error}")
+
+
+def check_memory(parser: argparse.ArgumentParser, experiment, settings) -> None:
+    """Refuse settings whose training cannot fit in this machine's memory, naming the setting
+    whose smallest value would make it fit."""
+    from machinery import memory
+
+    try:
+        available, needed = memory.available_bytes(), memory.bytes_to_train(experiment, settings)
+    except SettingError as error:
+        setting_error(parser, settings, error)
+    if available is None or needed <= available:
+        return
+    field = memory.to_blame(experiment, settings, available)
+    parser.error(
+        f"argument {flag(field)}: {getattr(settings, field.name)} needs about {memory.gigabytes(needed)} of memory "
+        f"to train; this machine has {memory.gigabytes(available)} available"
+    )
+
+
+def check_workers(parser: argparse.ArgumentParser, experiment, settings, options) -> int:
+    """How many workers to start: never more than trials, never more than fit in memory (the
+    default takes what fits; an explicit --workers that does not fit is refused), and a
+    warning where they outnumber the cores."""
+    from machinery import memory
+    from machinery.workers import available_cores, default_workers
+
+    wanted = min(options.workers or default_workers(), options.n_trials)
+    each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings))
+    available = memory.available_bytes()
+    fit = wanted if available is None else (available - memory.PROCESS_BYTES) // each
+    if fit < 1:
+        parser.error(f"argument --workers: not even one worker fits: it needs about {memory.gigabytes(each)}")
+    if wanted > fit:
+        if options.workers is None:
+            return fit
+        parser.error(
+            f"argument --workers: {wanted} workers need about {memory.gigabytes(each * wanted)} of memory "
+            f"({memory.gigabytes(each)} each); {memory.gigabytes(available)} is available: use --workers {fit} or fewer"
+        )
+    if wanted > available_cores():
+        print(
+            f"{parser.prog}: warning: {wanted} workers share {available_cores()} cores; one per core trains as many "
+            "epochs a second with less memory",
+            file=sys.stderr,
+        )
+    return wanted
+
+
+def prepare_data(parser: argparse.ArgumentParser, experiment, settings) -> str:
+    """Make the data present and verified (fetched on first use), before any store is touched;
+    return where it came from. Unusable data ends the command in one line."""
+    from machinery.files import DataUnavailable
+
+    _, data = experiment.build(settings)
+    try:
+        data.prepare_data()
+    except SettingError as error:
+        setting_error(parser, settings, error)
+    except DataUnavailable as error:
+        fail(parser.prog, str(error))
+    return data.source
+
+
+def connect_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None, experiment_name: str):
+    """Open the checked tracking store and the experiment, creating them on first use."""
+    from machinery.tracking import TrackingUnavailable, connect
+
+    try:
+        return connect(tracking_uri, experiment_name)
+    except TrackingUnavailable as error:
+        parser.error(f"{_tracking_source(tracking_uri)}: {error}")
+
+
+def fail(prog: str, message: str, code: int = 1):
+    """Leave with one line on stderr: the run's own error, not a traceback."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def add_picture_flags(parser: argparse.ArgumentParser, default_study: str) -> None:
+    """The flags of the scripts that picture a finished study: which one, and where to write."""
+    from machinery.options import TuneOptions
+
+    storage = next(f.default for f in dataclasses.fields(TuneOptions) if f.name == "storage")
+    parser.add_argument("--study-name", default=default_study, help="the study (default: %(default)s)")
+    parser.add_argument("--storage", default=storage, help="its Optuna storage (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default=None, help="its MLflow store (default: as tune.py's)")
+    parser.add_argument("--out", default="img", help="where the pictures go (default: %(default)s)")
+
+
+def load_study(parser: argparse.ArgumentParser, storage: str, study_name: str):
+    """A finished study to picture, with at least one complete trial; else one line naming the flag."""
+    import optuna
+
+    from machinery.stores import public, reason
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        parser.error(f"argument --study-name: no study {study_name!r} in {public(storage)}")
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        parser.error(f"argument --storage: cannot open {public(storage)!r}: {reason(error, storage)}")
+    if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        parser.error(f"argument --study-name: study {study_name!r} has no complete trial yet")
+    return study
+
+
+def check_registered_model(parser: argparse.ArgumentParser, name: str) -> None:
+    if set("'\"") & set(name):
+        parser.error("argument --registered-model: give a name without quotes")

@@ -1,0 +1,50 @@
+"""What the machinery is handed: an :class:`Experiment`, and what it expects of its parts.
+
+The machinery never imports an experiment: the scripts hand one over. It knows a run's
+settings, model and data only through what is written here, so that any data set, network or
+search space that keeps to it trains, tunes, tracks and registers unchanged.
+
+**The settings** (``Experiment.settings``): a frozen dataclass, every field with a default and a
+``help`` in its metadata (each field is a flag; see machinery.cli for the rest of the metadata).
+The machinery reads by name only ``seed`` (the sampler's), ``max_epochs`` (the Trainer's), and
+two properties: ``task`` (what models are compared on: it names the MLflow experiments and the
+registered model) and ``study`` (the default study name).
+
+**The LightningModule** that ``build`` returns: ``forward`` maps a batch of inputs to outputs
+(it is the model MLflow logs); ``example_input_array`` (Lightning's) is one input; it logs
+``val_loss`` (what a study minimizes and what picks the best epoch) and ``val_acc`` each
+validation epoch, and ``test_loss`` and ``test_acc`` in testing; ``training_step(batch,
+batch_idx)`` returns the loss, so that machinery.speed can carry several batches per step.
+
+**The LightningDataModule**: batches are ``(inputs, targets)``; ``prepare_data`` makes the data
+present and verified and sets ``source`` (where it came from, in a few words); ``name`` names
+the data set, ``fingerprint`` identifies its files (a study refuses other data), and
+``largest_batch`` is the most examples one step holds (the memory check sizes by it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.distributions import BaseDistribution
+
+
+@dataclass(frozen=True)
+class Experiment:
+    settings: type  # the settings' class: Settings() is the default run
+    # settings -> (LightningModule, LightningDataModule), the initial weights drawn from settings.seed
+    build: Callable[[Any], tuple[Any, Any]]
+    search_space: Mapping[str, BaseDistribution]  # the searched settings, by name
+    # (trial, settings, fit) -> the value a study minimizes; fit(model, data, settings) trains and tracks
+    objective: Callable[..., float]
+
+
+class SettingError(ValueError):
+    """A setting that cannot be used, raised by an experiment (its build, or its data module's
+    prepare_data): the scripts say so in one line that names the setting's flag."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting

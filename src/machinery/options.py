@@ -1,0 +1,89 @@
+"""How a command runs, beyond the experiment's settings: every option with its default, once.
+
+Each field is a flag, made by machinery.cli as the experiment's settings are: ``--tracking-uri``
+for tracking_uri, ``--no-pruning`` for a switch that is on by default. A default of None is
+filled in from the settings by :meth:`Options.resolved` (the MLflow experiment, the study, the
+registered model follow the settings' task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from machinery.samplers import PRUNERS, SAMPLERS
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def option(default, help: str, **more):
+    """A field with its flag's help text, and bounds or choices where the usual do not fit."""
+    return field(default=default, metadata={"help": help, **more})
+
+
+def flag(field: dataclasses.Field) -> str:
+    """The flag of a field: ``--tracking-uri`` for tracking_uri."""
+    return field.metadata.get("flag", f"--{field.name.replace('_', '-')}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """train.py's options, which tune.py shares."""
+
+    experiment: str | None = option(None, "MLflow experiment (default: TASK-train, TASK-tune for tune.py)")
+    tracking_uri: str | None = option(
+        None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default: sqlite:///mlflow.db here)"
+    )
+    accelerator: str = option("auto", "where to train", choices=ACCELERATORS)
+    minibatches_per_step: int = option(
+        16, "minibatches that one Lightning step carries, each its own optimizer step; 1: Lightning's own loop"
+    )
+    imports: tuple[str, ...] = option(
+        (), "a Python file to import first, with a data set or network of your own registered in it", flag="--import"
+    )
+
+    def resolved(self, settings) -> Options:
+        """These options with each default that follows the settings filled in."""
+        return dataclasses.replace(self, experiment=self.experiment or f"{settings.task}-train")
+
+
+@dataclass(frozen=True)
+class TuneOptions(Options):
+    """tune.py's options."""
+
+    n_trials: int = option(50, "trials to add to the study")
+    timeout: float | None = option(
+        None,
+        "the study's wall time in seconds, counted from the command's start: no trial starts after it but "
+        "each worker's first, and the running ones finish",
+    )
+    study_name: str | None = option(None, "Optuna study to create or continue (default: DATASET-MODEL)")
+    storage: str = option("sqlite:///optuna.db", "Optuna storage URL")
+    workers: int | None = option(
+        None, "worker processes (default: one per core, at most 8, and no more than fit in memory)"
+    )
+    sampler: str = option("tpe", "how trials are proposed (docs/search.md compares them)", choices=tuple(SAMPLERS))
+    pruner: str = option("median", "how poor trials are stopped early", choices=PRUNERS)
+    pruning: bool = option(True, "train every trial for all its epochs")
+    verbose: bool = option(False, "show Lightning's progress bars inside trials, and tracebacks")
+    registered_model: str | None = option(
+        None,
+        "the Model Registry's model the tested best trial is registered as; its alias champion moves to it "
+        "when it is better than the champion (default: TASK-classifier)",
+    )
+    grace_period: int = option(
+        60,
+        "seconds a running trial may go without a heartbeat before it counts as dead, its machine gone, and "
+        "the next process to start a trial marks it FAIL",
+    )
+    server_patience: float = option(
+        120, "seconds to keep retrying a database or tracking server that does not answer, before the study stops"
+    )
+
+    def resolved(self, settings) -> TuneOptions:
+        return dataclasses.replace(
+            self,
+            experiment=self.experiment or f"{settings.task}-tune",
+            study_name=self.study_name or settings.study,
+            registered_model=self.registered_model or f"{settings.task}-classifier",
+        )

@@ -1,0 +1,140 @@
+"""The trained network as an MLflow model that anyone can use: logged with the run that made it
+(in that run's experiment), loadable through mlflow.pytorch and mlflow.pyfunc on any machine,
+and registered in the Model Registry with the alias ``champion`` on the best version so far.
+
+The format is MLflow's pt2 (``torch.export``): a self-contained graph that loads with torch
+alone, without this package and without unpickling code. A pt2 file holds its weights on the
+device it was exported on, and MLflow's pyfunc refuses to load it on another one: exported on a
+CPU, it would not load on a machine with CUDA, where pyfunc picks the GPU by default (seen on
+an H200). So the network is always exported from the CPU, and its pyfunc flavour is pinned to
+the CPU: it loads and predicts everywhere, and a network this small answers on a CPU in well
+under a millisecond, faster than a copy to a GPU and back would take. The model's metadata
+says which task it was trained for (its ``task``), so that a reader can prepare its input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from machinery.tracking import Tracker
+
+ALIAS = "champion"
+MODEL_NAME = "model"  # the logged model's name in its run
+
+
+class _CpuPinnedPyTorch:
+    """mlflow.pytorch as a flavour for ``Model.log``, whose pyfunc loads on the CPU everywhere."""
+
+    __name__ = "mlflow.pytorch"  # how MLflow records the flavour that logged it
+
+    @staticmethod
+    def save_model(path, mlflow_model, **kwargs) -> None:
+        import mlflow.pytorch
+
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.flavors["python_function"]["model_config"] = {"device": "cpu"}
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def log_model(tracker: Tracker, run_id: str, model, data, task: str) -> str:
+    """Log ``model`` (its forward, on the CPU) as the model of the run ``run_id``, in the run's
+    experiment, with the first five inputs of ``data``'s test split as its example; return its
+    model id, so that ``models:/<id>`` loads it."""
+    import mlflow
+    import torch
+    from mlflow.models import Model, infer_signature
+
+    data.setup("test")
+    example = next(iter(data.test_dataloader()))[0][:5].cpu().numpy()
+    module = model.cpu().eval()
+    with torch.no_grad():
+        output = module(torch.from_numpy(example)).numpy()
+    # log_model works through MLflow's fluent API: its store, and the experiment the logged
+    # model belongs to (without this, MLflow's Default experiment, 0, not the run's).
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mlflow.set_experiment(experiment_id=tracker.experiment_of(run_id))
+    info = Model.log(
+        artifact_path=None,  # MLflow 3 names a logged model instead
+        name=MODEL_NAME,
+        flavor=_CpuPinnedPyTorch,
+        run_id=run_id,
+        pytorch_model=module,
+        signature=infer_signature(example, output),
+        input_example=example,
+        serialization_format="pt2",
+        # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        metadata={"task": task},
+    )
+    return info.model_id
+
+
+def task_of(model_uri: str) -> str | None:
+    """The task a logged or registered model was trained for, as log_model recorded it."""
+    import mlflow
+
+    return (mlflow.models.get_model_info(model_uri).metadata or {}).get("task")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered version, and where the champion alias points now."""
+
+    name: str
+    version: int
+    champion: int
+    previous_champion: int | None
+    champion_val_loss: float
+
+    def line(self) -> str:
+        where = f"models:/{self.name}@{ALIAS}"
+        if self.champion == self.version:
+            was = "" if self.previous_champion is None else f", was version {self.previous_champion}"
+            return f"registered as {self.name} version {self.version}: now {where} (the best so far{was})"
+        return (
+            f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, "
+            f"whose val_loss {self.champion_val_loss:.4f} is lower"
+        )
+
+
+def register(
+    tracker: Tracker, model_id: str, name: str, tags: dict[str, object], val_loss: float, same: tuple[str, ...] = ()
+) -> Registered:
+    """Add the logged model ``model_id`` to the registered model ``name`` (created on first use),
+    with ``tags`` and its ``val_loss`` on the version, and point the alias at the version with
+    the lowest val_loss, which is this one when it is better than the champion. A version whose
+    ``same`` tags equal these (the same trial of the same study, registered by an earlier
+    session) is taken instead of a new one.
+
+    Judged over every version rather than against the champion alone, so that two studies that
+    register at the same moment agree on the result.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        client.create_registered_model(name, description="the best model of the studies that register here")
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version_tags = {**{k: str(v) for k, v in tags.items()}, "val_loss": repr(val_loss)}
+    versions = client.search_model_versions(f"name = '{name}'")
+    twins = [v for v in versions if same and all(v.tags.get(key) == version_tags[key] for key in same)]
+    if twins:
+        version = int(twins[0].version)
+    else:
+        source = f"models:/{model_id}"
+        version = int(client.create_model_version(name, source, tags=version_tags, model_id=model_id).version)
+        versions = client.search_model_versions(f"name = '{name}'")
+    try:
+        previous = int(client.get_model_version_by_alias(name, ALIAS).version)
+    except MlflowException:
+        previous = None
+    best = min((v for v in versions if "val_loss" in v.tags), key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
+    champion = int(best.version)
+    if champion != previous:
+        client.set_registered_model_alias(name, ALIAS, str(champion))
+    return Registered(name, version, champion, previous, float(best.tags["val_loss"]))

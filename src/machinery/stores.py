@@ -1,0 +1,169 @@
+"""The addresses of the two stores, an Optuna storage URL and an MLflow tracking URI: printed
+without their passwords; checked before anything is created, so that a command that fails on
+a bad address leaves no file, table or experiment behind; and created once, even when several
+processes start on an empty store at the same moment."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from machinery.files import unwritable
+
+T = TypeVar("T")
+
+# The database servers SQLAlchemy reaches, by URL scheme (before any +driver).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")
+# What MLflow accepts as a tracking URI here: a database, a tracking server, or a folder.
+TRACKING_SCHEMES = (*DATABASE_SCHEMES, "http", "https", "file")
+
+
+class StoreUnusable(ValueError):
+    """The address cannot be used: its message says why, in one line, without the password."""
+
+
+class ServerUnavailable(RuntimeError):
+    """A store stopped answering for longer than the patience allowed; the message names it,
+    without its password."""
+
+
+def create_once(url: str, create: Callable[[], T]) -> T:
+    """``create()`` opens the store at ``url``, making its tables on first use.
+
+    Two processes making the tables of one empty store at the same moment fail each other
+    (seen with two tune.py in an empty folder: "table datasets already exists", or an Alembic
+    migration that found its row gone). On SQLite, an exclusive flock on the database file
+    makes them take turns; a server database gets a few tries instead, since the loser's
+    transaction is rolled back whole and on its next try finds the tables made.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        for attempt in range(5):
+            try:
+                return create()
+            except Exception:  # noqa: BLE001 - the next try tells a race from a real error
+                if attempt == 4:
+                    raise
+                time.sleep(random.uniform(0.2, 1.0))
+    # An empty file is a valid new SQLite database. The flock is not one of SQLite's own
+    # (POSIX) locks; closing it drops those of this process on the file, which holds none
+    # outside a transaction, and none is open once create() returns.
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return create()
+
+
+def public(url: str) -> str:
+    """``url`` with its password, if any, replaced by ***: fit to print and to log."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user_and_password, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user_and_password.split(':', 1)[0]}:***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def scheme(url: str) -> str:
+    return urllib.parse.urlsplit(url).scheme.split("+")[0]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///...`` URL; None for another kind of store or an in-memory one."""
+    if scheme(url) != "sqlite":
+        return None
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    return Path(path.split("?", 1)[0]) if path and path != ":memory:" else None
+
+
+def check_database(url: str) -> None:
+    """A database URL that can be opened and written, checked without creating anything."""
+    kind = scheme(url)
+    if kind not in DATABASE_SCHEMES:
+        raise StoreUnusable(
+            f"{public(url)!r}: the scheme {kind!r} is not a database's (use sqlite:///FILE, or postgresql://...)"
+        )
+    path = sqlite_path(url)
+    if path is not None:
+        _check_sqlite_file(path)
+        return
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(kind))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - a missing driver, a refused connection, a bad password
+        raise StoreUnusable(f"cannot open {public(url)!r}: {reason(error, url)}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """An MLflow tracking URI that can be used, checked without creating anything."""
+    kind = scheme(uri) or "file"
+    if kind not in TRACKING_SCHEMES:
+        raise StoreUnusable(
+            f"the tracking URI's scheme {kind!r} is unknown ({public(uri)!r}): use sqlite:///FILE, "
+            "http://HOST:PORT of an mlflow server, or a database URL"
+        )
+    if kind in ("http", "https"):
+        try:
+            # MLflow's client retries an unreachable server for minutes; one probe says it now.
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except Exception as error:  # noqa: BLE001 - refused, unknown host, an HTTP error
+            why = reason(error, uri)
+            raise StoreUnusable(f"no MLflow tracking server answers at {public(uri)!r}: {why}") from None
+    elif kind == "file":
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise StoreUnusable(
+                f"{public(uri)!r} is a folder, and MLflow 3 refuses folder stores: use a database such as "
+                "sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"
+            )
+        folder = Path(urllib.parse.urlsplit(uri).path if uri.startswith("file:") else uri)
+        _check_writable_place(folder)
+    else:
+        check_database(uri)
+
+
+def _check_sqlite_file(path: Path) -> None:
+    if path.exists():
+        if path.is_dir():
+            raise StoreUnusable(f"{str(path)!r} is a folder, not a database file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StoreUnusable(f"{str(path)!r} is read-only: a study writes to it")
+        with open(path, "rb") as f:
+            header = f.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise StoreUnusable(f"{str(path)!r} is not a SQLite database")
+    # Nothing the user did not ask for is created: a folder that is not there is refused, as
+    # sqlite3 refuses it. SQLite writes a journal beside the database, so the folder must take
+    # new files too.
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise StoreUnusable(f"the folder {str(folder)!r} does not exist: create it, or name another")
+    _check_writable_place(folder)
+
+
+def _check_writable_place(folder: Path) -> None:
+    if why := unwritable(folder):
+        raise StoreUnusable(why)
+
+
+def _connect_timeout(kind: str) -> dict:
+    return {"connect_timeout": 10} if kind in ("postgresql", "mysql") else {}
+
+
+def reason(error: BaseException, *urls: str) -> str:
+    """The error's first line, never showing the password of any of ``urls``."""
+    text = str(getattr(error, "orig", None) or error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    for url in urls:
+        if password := urllib.parse.urlsplit(url).password:
+            line = line.replace(password, "***")
+    return line

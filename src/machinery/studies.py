@@ -1,0 +1,320 @@
+"""Where a study lives: its Optuna storage, the records kept with it, and the trials that a
+killed process left RUNNING.
+
+The default storage is ``sqlite:///optuna.db`` in the working directory. SQLite serializes
+writers; a trial writes a few rows per epoch, so the handful of workers one machine runs
+wait on each other for milliseconds, and the busy timeout below makes them wait instead of
+failing. Many machines share one PostgreSQL or MySQL server instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import itertools
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+
+import optuna
+import sqlalchemy.exc
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from machinery import stores
+from machinery.options import flag
+
+# How long a SQLite writer waits for another one before giving up, in seconds.
+SQLITE_BUSY_TIMEOUT = 120
+# The study's user attributes: its identity, what makes its trials comparable, and its MLflow
+# parent run in each tracking store.
+UID_ATTR, DEFINITION_ATTR, PARENT_RUN_ATTR = "uid", "definition", "mlflow_parent_run"
+# The trial's user attribute that names the process running it.
+WORKER_ATTR = "worker"
+# How long a process that finds a study just created by another one waits for its records.
+CREATOR_SECONDS = 30
+
+
+class StudyMismatch(ValueError):
+    """A continuation would mix trials trained differently; ``flag`` is the setting that differs."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+def open_storage(
+    url: str,
+    grace: int,
+    on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    patience: float = 0,
+) -> RDBStorage:
+    """An RDBStorage for ``url`` (SQLite, PostgreSQL, MySQL, ...), with heartbeats on: a trial
+    silent for ``grace`` seconds belongs to a dead worker (on any machine) and is marked failed
+    by the next worker to start a trial. It waits out a server that stops answering for up to
+    ``patience`` seconds."""
+    # pool_pre_ping: a connection that a database restart cut is replaced before it is used.
+    is_sqlite = url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if is_sqlite else {"pool_pre_ping": True}
+
+    def create() -> RDBStorage:
+        with warnings.catch_warnings():
+            # Heartbeats are "experimental" in Optuna 5, and relied on here knowingly.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return PatientStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=max(1, min(10, grace // 4)),
+                grace_period=grace,
+                heartbeat_stale_trial_callback=on_stale_trial,
+                patience=patience,
+            )
+
+    return stores.create_once(url, create)
+
+
+class PatientStorage(RDBStorage):
+    """An RDBStorage whose every call is made again, with growing pauses, while its database
+    server does not answer (a restart, a network blink), for up to ``patience`` seconds; then
+    it raises ServerUnavailable, which names the server.
+
+    A call that reached the server but whose answer was lost may run twice. Every call is an
+    upsert or a read but three: a trial created twice leaves one RUNNING trial without a worker,
+    which the clean-up fails after the grace period; a study created twice is found to exist;
+    and a trial's end recorded twice is taken as recorded.
+    """
+
+    def __init__(self, url: str, *, patience: float, **kwargs):
+        self._url, self._patience = url, patience
+        self._sqlite = url.startswith("sqlite")
+        self._down = False  # a call ran out of patience: the next ones try once, not for as long
+        super().__init__(url, **kwargs)
+
+    def _transient(self, error: BaseException) -> bool:
+        cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+        if self._sqlite:
+            return isinstance(cause, sqlalchemy.exc.DBAPIError) and "database is locked" in str(cause)
+        # A session whose connection a restart cut mid-transaction refuses every later use
+        # until it is rolled back; the retry starts from a new session (see _patient).
+        if isinstance(cause, sqlalchemy.exc.PendingRollbackError):
+            return True
+        if not isinstance(cause, sqlalchemy.exc.DBAPIError):
+            return False
+        return cause.connection_invalidated or isinstance(cause, _CONNECTION_ERRORS)
+
+
+_CONNECTION_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+
+
+def _patient(name: str, method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self: PatientStorage, *args, **kwargs):
+        if getattr(_inside, "active", False):  # a call made by another: the outer one retries
+            return method(self, *args, **kwargs)
+        deadline, pause = time.monotonic() + (0 if self._down else self._patience), 0.25
+        _inside.active = True
+        try:
+            for attempt in itertools.count():
+                try:
+                    result = method(self, *args, **kwargs)
+                    self._down = False
+                    return result
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    if attempt and name == "set_trial_state_values":
+                        return True  # the first try was recorded; its answer was lost
+                    raise
+                except Exception as error:
+                    if not self._transient(error):
+                        raise
+                    if time.monotonic() + pause > deadline:
+                        self._down = True
+                        if name == "record_heartbeat":
+                            return None  # a missed heartbeat: the trial's own calls will say why
+                        raise stores.ServerUnavailable(
+                            f"the Optuna storage {stores.public(self._url)} did not answer for "
+                            f"{self._patience:.0f} s: {stores.reason(error.__cause__ or error, self._url)}"
+                        ) from None
+                    self.scoped_session.remove()  # the next try gets a new session, and connection
+                    time.sleep(pause)
+                    pause = min(pause * 2, 8)
+        finally:
+            _inside.active = False
+
+    return call
+
+
+_inside = threading.local()
+# Optuna wraps an RDBStorage in its _CachedStorage, which calls some of the backend's private
+# methods directly: a trial's parameters went through _set_trial_param unretried, and a
+# PostgreSQL restart failed the trial that was being suggested.
+_CALLED_BY_OPTUNAS_CACHE = ["_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id"]
+_CALLED_BY_OPTUNAS_CACHE += ["record_heartbeat", "_get_stale_trial_ids"]
+for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + _CALLED_BY_OPTUNAS_CACHE:
+    setattr(PatientStorage, _name, _patient(_name, getattr(RDBStorage, _name)))
+
+
+def definition(session_settings, space: dict[str, BaseDistribution], options, data: str) -> dict:
+    """What makes the trials of a study comparable: how each trains, in every setting the search
+    does not choose (but those marked compared=False: the seed only changes which points are
+    tried), the data's fingerprint, the search space, and how the study searches."""
+    settings = {
+        field.name: getattr(session_settings, field.name)
+        for field in dataclasses.fields(session_settings)
+        if field.name not in space and field.metadata.get("compared", True)
+    }
+    flags = {field.name: flag(field) for field in dataclasses.fields(session_settings)}
+    return {
+        "settings": settings,
+        "flags": flags,
+        "data": data,
+        "space": {name: distribution_to_json(d) for name, d in space.items()},
+        "search": {"sampler": options.sampler, "pruner": options.pruner if options.pruning else "none"},
+    }
+
+
+def open_study(storage: RDBStorage, name: str, wanted: dict) -> tuple[optuna.Study, bool]:
+    """The study ``name``, created with the definition ``wanted`` if it does not exist; return it
+    and whether this call created it.
+
+    Creating a study is atomic (its name is unique in the storage), so of several processes
+    that start at the same moment exactly one creates it, and records its identity and
+    definition; the others wait a moment for those records. A continuation whose definition
+    differs raises StudyMismatch before anything in the storage changes.
+    """
+    try:
+        storage.create_new_study([StudyDirection.MINIMIZE], name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(study_name=name, storage=storage)
+    if created:
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+        study.set_user_attr(DEFINITION_ATTR, wanted)
+        return study, True
+    recorded = _wait_for(study, DEFINITION_ATTR)
+    if recorded is None:  # a study from before studies recorded their definition
+        study.set_user_attr(DEFINITION_ATTR, wanted)
+    else:
+        _check_definition(name, recorded, wanted)
+    if UID_ATTR not in study.user_attrs:
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    return study, False
+
+
+def uid(study: optuna.Study) -> str:
+    """The study's own identity: unlike its name, never shared with another study."""
+    return study.user_attrs[UID_ATTR]
+
+
+def _wait_for(study: optuna.Study, attr: str):
+    """A user attribute that the process creating the study records a moment after creating it.
+    A study with trials had its chance long ago: it gets no wait."""
+    deadline = time.monotonic() + CREATOR_SECONDS
+    while attr not in (attrs := study.user_attrs) and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return attrs.get(attr)
+
+
+def _check_definition(name: str, recorded: dict, wanted: dict) -> None:
+    for key, value in wanted["settings"].items():
+        was = recorded["settings"].get(key, value)
+        if was != value:
+            flag_ = wanted["flags"].get(key, f"--{key.replace('_', '-')}")
+            raise StudyMismatch(
+                flag_,
+                f"study {name!r} trains every trial with {key}={was}, not {value}: its trials would not compare; "
+                f"continue it with {flag_} {was}, or start another study with a new --study-name",
+            )
+    if recorded["data"] != wanted["data"]:
+        raise StudyMismatch(
+            "--study-name",
+            f"study {name!r} was trained on other files (fingerprint {recorded['data']}, here {wanted['data']}); "
+            "start another study with a new --study-name",
+        )
+    if recorded["space"] != wanted["space"]:
+        changed = sorted(set(recorded["space"].items()) ^ set(wanted["space"].items()))
+        raise StudyMismatch(
+            "--study-name",
+            f"study {name!r} searched another space than the experiment's now ({', '.join(dict(changed))} "
+            "differ); start another study with a new --study-name",
+        )
+    for key, value in wanted["search"].items():
+        was = recorded.get("search", {}).get(key, value)
+        if was != value:
+            flag_ = "--no-pruning" if "none" in (was, value) and key == "pruner" else f"--{key}"
+            raise StudyMismatch(
+                flag_,
+                f"study {name!r} searches with the {key} {was}, not {value}: continue it with the same, or start "
+                "another study with a new --study-name",
+            )
+
+
+def worker_id() -> dict[str, object]:
+    """Who runs a trial: recorded on it, so that a trial of a dead process can be told apart."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int) -> list[FrozenTrial]:
+    """Mark FAIL the RUNNING trials whose worker is gone; return them as they are now.
+
+    A worker records itself on its trial first thing. A trial of this machine whose process is
+    gone, or one that recorded no worker a grace period after it started (its worker stopped
+    before the objective began), is dead. Trials of other machines are left to the heartbeat:
+    only their own machine can tell whether their process still runs.
+    """
+    study_id = storage.get_study_id_from_name(study_name)
+    failed = []
+    now = datetime.datetime.now()
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(WORKER_ATTR)
+        if owner is None:
+            dead = (now - trial.datetime_start).total_seconds() > grace
+        else:
+            dead = owner["host"] == socket.gethostname() and not _is_alive(owner["pid"])
+        if not dead:
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process got there first
+        failed.append(storage.get_trial(trial._trial_id))
+    return failed
+
+
+def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
+    study_id = storage.get_study_id_from_name(study_name)
+    return [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.state.is_finished()]
+
+
+def recorded_parent_run(study: optuna.Study, store: str, wait: bool = False) -> str | None:
+    """The id of the study's parent run in the tracking store ``store``, if one was recorded;
+    with ``wait``, give the process that created the study a moment to record it."""
+    records = _wait_for(study, PARENT_RUN_ATTR) if wait else study.user_attrs.get(PARENT_RUN_ATTR)
+    return (records or {}).get(store)
+
+
+def record_parent_run(study: optuna.Study, store: str, run_id: str) -> str:
+    """Record ``run_id`` as the study's parent run in ``store``; return the one recorded now.
+
+    Two processes that record at the same moment read back whichever id was stored last.
+    """
+    study.set_user_attr(PARENT_RUN_ATTR, {**study.user_attrs.get(PARENT_RUN_ATTR, {}), store: run_id})
+    return study.user_attrs[PARENT_RUN_ATTR][store]  # read back from the storage

@@ -1,0 +1,287 @@
+"""MLflow: where runs go, and how a run starts and always ends.
+
+The store is MLflow's own default tracking URI (``sqlite:///mlflow.db`` in the working
+directory), so ``mlflow ui`` started in the same folder with no flags shows every run. Every
+MLflow call of the project goes through a :class:`Tracker`: one store, one experiment, runs
+that end FINISHED, FAILED or KILLED and never stay RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from machinery import interrupts
+from machinery.stores import ServerUnavailable, create_once, public, reason
+
+# MLflow accepts at most this many params in one log_batch call.
+_MAX_PARAMS_PER_BATCH = 100
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking URI or experiment cannot be used."""
+
+
+class RetryingClient:
+    """An MlflowClient whose calls Ctrl-C never cuts in half, and that wait their turn when
+    SQLite says "database is locked".
+
+    A SQLite transaction reads before it writes; when two worker processes turn reader into
+    writer at the same moment, SQLite fails one of them at once instead of letting it wait
+    (seen here with two workers logging to mlflow.db). MLflow rolls the failed call back
+    whole, so it is safe to make again. A KeyboardInterrupt inside a call, by contrast, could
+    leave its transaction open and the database locked for every other process (seen here:
+    two workers waiting on each other after a Ctrl-C), so it is held until the call returns.
+    """
+
+    ATTEMPTS = 20
+
+    def __init__(self, tracking_uri: str):
+        self._client = MlflowClient(tracking_uri)
+        self._uri = tracking_uri
+        self._down: str | None = None  # why the tracking server was given up on, in this process
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            if self._down:  # it did not answer through all of MLflow's retries: do not wait again
+                raise ServerUnavailable(self._down)
+            for attempt in range(self.ATTEMPTS):
+                try:
+                    with interrupts.held():  # a Ctrl-C never leaves a transaction half done
+                        return method(*args, **kwargs)
+                except mlflow.exceptions.MlflowException as error:
+                    if _SERVER_GONE in str(error):  # MLflow's own retries ran out: see http_patience
+                        self._down = (
+                            f"the MLflow tracking server {public(self._uri)} did not answer: {reason(error, self._uri)}"
+                        )
+                        raise ServerUnavailable(self._down) from None
+                    if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
+                        raise
+                    time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+
+        return call
+
+
+# How MLflow's client says that a tracking server did not answer, after its own retries.
+_SERVER_GONE = "failed with exception"
+
+
+def http_patience(seconds: float) -> None:
+    """Make MLflow's client retry a tracking server that does not answer for about ``seconds``,
+    in this process and the workers it starts: its pauses double from 1 s (1 + 2 + 4 + ... >=
+    seconds), and a request that hangs (a server whose own database is down keeps it waiting
+    for minutes) is given up after ``seconds`` too. MLflow's default is about four minutes of
+    pauses and two minutes a request."""
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max(1, math.ceil(math.log2(seconds + 1))))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(seconds)))
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else MLflow's own default, resolved as MLflow resolves it."""
+    return mlflow.get_tracking_uri()
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """One MLflow store and experiment; every run of a process goes through it."""
+
+    client: RetryingClient
+    tracking_uri: str
+    experiment_id: str | None  # None: a tracker that only reads runs
+    # True when the URI is MLflow's own default, which `mlflow ui` with no flags shows.
+    is_default: bool = False
+
+    @contextmanager
+    def run(
+        self,
+        run_name: str,
+        *,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        finished_on: tuple[type[BaseException], ...] = (),
+    ) -> Iterator[str]:
+        """Open a run and yield its id; it ends FINISHED, or FAILED or KILLED, never RUNNING.
+
+        An exception in ``finished_on`` (a pruned trial, say) ends the run FINISHED and still
+        propagates.
+        """
+        run_id = self.create_run(run_name, parent_run_id=parent_run_id, tags=tags)
+        with self.closing(run_id, finished_on=finished_on):
+            yield run_id
+
+    @contextmanager
+    def closing(self, run_id: str, *, finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
+        """End an open run when the block ends, with the status its outcome deserves. Where the
+        block failed and the tracking server does not answer either, the block's error is the
+        one raised: the run stays open, for a later session to close."""
+        try:
+            yield run_id
+        except finished_on:
+            self.end_run(run_id, "FINISHED")
+            raise
+        except (KeyboardInterrupt, SystemExit) as stop:
+            with contextlib.suppress(ServerUnavailable):
+                self.end_run(run_id, "KILLED", {"error": f"interrupted ({type(stop).__name__})"})
+            raise
+        except BaseException as error:
+            with contextlib.suppress(ServerUnavailable):
+                self.end_run(run_id, "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]})
+            raise
+        else:
+            self.end_run(run_id, "FINISHED")
+
+    def create_run(
+        self, run_name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+    def end_run(self, run_id: str, status: str, tags: Mapping[str, Any] | None = None) -> None:
+        """Set ``tags`` (why it ended, say) and end the run with ``status``."""
+        if tags:
+            self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status)
+
+    def reopen(self, run_id: str) -> bool:
+        """Mark an existing, undeleted run RUNNING again; False if this store has no such run."""
+        try:
+            if self.client.get_run(run_id).info.lifecycle_stage != "active":
+                return False
+        except mlflow.exceptions.MlflowException:
+            return False  # a run of another store, or one that was removed
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def runs_tagged(self, tag: str, value: str, *, running: bool = False) -> list[mlflow.entities.Run]:
+        """This experiment's runs whose tag ``tag`` is exactly ``value`` (only RUNNING ones, with
+        ``running``), whatever quotes ``value`` holds."""
+        status = "attributes.status = 'RUNNING' AND " if running else ""
+        runs = self.client.search_runs([self.experiment_id], status + _tag_filter(tag, value), max_results=50_000)
+        return [run for run in runs if run.data.tags.get(tag) == value]
+
+    def experiment_of(self, run_id: str) -> str | None:
+        """The experiment of a run of this store; None if the store has no such run."""
+        try:
+            return self.client.get_run(run_id).info.experiment_id
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def params(self, run_id: str) -> dict[str, str]:
+        return self.client.get_run(run_id).data.params
+
+    def metric_history(self, run_id: str, name: str) -> list[float]:
+        """A metric's values in step order (one per epoch, for the curves)."""
+        return [m.value for m in sorted(self.client.get_metric_history(run_id, name), key=lambda m: m.step)]
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + _MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def log_artifact(self, run_id: str, local_path: str | os.PathLike, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, os.fspath(local_path), artifact_path=folder)
+
+    def download_artifact(self, run_id: str, path: str, into: str | os.PathLike) -> str:
+        """Fetch one of the run's artifacts into the folder ``into``; return its local path."""
+        return self.client.download_artifacts(run_id, path, os.fspath(into))
+
+    def run_url(self, run_id: str) -> str:
+        """Where the run is in the UI: mlflow ui's default address, or the tracking server's."""
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def ui_command(self) -> str:
+        """The command that shows this store: plain ``mlflow ui`` for the default one."""
+        if self.is_default:
+            return "mlflow ui"
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"open {self.tracking_uri}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+
+
+def _tag_filter(tag: str, value: str) -> str:
+    """A search filter that matches tag ``tag`` equal to ``value``, or a few more runs where it
+    cannot be exact: MLflow's filter strings have no escape, so a value holding both kinds of
+    quote is matched with LIKE, each quote standing for any one character."""
+    if "'" not in value:
+        return f"tags.`{tag}` = '{value}'"
+    if '"' not in value:
+        return f'tags.`{tag}` = "{value}"'
+    return f"tags.`{tag}` LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
+
+
+def reader(tracking_uri: str | None) -> Tracker:
+    """A tracker that reads runs by id (their curves, say) and writes nothing."""
+    uri = tracking_uri or default_tracking_uri()
+    return Tracker(RetryingClient(uri), uri, None)
+
+
+def connect(tracking_uri: str | None, experiment: str) -> Tracker:
+    """Open the store (creating it on first use) and the experiment; fail in one line."""
+    is_default = tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
+    uri = tracking_uri or default_tracking_uri()
+    # The scripts print each run's link once, in their summary; MLflow would print one per run
+    # that ends on a tracking server, and a progress bar per artifact. (Workers inherit this.)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor its INFO lines: "Creating initial MLflow database tables..." when it makes a new
+    # store, and "Waiting up to 300 seconds for model version..." when it registers a model
+    # through a server. The scripts' own lines say which store, and what was registered.
+    for chatty in ("mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        client, experiment_id = create_once(uri, lambda: _open(uri, experiment))
+        return Tracker(client, uri, experiment_id, is_default)
+    except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the URI is unusable
+        raise TrackingUnavailable(f"cannot use the MLflow store {public(uri)!r}: {reason(error, uri)}") from error
+
+
+def _open(uri: str, experiment: str) -> tuple[RetryingClient, str]:
+    client = RetryingClient(uri)  # MLflow makes a database's tables here, on first use
+    return client, _experiment_id(client, experiment)
+
+
+def _experiment_id(client: RetryingClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:
+            # Another worker created it a moment ago.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id

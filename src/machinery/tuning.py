@@ -1,0 +1,208 @@
+"""A tune.py session: open or continue the study, run its trials in workers, and leave the
+results in the Optuna storage and in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import optuna
+from tqdm import tqdm
+
+from machinery import interrupts, registry, results, studies
+from machinery.contract import Experiment
+from machinery.stores import public
+from machinery.tracking import Tracker
+from machinery.trial import SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG, Session, TrialReport, close_run
+from machinery.workers import quiet_libraries, run_workers
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    study: optuna.Study
+    parent_run_id: str
+    problems: list[str]
+    test: dict[str, float] | None
+    notes: list[str] = field(default_factory=list)  # what the summary said beyond the trials
+    model_id: str | None = None  # the tested best trial's network, logged on the parent run
+    registered: registry.Registered | None = None
+
+
+def tune(
+    experiment: Experiment, settings, options, open_tracker: Callable[[], Tracker], deadline: float | None = None
+) -> SessionResult:
+    """Run ``options.n_trials`` more trials of the study ``options.study_name`` (created on first
+    use) in ``options.workers`` processes, tracked in the MLflow store that ``open_tracker()``
+    opens once the study is known to accept them.
+
+    ``settings`` say how each trial trains; the experiment's objective sets the searched ones.
+    No trial starts after ``deadline`` (a time.time()) but each worker's first. The tested best
+    trial's network is registered as ``options.registered_model``, the alias champion moving
+    to it if it is the best. A continuation whose definition differs from the study's raises
+    StudyMismatch before anything changes. The first Ctrl-C stops the trials; the clean-up and
+    the summary still run, and then KeyboardInterrupt is raised.
+    """
+    quiet_libraries(options.verbose)
+    _, data = experiment.build(settings)  # its fingerprint: a study refuses other data
+    name, grace = options.study_name, options.grace_period
+    with interrupts.handling():
+        storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
+        wanted = studies.definition(settings, experiment.search_space, options, data.fingerprint)
+        study, created = studies.open_study(storage, name, wanted)
+        tracker = open_tracker()  # only now: a continuation that is refused creates no experiment
+        uid = studies.uid(study)
+        _close_what_dead_workers_left(tracker, storage, name, uid, grace)
+        before = len(study.trials)
+        where = f"{public(options.storage)}, study {name!r}"
+        print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
+        notes: list[str] = []
+        params = {
+            "study_name": name,
+            "storage": public(options.storage),
+            "objective": "val_loss (minimize)",
+            **wanted["search"],
+            **dataclasses.asdict(settings),
+        }
+        parent_run_id = _parent_run(tracker, study, uid, created, params, notes)
+        session = Session(
+            experiment, settings, options, tracker.tracking_uri, tracker.experiment_id, uid, parent_run_id, deadline
+        )
+        bar = tqdm(total=options.n_trials, desc="study", unit="trial", dynamic_ncols=True)
+
+        def report(trial: TrialReport) -> None:
+            bar.write(trial.line())
+            bar.update()
+
+        problems, tested, registered = [], None, None
+        with tracker.closing(parent_run_id):
+            try:
+                problems = run_workers(session, options.n_trials, options.workers, report)
+            finally:
+                bar.close()
+            interrupted = interrupts.requested()
+            _close_what_dead_workers_left(tracker, storage, name, uid, grace)
+            results.log_study_summary(study, tracker, parent_run_id)
+            if not interrupted and not problems:
+                try:
+                    tested = results.evaluate_best_trial(study, tracker, parent_run_id, experiment, options)
+                except results.NotEvaluated as why:
+                    notes.append(f"test evaluation skipped: {why}")
+            if tested and options.registered_model:
+                registered = _register(tracker, study.study_name, uid, tested, options.registered_model, settings)
+                notes.append(registered.line())
+            notes += _still_running_elsewhere(study, grace)
+            test = tested.metrics if tested else None
+            _print_summary(study, tracker, parent_run_id, options.storage, test, notes)
+            if interrupted:
+                raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
+    return SessionResult(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
+
+
+def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str, settings):
+    """Register the tested best trial's model, with what it is on the version."""
+    trial = tested.trial
+    compared = {field.name for field in dataclasses.fields(settings) if field.metadata.get("compared", True)}
+    tags = {
+        "study": study_name,
+        "study_uid": uid,
+        "trial": trial.number,
+        "val_acc": trial.user_attrs["val_acc"],
+        **tested.metrics,
+        **{key: value for key, value in trial.user_attrs[SETTINGS_ATTR].items() if key in compared},
+        **trial.params,
+    }
+    return registry.register(tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"))
+
+
+def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:
+    """The study's MLflow parent run in this tracking store: created with the study, reopened
+    when the study continues, and created anew (saying so) when the store lost it.
+
+    Only the process that created the study creates its run; one that found the study just
+    created waits for that run. Where a run must be made later (a store that lost it, or
+    another store), two processes starting at the same moment read back whichever id was
+    recorded last, and the other drops its own.
+    """
+    store, name = public(tracker.tracking_uri), study.study_name
+    run_id = studies.recorded_parent_run(study, store, wait=not created)
+    if run_id is not None:
+        if tracker.reopen(run_id):
+            return run_id
+        notes.append(
+            f"the MLflow store {store} has no run of study {name!r} (its parent run {run_id} is gone): a new "
+            "parent run starts there; earlier trials keep their Optuna records, not their curves"
+        )
+        print(notes[-1], flush=True)
+    older = [
+        run
+        for run in tracker.runs_tagged("optuna.study", name)
+        if "mlflow.parentRunId" not in run.data.tags and run.data.tags.get(STUDY_UID_TAG) != uid
+    ]
+    if older:
+        notes.append(
+            f"a new study {name!r} began beside {len(older)} older one(s) of the same name in this MLflow "
+            f"experiment: its runs are named '{name} ({uid[:8]})' and carry the tag {STUDY_UID_TAG}={uid}"
+        )
+        print(notes[-1], flush=True)
+    run_id = tracker.create_run(
+        f"{name} ({uid[:8]})" if older else name, tags={"optuna.study": name, STUDY_UID_TAG: uid}
+    )
+    tracker.log_params(run_id, params)
+    winner = studies.record_parent_run(study, store, run_id)
+    if winner != run_id:
+        tracker.delete_run(run_id)
+        tracker.reopen(winner)
+    return winner
+
+
+def _close_what_dead_workers_left(tracker: Tracker, storage, study_name: str, uid: str, grace: int) -> None:
+    for trial in studies.fail_dead_trials(storage, study_name, grace):
+        print(f"trial {trial.number} was left running by a process that is gone: marked FAIL", flush=True)
+        close_run(tracker, trial)
+    # A run can outlive its trial's record of it: killed between creating the run and naming
+    # it on the trial, say. Its tags still say which trial it belongs to.
+    finished = {trial.number: trial for trial in studies.finished_trials(storage, study_name)}
+    for run in tracker.runs_tagged(STUDY_UID_TAG, uid, running=True):
+        number = run.data.tags.get(TRIAL_TAG)
+        if number is not None and int(number) in finished:
+            close_run(tracker, finished[int(number)], run.info.run_id)
+            print(f"MLflow run {run.info.run_id} of a finished trial was still RUNNING: marked KILLED", flush=True)
+
+
+def _still_running_elsewhere(study: optuna.Study, grace: int) -> list[str]:
+    """The study's trials that other processes still run, as this one stops."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return [
+        f"trial {trial.number} still runs on {owner.get('host', '?')} (pid {owner.get('pid', '?')}): it ends there, "
+        f"or, if its heartbeat stops for {grace} s, the next process to start a trial of this study marks it FAIL"
+        for trial in running
+        for owner in [trial.user_attrs.get(studies.WORKER_ATTR, {})]
+    ]
+
+
+def _print_summary(study, tracker, parent_run_id, storage_url, test, notes) -> None:
+    counts = results.counts(study)
+    print(
+        f"\nstudy {study.study_name!r}: {len(study.trials)} trials, {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
+    )
+    best = results.best_trial(study)
+    if best is None:
+        print("no trial has completed yet")
+    else:
+        print(results.top_trials_table(study, n=5))
+        print(
+            f"best: trial {best.number} ({results.describe_params(best)}): "
+            f"val_loss {best.value:.4f}, val_acc {best.user_attrs['val_acc']:.4f}"
+        )
+        if test:
+            scores = f"test_acc {test['test_acc']:.4f}, test_loss {test['test_loss']:.4f}"
+            print(f"test (the best trial's weights, evaluated once): {scores}")
+    for note in notes:
+        print(note)
+    print(
+        f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
+        f"the study: {public(storage_url)}, study {study.study_name!r}; the same command continues it"
+    )

@@ -1,0 +1,229 @@
+"""Running a study's trials: one worker's loop, and N worker processes on one machine.
+
+Small matrices leave most of a core idle inside one process, so N single-threaded workers
+train more epochs per second than one N-threaded process. Each worker is a spawned process
+(no fork after torch has started its threads) that pays its start-up once and then runs
+trials back to back; the tune.py process hands out the trial budget and prints what they
+report. With one worker, the trials run in the tune.py process itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+
+from machinery import files, interrupts, studies
+from machinery.imports import import_files
+from machinery.samplers import make_pruner, make_sampler
+from machinery.stores import reason
+from machinery.tracking import RetryingClient, Tracker
+from machinery.training import TrainingDiverged
+from machinery.trial import Session, TrialReport, close_run, objective
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """What a worker reports, instead of a trial, when an error ends it: one line."""
+
+    worker: int
+    message: str
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """One worker per core, up to 8: the SQLite stores stay at a handful of writers."""
+    return min(available_cores(), 8)
+
+
+def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[TrialReport], None]) -> None:
+    """One worker: while ``claim()`` grants another trial, run it and ``report`` how it ended.
+
+    A diverging trial (NaN loss) is recorded as failed and the study goes on; any other
+    error, and Ctrl-C, ends this worker after Optuna and MLflow have closed the trial (and
+    reported it).
+    """
+    tracker = Tracker(RetryingClient(session.tracking_uri), session.tracking_uri, session.experiment_id)
+    options = session.options
+
+    def close_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Optuna found a trial (of any machine) silent for the grace period, and failed it.
+        close_run(tracker, trial)
+        report(TrialReport.of(trial, note=f"its heartbeat stopped for over {options.grace_period} s: its process died"))
+
+    storage = studies.open_storage(options.storage, options.grace_period, close_stale, options.server_patience)
+    study = optuna.load_study(
+        study_name=options.study_name,
+        storage=storage,
+        sampler=make_sampler(options.sampler, session.settings.seed),
+        pruner=make_pruner(options.pruner, options.pruning, session.settings.max_epochs),
+    )
+    running: list[int] = []  # the id of the trial this worker runs now
+
+    def run_objective(trial: optuna.Trial) -> float:
+        running[:] = [trial._trial_id]
+        return objective(trial, session, tracker)
+
+    tell = [lambda study, trial: report(TrialReport.of(trial))]
+    try:
+        while claim():
+            study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+            running.clear()
+    except BaseException:
+        # Optuna told the trial FAIL before it re-raised, but calls no callback for it.
+        if running and (trial := storage.get_trial(running[0])).state.is_finished():
+            report(TrialReport.of(trial))
+        raise
+
+
+def run_workers(session: Session, n_trials: int, workers: int, report: Callable[[TrialReport], None]) -> list[str]:
+    """Run up to ``n_trials`` trials in ``workers`` processes; return the problems, one line each.
+
+    Every worker runs at least one trial (it paid for its start-up), whatever the deadline;
+    the rest of the budget goes to whichever worker is free first, until the deadline. After
+    Ctrl-C (see :mod:`machinery.interrupts`) it returns once every worker has closed its
+    trial; ``interrupts.requested()`` then says so.
+    """
+    workers = min(workers, n_trials)
+    context = mp.get_context("spawn")
+    budget = _Budget(context, n_trials, workers, session.deadline)
+    threads = max(1, available_cores() // workers)
+    if workers == 1:
+        _prepare_worker(threads, session.options.verbose)
+        claim = budget.for_worker()
+        try:
+            run_trials(session, lambda: not interrupts.requested() and claim(), report)
+        except KeyboardInterrupt:
+            pass  # the trial is closed
+        except Exception as error:  # noqa: BLE001 - any error ends the study, in one line
+            return [_one_line(error, session)]
+        return []
+
+    reports = context.Queue()
+    processes = [
+        context.Process(
+            target=_worker_main, args=(session, i, threads, budget, reports, files.verified()), name=f"tune-worker-{i}"
+        )
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    problems, forwarded = [], False
+    try:
+        while any(p.is_alive() for p in processes) or not reports.empty():
+            if interrupts.requested() and not forwarded:
+                # The terminal sent SIGINT to every worker too; this reaches those it did not.
+                forwarded = True
+                budget.cancel()
+                for process in processes:
+                    if process.is_alive():
+                        os.kill(process.pid, signal.SIGINT)
+            try:
+                message = reports.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(message, WorkerFailed):
+                budget.cancel()  # an error ends the study: the other workers finish their trial
+                problems.append(f"worker {message.worker}: {message.message}")
+            else:
+                report(message)
+    finally:
+        for process in processes:
+            process.join()
+    reported = {problem.split(":")[0] for problem in problems}
+    return problems + [
+        f"worker {i} exited with code {p.exitcode}"
+        for i, p in enumerate(processes)
+        if p.exitcode != 0 and f"worker {i}" not in reported
+    ]
+
+
+class _Budget:
+    """The trials to run, shared by the workers: one reserved for each worker, the rest for
+    whoever asks first, and the time after which no more may start."""
+
+    def __init__(self, context, n_trials: int, workers: int, deadline: float | None):
+        self.shared = context.Value("i", n_trials - workers)
+        self.cancelled = context.Value("b", False)
+        self.deadline = deadline
+
+    def for_worker(self) -> Callable[[], bool]:
+        """One worker's claim: True while it may start another trial."""
+        reserved = [True]
+
+        def claim() -> bool:
+            if self.cancelled.value:
+                return False
+            if reserved:  # its first trial, whatever the time
+                reserved.clear()
+                return True
+            if self.deadline is not None and time.time() >= self.deadline:
+                return False
+            with self.shared.get_lock():
+                if self.shared.value <= 0:
+                    return False
+                self.shared.value -= 1
+                return True
+
+        return claim
+
+    def cancel(self) -> None:
+        self.cancelled.value = True
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Inside a study one line per trial says enough: Optuna keeps to errors (its warning about
+    a failed trial, traceback included, repeats what that trial's line says), and Lightning,
+    unless ``verbose``, to warnings."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if not verbose:
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+
+
+def _prepare_worker(threads: int, verbose: bool) -> None:
+    torch.set_num_threads(threads)
+    quiet_libraries(verbose)
+
+
+def _one_line(error: BaseException, session: Session) -> str:
+    """An error that ends the study, as one line that shows no password (and, with --verbose,
+    its traceback on stderr first)."""
+    if session.options.verbose:
+        traceback.print_exception(error)
+    return f"{type(error).__name__}: {reason(error, session.options.storage, session.tracking_uri)}"
+
+
+def _worker_main(session: Session, index: int, threads: int, budget: _Budget, reports, verified: dict) -> None:
+    _prepare_worker(threads, session.options.verbose)
+    files.trust(verified)  # tune.py checked the data before it started the workers
+    import_files(None, session.options.imports)  # what they register, this worker needs too
+    parent = os.getppid()
+    claim_budget = budget.for_worker()
+
+    def claim() -> bool:
+        # A worker whose tune.py was killed finishes its trial and stops there.
+        return not interrupts.requested() and os.getppid() == parent and claim_budget()
+
+    with interrupts.handling():
+        try:
+            run_trials(session, claim, reports.put)
+        except KeyboardInterrupt:
+            pass  # the trial is closed; tune.py prints the summary
+        except Exception as error:  # noqa: BLE001 - reported in one line by tune.py
+            reports.put(WorkerFailed(index, _one_line(error, session)))

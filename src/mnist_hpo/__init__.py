@@ -1,1 +1,0 @@
-"""Train, tune and track a PyTorch Lightning MNIST classifier with Optuna and MLflow."""
