@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         cli.fail(parser.prog, str(error))
     except KeyboardInterrupt:
-        cli.fail(parser.prog, "interrupted; the MLflow run is marked KILLED", code=130)
+        cli.fail(parser.prog, f"{interrupts.describe()}; the MLflow run is marked KILLED", interrupts.exit_code())
 
     print(
         f"\nbest epoch {result.best_epoch}: val_loss {result.val_loss:.4f}, val_acc {result.val_acc:.4f}; "

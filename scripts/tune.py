@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_tracking(parser, options.tracking_uri)
 
     from experiment.search import EXPERIMENT
+    from machinery import interrupts
     from machinery.stores import ServerUnavailable
     from machinery.studies import StudyMismatch
     from machinery.tracking import http_patience
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnavailable as error:
         cli.fail(parser.prog, f"{error}; the study stopped, and what could be closed was")
     except KeyboardInterrupt:
-        cli.fail(parser.prog, "interrupted; finished trials are kept, the others and their MLflow runs are closed", 130)
+        what = "finished trials are kept, the others and their MLflow runs are closed"
+        cli.fail(parser.prog, f"{interrupts.describe()}; {what}", interrupts.exit_code())
     for problem in session.problems:
         print(f"{parser.prog}: error: {problem}", file=sys.stderr)
     return 1 if session.problems else 0

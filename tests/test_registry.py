@@ -10,10 +10,12 @@ import dataclasses
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 
 import mlflow
 import numpy as np
@@ -155,8 +157,19 @@ def test_predict_reads_pictures_of_real_digits(champion, tmp_path):
     assert [line[: len(e)] for line, e in zip(lines, expected, strict=True)] == expected
 
 
+def png_header_only(path, width: int, height: int) -> None:
+    """A PNG file that claims ``width`` x ``height`` gray pixels and holds none: enough for a
+    reader that checks the size before decoding, and too little for one that does not."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
 @pytest.mark.slow
-def test_predict_says_in_one_line_what_is_wrong(champion, tmp_path):
+def test_predict_gives_every_picture_a_line_of_its_own_as_people_make_them(champion, tmp_path):
     _, folder, digits = champion
     good = tmp_path / "good.png"
     Image.fromarray(digits[3][0]).save(good)
@@ -164,12 +177,30 @@ def test_predict_says_in_one_line_what_is_wrong(champion, tmp_path):
     text.write_text("not a picture")
     blank = tmp_path / "blank.png"
     Image.new("L", (50, 50), 255).save(blank)
+    huge = tmp_path / "huge.png"
+    png_header_only(huge, 20_000, 20_000)
+    # A big scan, past Pillow's own warning about decompression bombs (89.5 million pixels).
+    big = tmp_path / "big.png"
+    canvas = Image.new("L", (9_500, 9_500), 0)
+    canvas.paste(Image.fromarray(digits[5][0]).resize((5_000, 5_000), Image.Resampling.NEAREST), (2_250, 2_250))
+    canvas.save(big, compress_level=1)
+    del canvas
+    # Drawn in a browser: black ink on a transparent canvas.
+    drawn = tmp_path / "drawn.png"
+    ink = Image.fromarray(digits[7][0]).resize((200, 200), Image.Resampling.BICUBIC)
+    rgba = np.zeros((200, 200, 4), np.uint8)
+    rgba[..., 3] = np.asarray(ink)  # opaque where the digit is, transparent around it
+    Image.fromarray(rgba, "RGBA").save(drawn)
 
-    result = run_predict(folder, good, text, tmp_path / "missing.jpg", blank)
-    assert result.returncode == 1 and result.stdout.startswith(f"{good}: 3 (p=")
+    pictures = [good, text, tmp_path / "missing.jpg", huge, blank, big, drawn]
+    result = run_predict(folder, *pictures)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Warning" not in result.stderr
+    read = [line[: line.index("(p=") + 3] for line in result.stdout.strip().splitlines()]
+    assert read == [f"{good}: 3 (p=", f"{big}: 5 (p=", f"{drawn}: 7 (p="]
     assert result.stderr.strip().splitlines() == [
         f"predict.py: error: {text}: not a picture (PNG, JPEG, ...)",
         f"predict.py: error: {tmp_path / 'missing.jpg'}: No such file or directory",
+        f"predict.py: error: {huge}: 20000 x 20000 is more than predict.py reads (200,000,000 pixels)",
         f"predict.py: error: {blank}: no digit stands out from the background",
     ]
     nowhere = run_predict(folder, good, "--model", "models:/no-such-model@champion")

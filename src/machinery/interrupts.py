@@ -1,50 +1,90 @@
-"""Ctrl-C during a study: handled once, and only where stopping is safe.
+"""Being asked to stop: Ctrl-C (SIGINT), a scheduler's or `kill`'s SIGTERM (Kubernetes, SLURM,
+systemd and `docker stop` send it, then SIGKILL after a grace period), or a closed terminal's
+SIGHUP. Each is handled once, and only where stopping is safe.
 
 Training stops at once. Optuna's and MLflow's bookkeeping (creating a trial, recording an
-epoch's metrics, recording its end) is never cut in half: a Ctrl-C that arrives there is held
-until that write is done, and then no new trial starts. A second Ctrl-C is ignored, so the clean-up that
-follows cannot be cut short either.
+epoch's metrics, recording its end) is never cut in half: a request that arrives there is held
+until that write is done, and then no new trial starts. Further requests are ignored, so the
+clean-up that follows cannot be cut short either. The process then exits with 128 plus the
+signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal
+ended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a trial that a request stopped is recorded as, by signal.
+REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
 class _State:
-    requested = False  # Ctrl-C has been pressed
+    signum: int | None = None  # the first request's signal
     interruptible = False  # inside a block that may stop at once
 
 
 def handler(signum, frame) -> None:
-    """The SIGINT handler of a tune.py process and of its workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _State.requested = True
+    """The handler of SIGINT, SIGTERM and SIGHUP in a tune.py or train.py process and in the
+    workers: the first request stops, the others are ignored."""
+    for each in SIGNALS:
+        signal.signal(each, signal.SIG_IGN)
+    _State.signum = signum
     if _State.interruptible:
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def handling() -> Iterator[None]:
-    """Install :func:`handler` for the block, starting with no request, and restore the old one
-    after it; after a Ctrl-C, SIGINT stays ignored instead, so that a second one cannot cut
-    into the libraries' clean-up as the process exits."""
-    _State.requested = _State.interruptible = False
-    sys.unraisablehook = _unraisable  # a Ctrl-C swallowed by a callback: check() acts on it
-    previous = signal.signal(signal.SIGINT, handler)
+    """Install :func:`handler` for the block, starting with no request, and restore the old
+    handlers after it; after a request, the signals stay ignored instead, so that another one
+    cannot cut into the libraries' clean-up as the process exits."""
+    _State.signum, _State.interruptible = None, False
+    sys.unraisablehook = _unraisable  # a request swallowed by a callback: check() acts on it
+    previous = {each: signal.signal(each, handler) for each in SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # what held() back a worker's start comes now
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN if _State.requested else previous)
+        for each, old in previous.items():
+            signal.signal(each, signal.SIG_IGN if _State.signum is not None else old)
+
+
+@contextlib.contextmanager
+def held_back() -> Iterator[None]:
+    """Start processes in this block: a request that reaches one of them before it has installed
+    its handlers (a worker takes seconds to import torch) waits until it has, instead of ending
+    it unhandled. The mask is inherited, and :func:`handling` lifts it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_resource_tracker() -> None:
+    """Start the process that multiprocessing keeps beside its processes to release their
+    semaphores, immune to SIGHUP (it ignores SIGINT and SIGTERM itself): a closed terminal
+    must not end it before the workers it cleans up after."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # an ignored signal stays ignored across exec
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """A block that Ctrl-C may stop at once, with KeyboardInterrupt."""
-    if _State.requested:
+    """A block that a request may stop at once, with KeyboardInterrupt."""
+    if _State.signum is not None:
         raise KeyboardInterrupt
     _State.interruptible = True
     try:
@@ -55,35 +95,63 @@ def interruptible() -> Iterator[None]:
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """A block that Ctrl-C never cuts in half, even inside an interruptible one: a write to a
-    store, say, whose transaction an exception in the middle would leave holding its locks.
-    A Ctrl-C that arrives here takes effect as the block ends."""
+    """A block that a request never cuts in half, even inside an interruptible one: a write to
+    a store, say, whose transaction an exception in the middle would leave holding its locks.
+    A request that arrives here takes effect as the block ends."""
     was = _State.interruptible
     _State.interruptible = False
     try:
         yield
     finally:
         _State.interruptible = was
-    if was and _State.requested:
+    if was and _State.signum is not None:
         raise KeyboardInterrupt
 
 
-def requested() -> bool:
-    return _State.requested
+def requested() -> int | None:
+    """The signal of the request to stop, if one came."""
+    return _State.signum
+
+
+def reason() -> str:
+    """How a trial or a run that a request stopped is described: "interrupted", "terminated"."""
+    return REASONS.get(_State.signum, "interrupted")
+
+
+def exit_code() -> int:
+    """What the process exits with after a request: 128 plus the signal's number."""
+    return 128 + (_State.signum or signal.SIGINT)
+
+
+def describe() -> str:
+    """The request, as the last line says it: "interrupted (SIGINT)", "terminated (SIGTERM)"."""
+    return f"{reason()} ({signal.Signals(_State.signum or signal.SIGINT).name})"
 
 
 def check() -> None:
-    """Stop now if Ctrl-C was pressed inside an interruptible block and did not stop it.
+    """Stop now if a request came inside an interruptible block and did not stop it.
 
     The handler's KeyboardInterrupt is raised in whatever Python runs at that instant; when
     that is a garbage collector's weakref callback (seen: SQLAlchemy's class registry), Python
     prints it as "Exception ignored" and goes on. Training calls this at every step, so the
-    Ctrl-C takes effect one step later, and :func:`handling` keeps that print off the screen.
+    request takes effect one step later, and :func:`handling` keeps that print off the screen.
     """
-    if _State.requested and _State.interruptible:
+    if _State.signum is not None and _State.interruptible:
         raise KeyboardInterrupt
 
 
+def end_with_parent(parent: int, every: float = 0.5) -> None:
+    """Stop this process (a SIGTERM to itself) once the process ``parent`` is gone, however it
+    ended (SIGKILL included): a worker never outlives its tune.py by more than ``every`` s."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _unraisable(unraisable, hook=sys.unraisablehook) -> None:
-    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _State.requested):
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _State.signum is not None):
         hook(unraisable)

@@ -118,29 +118,40 @@ class Tracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         finished_on: tuple[type[BaseException], ...] = (),
+        left_alone_on: tuple[type[BaseException], ...] = (),
     ) -> Iterator[str]:
         """Open a run and yield its id; it ends FINISHED, or FAILED or KILLED, never RUNNING.
 
         An exception in ``finished_on`` (a pruned trial, say) ends the run FINISHED and still
-        propagates.
+        propagates; one in ``left_alone_on`` (a trial that another process finished, and this
+        run with it) leaves the run as it is.
         """
         run_id = self.create_run(run_name, parent_run_id=parent_run_id, tags=tags)
-        with self.closing(run_id, finished_on=finished_on):
+        with self.closing(run_id, finished_on=finished_on, left_alone_on=left_alone_on):
             yield run_id
 
     @contextmanager
-    def closing(self, run_id: str, *, finished_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
+    def closing(
+        self,
+        run_id: str,
+        *,
+        finished_on: tuple[type[BaseException], ...] = (),
+        left_alone_on: tuple[type[BaseException], ...] = (),
+    ) -> Iterator[str]:
         """End an open run when the block ends, with the status its outcome deserves. Where the
         block failed and the tracking server does not answer either, the block's error is the
         one raised: the run stays open, for a later session to close."""
         try:
             yield run_id
+        except left_alone_on:
+            raise
         except finished_on:
             self.end_run(run_id, "FINISHED")
             raise
         except (KeyboardInterrupt, SystemExit) as stop:
+            why = interrupts.describe() if interrupts.requested() else f"interrupted ({type(stop).__name__})"
             with contextlib.suppress(ServerUnavailable):
-                self.end_run(run_id, "KILLED", {"error": f"interrupted ({type(stop).__name__})"})
+                self.end_run(run_id, "KILLED", {"error": why})
             raise
         except BaseException as error:
             with contextlib.suppress(ServerUnavailable):

@@ -126,8 +126,12 @@ class EpochMetricsLogger(Logger):
     def finalize(self, status: str) -> None:
         self._flush()
 
+    def forget(self) -> None:
+        """Write nothing more: the run is no longer this process's to write."""
+        self._metrics, self.tracker = {}, None
+
     def _flush(self) -> None:
-        if self._metrics:
+        if self._metrics and self.tracker is not None:
             self.tracker.log_metrics(self.run_id, self._metrics, step=self._epoch)
             self._metrics = {}
 

@@ -18,12 +18,19 @@ from machinery import interrupts, studies
 from machinery.contract import Experiment
 from machinery.space import format_value, width
 from machinery.tracking import Tracker
-from machinery.training import FitResult, fit
+from machinery.training import EpochMetricsLogger, FitResult, fit
 
 # The trial's user attributes that name its MLflow run and hold the settings it trained with,
 # and the run's tags that name its study and trial.
 RUN_ATTR, SETTINGS_ATTR = "mlflow_run_id", "settings"
 STUDY_UID_TAG, TRIAL_TAG = "optuna.study_uid", "optuna.trial"
+
+
+class TakenOver(Exception):
+    """Another process finished this trial while this one still ran it: a worker that stopped
+    sending heartbeats for longer than the grace period (a machine paused, cut off from the
+    database) comes back to find its trial failed and its run closed. Those records are the
+    other process's now, and stay as they are."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,10 @@ def objective(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
     except optuna.TrialPruned as pruned:
         trial.set_user_attr("pruned", str(pruned))
         raise
+    except TakenOver:
+        raise  # its record is the other process's
     except BaseException as error:
-        trial.set_user_attr("fail_reason", "interrupted" if isinstance(error, KeyboardInterrupt) else str(error))
+        trial.set_user_attr("fail_reason", interrupts.reason() if isinstance(error, KeyboardInterrupt) else str(error))
         raise
 
 
@@ -60,7 +69,11 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
     name = session.options.study_name
     tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number)}
     with tracker.run(
-        f"trial {trial.number}", parent_run_id=session.parent_run_id, tags=tags, finished_on=(optuna.TrialPruned,)
+        f"trial {trial.number}",
+        parent_run_id=session.parent_run_id,
+        tags=tags,
+        finished_on=(optuna.TrialPruned,),
+        left_alone_on=(TakenOver,),
     ) as run_id:
         trial.set_user_attr(RUN_ATTR, run_id)
         fitted: list[FitResult] = []
@@ -89,12 +102,17 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
         except optuna.TrialPruned as pruned:
             tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": str(pruned)})
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TakenOver from None  # Optuna refused a write: another process finished the trial
         except BaseException:
             tracker.set_tags(run_id, {"optuna.state": "FAIL"})
             raise
-        if fitted:
-            trial.set_user_attr("val_acc", fitted[-1].val_acc)
-            trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
+        try:
+            if fitted:  # the last writes to the trial, just before its run is closed
+                trial.set_user_attr("val_acc", fitted[-1].val_acc)
+                trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TakenOver from None
         tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
     return value
 
@@ -112,9 +130,15 @@ class ReportToTrial(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, val_loss = trainer.current_epoch, float(trainer.callback_metrics["val_loss"])
         last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
-        with interrupts.held():  # the study's storage is written and read here
-            self.trial.report(val_loss, step=epoch)
-            prune = not last_epoch and self.trial.should_prune()
+        try:
+            with interrupts.held():  # the study's storage is written and read here
+                self.trial.report(val_loss, step=epoch)
+                prune = not last_epoch and self.trial.should_prune()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            for logger in trainer.loggers:  # the run is the other process's: no more curves in it
+                if isinstance(logger, EpochMetricsLogger):
+                    logger.forget()
+            raise TakenOver from None
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_loss {val_loss:.4f}")
 

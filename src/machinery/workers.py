@@ -13,7 +13,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from machinery.samplers import make_pruner, make_sampler
 from machinery.stores import reason
 from machinery.tracking import RetryingClient, Tracker
 from machinery.training import TrainingDiverged
-from machinery.trial import Session, TrialReport, close_run, objective
+from machinery.trial import Session, TakenOver, TrialReport, close_run, objective
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,8 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
     def close_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # Optuna found a trial (of any machine) silent for the grace period, and failed it.
         close_run(tracker, trial)
-        report(TrialReport.of(trial, note=f"its heartbeat stopped for over {options.grace_period} s: its process died"))
+        silent = f"its heartbeat stopped for over {options.grace_period} s"
+        report(TrialReport.of(trial, note=f"{silent}: its process died, or was stopped or cut off"))
 
     storage = studies.open_storage(options.storage, options.grace_period, close_stale, options.server_patience)
     study = optuna.load_study(
@@ -74,15 +74,27 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
         pruner=make_pruner(options.pruner, options.pruning, session.settings.max_epochs),
     )
     running: list[int] = []  # the id of the trial this worker runs now
+    taken_over: list[int] = []  # the id of a trial another process finished while this one ran it
 
     def run_objective(trial: optuna.Trial) -> float:
         running[:] = [trial._trial_id]
-        return objective(trial, session, tracker)
+        try:
+            return objective(trial, session, tracker)
+        except TakenOver:
+            taken_over.append(trial._trial_id)
+            raise
 
     tell = [lambda study, trial: report(TrialReport.of(trial))]
     try:
         while claim():
-            study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+            try:
+                study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial": another process finished it
+                if not taken_over:
+                    raise
+                note = f"given up by another process after {options.grace_period} s without a heartbeat"
+                trial = storage.get_trial(taken_over.pop())
+                report(TrialReport.of(trial, note=f"{note}: this result is discarded"))
             running.clear()
     except BaseException:
         # Optuna told the trial FAIL before it re-raised, but calls no callback for it.
@@ -100,7 +112,14 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     trial; ``interrupts.requested()`` then says so.
     """
     workers = min(workers, n_trials)
+    # A tune.py killed outright (SIGKILL) cannot release the semaphores its workers share; the
+    # process that multiprocessing starts to watch them releases them, and would also print a
+    # warning that nobody can act on.
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"])
+    )
     context = mp.get_context("spawn")
+    interrupts.start_resource_tracker()  # before the budget's semaphores, which it watches
     budget = _Budget(context, n_trials, workers, session.deadline)
     threads = max(1, available_cores() // workers)
     if workers == 1:
@@ -121,18 +140,20 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
         )
         for i in range(workers)
     ]
-    for process in processes:
-        process.start()
+    with interrupts.held_back():
+        for process in processes:
+            process.start()
     problems, forwarded = [], False
     try:
         while any(p.is_alive() for p in processes) or not reports.empty():
             if interrupts.requested() and not forwarded:
-                # The terminal sent SIGINT to every worker too; this reaches those it did not.
+                # A terminal's Ctrl-C, or a signal to the whole process group, reached every
+                # worker too; this reaches those it did not (a SIGTERM to tune.py alone).
                 forwarded = True
                 budget.cancel()
                 for process in processes:
                     if process.is_alive():
-                        os.kill(process.pid, signal.SIGINT)
+                        os.kill(process.pid, interrupts.requested())
             try:
                 message = reports.get(timeout=0.2)
             except queue.Empty:
@@ -221,6 +242,7 @@ def _worker_main(session: Session, index: int, threads: int, budget: _Budget, re
         return not interrupts.requested() and os.getppid() == parent and claim_budget()
 
     with interrupts.handling():
+        interrupts.end_with_parent(parent)  # however tune.py ends, this worker does not outlive it
         try:
             run_trials(session, claim, reports.put)
         except KeyboardInterrupt:

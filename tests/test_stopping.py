@@ -1,0 +1,179 @@
+"""Stopped from outside, and cut off and back: Ctrl-C, a scheduler's SIGTERM, a closed
+terminal's SIGHUP, tune.py killed outright, and a worker paused past the grace period while
+another process gives its trial up. Signals and pauses are sent for real, to real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import TINY_VAL, read_trials, tune_args, wait_for
+
+pytestmark = pytest.mark.slow
+
+STOPPED = "finished trials are kept, the others and their MLflow runs are closed"
+
+
+def alive_in_group(group: int) -> list[str]:
+    """The processes of a process group that still run (a zombie has ended: it waits for init)."""
+    table = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,pid=,args="], capture_output=True, text=True).stdout
+    return [
+        line for line in table.splitlines() if line.split()[0] == str(group) and not line.split()[1].startswith("Z")
+    ]
+
+
+def trials_with_runs(storage: str) -> list:
+    return [t for t in read_trials(storage) if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+
+
+@pytest.mark.parametrize(
+    ("signum", "whole_group", "workers", "reason"),
+    [
+        (signal.SIGINT, True, 2, "interrupted"),  # Ctrl-C: the terminal signals every process
+        (signal.SIGTERM, False, 2, "terminated"),  # kill, or a scheduler that signals tune.py only
+        (signal.SIGHUP, True, 1, "hung up"),  # the terminal closed
+    ],
+)
+def test_a_stop_from_outside_closes_every_trial_and_run_and_says_so(
+    run_script, tiny_data, tmp_path, signum, whole_group, workers, reason
+):
+    args = tune_args(tiny_data[0], "--n-trials", "4", "--workers", str(workers), "--max-epochs", "400", "--no-pruning")
+    process = run_script("tune.py", *args, background=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    wait_for(lambda: len(trials_with_runs(storage)) == workers, what="every worker's trial", process=process)
+    stop = os.killpg if whole_group else os.kill
+    stop(process.pid, signum)
+    if signum == signal.SIGINT:
+        time.sleep(0.3)
+        stop(process.pid, signum)  # and a second, impatient Ctrl-C
+    sent = time.monotonic()
+    stdout, stderr = process.communicate(timeout=120)
+    assert time.monotonic() - sent < 20  # well inside a scheduler's 30 s before its SIGKILL
+
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum
+    assert stderr.strip().splitlines()[-1] == f"tune.py: error: {reason} ({name}); {STOPPED}"
+    for noise in ("Traceback", "Exception ignored", "Trial 0 failed", "leaked", "resource_tracker"):
+        assert noise not in stderr
+    assert stdout.count(" FAIL ") == workers and stdout.count(f"  {reason}  ") == workers  # a line each
+    assert f"study 'mnist-mlp': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
+    trials = optuna.load_study(study_name="mnist-mlp", storage=storage).trials
+    assert {t.state for t in trials} == {TrialState.FAIL} and {t.user_attrs["fail_reason"] for t in trials} == {reason}
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert len(runs) == workers + 1 and {r.info.status for r in runs} == {"KILLED"}  # the study's own run too
+    assert {r.data.tags["error"] for r in runs} == {f"{reason} ({name})"}
+    wait_for(lambda: not alive_in_group(process.pid), timeout=10, what="no process of tune.py's left")
+
+
+def test_workers_end_soon_after_their_tune_py_is_killed_outright(run_script, tiny_data, tmp_path):
+    args = tune_args(tiny_data[0], "--n-trials", "4", "--workers", "2", "--max-epochs", "150", "--no-pruning")
+    process = run_script("tune.py", *args, background=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=process)
+    workers = [line.split()[2] for line in alive_in_group(process.pid) if "spawn_main" in line]
+    assert len(workers) == 2
+    os.kill(process.pid, signal.SIGKILL)  # tune.py alone: no handler runs, nothing is forwarded
+    process.communicate(timeout=60)
+    wait_for(lambda: not alive_in_group(process.pid), timeout=10, what="the orphaned workers to end")
+    # Each worker noticed, and closed its trial and its run as a SIGTERM would have.
+    trials = read_trials(storage)
+    assert {t.state for t in trials} == {TrialState.FAIL} and {t.user_attrs["fail_reason"] for t in trials} == {
+        "terminated"
+    }
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r.info.status for r in client.search_runs(["1"])}
+    assert runs == {"trial 0": "KILLED", "trial 1": "KILLED", "mnist-mlp": "RUNNING"}
+    # What only tune.py could have closed, the next session does.
+    again = run_script("tune.py", *tune_args(tiny_data[0], "--n-trials", "1", "--max-epochs", "150", "--no-pruning"))
+    assert again.returncode == 0, again.stderr
+    assert {r.info.status for r in client.search_runs(["1"]) if r.info.run_name == "mnist-mlp"} == {"FINISHED"}
+
+
+def test_train_py_ends_its_run_and_exits_143_on_sigterm(run_script, tiny_data, tmp_path):
+    args = ["--data-dir", str(tiny_data[0]), "--val-size", str(TINY_VAL), "--max-epochs", "5000"]
+    process = run_script("train.py", *args, background=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def training() -> bool:
+        try:
+            [run] = client.search_runs([client.get_experiment_by_name("mnist-train").experiment_id])
+            return bool(client.get_metric_history(run.info.run_id, "val_loss"))
+        except Exception:  # noqa: BLE001 - no store, experiment or run yet
+            return False
+
+    wait_for(training, what="an epoch done", process=process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == "train.py: error: terminated (SIGTERM); the MLflow run is marked KILLED"
+    [run] = client.search_runs(["1"])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "terminated (SIGTERM)"
+
+
+def lock_free(*databases) -> bool:
+    """Whether a writer could start on each SQLite file now: nobody holds its write lock."""
+    for path in databases:
+        with sqlite3.connect(path, timeout=0.3) as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.rollback()
+            except sqlite3.OperationalError:
+                return False
+    return True
+
+
+def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_gave_up(run_script, tiny_data, tmp_path):
+    """A worker stopped for longer than the grace period (a VM paused, a laptop's lid closed)
+    has its trial failed by another process; when it goes on, it leaves that record as it is,
+    says so in one line, and its tune.py ends well."""
+    common = ("--max-epochs", "100", "--grace-period", "3", "--no-pruning")
+    first = run_script(
+        "tune.py", *tune_args(tiny_data[0], "--n-trials", "2", "--workers", "2", *common), background=True
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=first)
+    worker = int(next(line.split()[2] for line in alive_in_group(first.pid) if "spawn_main" in line))
+    # On one machine, a process stopped inside a write holds SQLite's lock until it goes on:
+    # stop it between writes, as a paused machine's processes would all be.
+    while True:
+        os.kill(worker, signal.SIGSTOP)
+        if lock_free(tmp_path / "optuna.db", tmp_path / "mlflow.db"):
+            break
+        os.kill(worker, signal.SIGCONT)
+        time.sleep(0.05)
+    [paused] = [t for t in read_trials(storage) if t.user_attrs.get("worker", {}).get("pid") == worker]
+    time.sleep(4)  # past the grace period
+
+    second = run_script("tune.py", *tune_args(tiny_data[0], "--n-trials", "1", "--workers", "1", *common))
+    assert second.returncode == 0, second.stderr
+    assert f"trial {paused.number:>3} FAIL" in second.stdout and "its heartbeat stopped for over 3 s" in second.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = paused.user_attrs["mlflow_run_id"]
+    given_up = client.get_run(run_id)
+    assert given_up.info.status == "KILLED"
+
+    os.kill(worker, signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert "error" not in stderr
+    line = "given up by another process after 3 s without a heartbeat: this result is discarded"
+    assert f"trial {paused.number:>3} FAIL" in stdout and line in stdout
+    # Both records stay as the other process left them: the trial failed, with no result of the
+    # returning worker's; the run KILLED, with the other process's reason.
+    back = client.get_run(run_id)
+    assert back.info.status == "KILLED" and back.data.tags == given_up.data.tags
+    trials = read_trials(storage)
+    [after] = [t for t in trials if t.number == paused.number]
+    assert after.state == TrialState.FAIL and after.values is None
+    assert not {"val_acc", "best_epoch", "fail_reason"} & set(after.user_attrs)
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    runs = client.search_runs(["1"])
+    assert not [r for r in runs if r.info.status == "RUNNING"] and len(runs) == 1 + 3
