@@ -3,27 +3,33 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help tune train test test-fast ui serve servers benchmark clean
+.PHONY: help taste tune train test test-fast ui dashboard serve servers benchmark compare clean
 
 help:  ## list the targets and what they do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | expand -t 12
 
-tune: $(VENV)/installed  ## run the Optuna study (50 trials), tracked in MLflow
+taste: $(VENV)/installed  ## a study of 4 short trials, to see it all in a minute
+	$(PY) scripts/tune.py --n-trials 4 --max-epochs 2 --study-name taste
+
+tune: $(VENV)/installed  ## the study: 50 trials, tracked in MLflow
 	$(PY) scripts/tune.py --n-trials 50
 
 train: $(VENV)/installed  ## train the default configuration once
 	$(PY) scripts/train.py
 
-test: $(VENV)/installed  ## the whole test suite, real-MNIST tests included
+test: $(VENV)/installed  ## every test: faults, servers, browser and the real MNIST included
 	$(PY) -m pytest
 
-test-fast: $(VENV)/installed  ## the tests on tiny synthetic data only
+test-fast: $(VENV)/installed  ## the tests that start no process, server or browser of their own
 	$(PY) -m pytest -m "not slow"
 
 # MLflow 3's server starts job-queue consumers for its GenAI features that take about a core
 # even when idle; nothing here needs them, and a study running beside the UI wants that core.
-ui: $(VENV)/installed  ## mlflow ui on http://127.0.0.1:5000, showing every run of this folder
+ui: $(VENV)/installed  ## mlflow ui on http://127.0.0.1:5000: the runs, their curves, the models
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui
+
+dashboard: $(VENV)/installed  ## optuna-dashboard on http://127.0.0.1:8080: the studies of optuna.db
+	$(VENV)/bin/optuna-dashboard sqlite:///optuna.db
 
 # mlflow models serve starts uvicorn from PATH: this environment's.
 serve: $(VENV)/installed  ## serve models:/mnist-classifier@champion over HTTP on port 5001
@@ -33,8 +39,11 @@ serve: $(VENV)/installed  ## serve models:/mnist-classifier@champion over HTTP o
 servers: $(VENV)/installed  ## PostgreSQL and an mlflow server in servers/, to try many machines on one
 	$(PY) scripts/servers.py
 
-benchmark: $(VENV)/installed  ## time an epoch and a study (see README, Performance)
+benchmark: $(VENV)/installed  ## time an epoch and a study (docs/performance.md)
 	$(PY) scripts/benchmark.py
+
+compare: $(VENV)/installed  ## compare samplers and pruners, 5 seeds of 3-minute studies (docs/search.md)
+	$(PY) scripts/compare_search.py
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="epochs per trial of the timed study (default: %(default)s)",
     )
+    parser.add_argument(
+        "--minibatches-per-step", type=cli.positive_int, default=16,
+        help="of (a), as train.py's flag: 1 times Lightning's own loop (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--skip-study", action="store_true", help="time epochs only")
     parser.add_argument(
         "--servers",
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for batch_size in args.batch_sizes:
         settings = dataclasses.replace(base, batch_size=batch_size, max_epochs=args.epochs)
-        pairs = lockstep(settings, device)
+        pairs = lockstep(settings, device, args.minibatches_per_step)
         write_up = time_write_up(dataclasses.replace(settings, max_epochs=1 + args.write_up_epochs), device)[1:]
         a, b, c = statistics.median(pairs["project"]), statistics.median(write_up), statistics.median(pairs["plain"])
         row = {

@@ -1,9 +1,11 @@
-"""Screenshot `mlflow ui` showing a study: img/table.png and img/charts.png.
+"""Screenshot a study in `mlflow ui` and in optuna-dashboard: img/table.png, img/charts.png and
+img/dashboard.png.
 
 Starts `mlflow ui` on a free loopback port against the study's MLflow store, opens it in
 headless Chromium (Debian's package: apt-get install chromium), captures the runs table of
-the study's complete trials sorted by val_loss and the chart view of its three best trials,
-and always stops the server.
+the study's complete trials sorted by val_loss (with the data each trained on) and the chart
+view of its three best trials; then does the same with optuna-dashboard on the study's
+storage; and always stops the servers.
 
     python scripts/screenshots.py
     python scripts/screenshots.py --study-name mnist-cnn --storage sqlite:///elsewhere/optuna.db \
@@ -29,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from machinery.results import top_trials
     from machinery.studies import uid
     from machinery.trial import RUN_ATTR
-    from workbench import mlflow_ui
+    from workbench import browser
 
-    if mlflow_ui.chromium_path() is None:
+    if browser.chromium_path() is None:
         cli.fail(parser.prog, "Chromium is not installed: apt-get install chromium (or set CHROMIUM)")
     study = cli.load_study(parser, args.storage, args.study_name)
     tracker = tracking.reader(args.tracking_uri)
@@ -44,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with mlflow_ui.serve(tracker.tracking_uri) as url, mlflow_ui.chromium_page() as page:
+    with browser.serve(tracker.tracking_uri) as url, browser.chromium_page() as page:
         params = list(searched_params(study))
-        mlflow_ui.screenshot_runs_table(page, url, experiment_id, uid(study), params, str(out / "table.png"))
+        browser.screenshot_runs_table(page, url, experiment_id, uid(study), params, str(out / "table.png"))
         print(f"wrote {out / 'table.png'}")
-        mlflow_ui.screenshot_charts(page, url, experiment_id, best, str(out / "charts.png"))
+        browser.screenshot_charts(page, url, experiment_id, best, str(out / "charts.png"))
         print(f"wrote {out / 'charts.png'}")
+    with browser.serve_dashboard(args.storage) as url, browser.chromium_page() as page:
+        browser.screenshot_dashboard(page, url, study._study_id, str(out / "dashboard.png"))
+        print(f"wrote {out / 'dashboard.png'}")
     return 0
 
 

@@ -141,12 +141,12 @@ def run_script(tiny_data, tmp_path):
     directory by default, so MLflow's default store is <tmp_path>/mlflow.db), and, with
     ``hostname``, as if on another machine (its own UTS namespace, so another host name). With
     ``background``, return the Popen, in a session of its own to be signalled as a terminal
-    would. Every Python process it starts, spawned workers included, takes the tiny data sets'
-    MD5s for the official ones."""
+    would; with ``namespace``, in that network namespace. Every Python process it starts,
+    spawned workers included, takes the tiny data sets' MD5s for the official ones."""
     _, md5s = tiny_data
 
     def run(name: str, *args: str, timeout: float = 300, background: bool = False, cwd=None, hostname=None,
-            env: dict | None = None):  # fmt: skip
+            env: dict | None = None, namespace=None):  # fmt: skip
         environment = {**os.environ, **files_env(md5s)}
         for variable, value in (env or {}).items():  # a PYTHONPATH of the test's goes first
             environment[variable] = value + os.pathsep + environment[variable] if variable == "PYTHONPATH" else value
@@ -154,6 +154,8 @@ def run_script(tiny_data, tmp_path):
         command = [sys.executable, str(ROOT / "scripts" / name), *args]
         if hostname:
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *command]
+        if namespace:  # a host of its own on a network of its own (workbench.servers.Namespace)
+            command = namespace.command(*command)
         where = cwd or tmp_path
         if background:
             return subprocess.Popen(

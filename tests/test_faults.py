@@ -307,7 +307,7 @@ def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tin
     middle of a trial of short sessions of a 2-worker study; run the same command again until
     as many trials completed as asked; then every record must agree, and every trial a kill
     left RUNNING must have been found and said so."""
-    wanted, plan, rng = 5, ["worker", "group", "worker"], random.Random(20261128)
+    wanted, plan, rng = 3, ["worker", "group", "worker"], random.Random(20261128)
     data_dir, _ = tiny_data
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     base = tune_args(data_dir, "--study-name", NASTY_NAME, "--workers", "2", "--no-pruning")

@@ -60,7 +60,7 @@ def test_a_trial_says_how_it_ended_in_one_aligned_line():
 WIDER = '    "weight_decay": FloatDistribution(1e-4, 1e-1, log=True),\n'
 
 
-def test_a_fourth_hyperparameter_is_one_line_in_the_space(run_script, tiny_data, tmp_path):
+def test_a_fourth_hyperparameter_is_one_line_in_the_space(run_script, call_script, tiny_data, tmp_path):
     """As a user would: one line added to SEARCH_SPACE, in a copy of the experiment, and the
     same command; every table, plot, CSV column and the study's definition follow."""
     copy = tmp_path / "mine"
@@ -104,7 +104,7 @@ def test_a_fourth_hyperparameter_is_one_line_in_the_space(run_script, tiny_data,
     assert "params_weight_decay" in csv.columns
 
     # The study now searches another space: the experiment as shipped may not continue it.
-    again = run_script("tune.py", *args)
+    again = call_script("tune.py", *args)
     assert again.returncode == 2 and "searched another space" in again.stderr and "weight_decay" in again.stderr
 
 

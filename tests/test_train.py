@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -107,3 +108,27 @@ def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, mo
     assert "(MD5 verified)" in capsys.readouterr().out
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["val_size"] == "5000"
+
+
+def test_every_run_records_the_data_it_trained_validated_and_tested_on(tiny_settings, tracking_uri):
+    tracker = connect(tracking_uri, "inputs")
+    runs = [fit_here(dataclasses.replace(tiny_settings, val_size=size), tracker).run_id for size in (100, 100, 150)]
+    runs.append(fit_here(dataclasses.replace(tiny_settings, dataset="kmnist"), tracker).run_id)
+    inputs = []
+    for run_id in runs:
+        recorded = MlflowClient(tracking_uri).get_run(run_id).inputs.dataset_inputs
+        context = {tag.key: tag.value for d in recorded for tag in d.tags}
+        assert context == {"mlflow.data.context": context["mlflow.data.context"]}
+        inputs.append({[t.value for t in d.tags][0]: d.dataset for d in recorded})
+    same, _, _, other_data = inputs
+    assert set(same) == {"training", "validation", "test"}
+    digests = [{context: d.digest for context, d in run.items()} for run in inputs]
+    assert digests[0] == digests[1]  # the same data and split: the same digests
+    assert digests[2]["test"] == digests[0]["test"]  # another split of the same files
+    assert digests[2]["training"] != digests[0]["training"] and digests[2]["validation"] != digests[0]["validation"]
+    assert not set(digests[3].values()) & set(digests[0].values())  # other files altogether
+    assert {d.name for d in same.values()} == {"mnist"} and {d.name for d in other_data.values()} == {"kmnist"}
+    training = same["training"]
+    assert json.loads(training.source)["uri"].endswith("MNIST/raw") and training.source_type == "local"
+    assert json.loads(training.profile) == {"origin": "existing files"}
+    assert "[-1, 1, 28, 28]" in json.loads(training.schema)["mlflow_tensorspec"]["features"]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from experiment import mnist_from_pypi, pictures
-from machinery.contract import SettingError
+from machinery.contract import DataSplit, SettingError
 from machinery.files import FolderUnusable, ensure_files, torchvision_download
 from machinery.idx import read_idx
 
@@ -65,9 +65,24 @@ class MNISTDataModule(pl.LightningDataModule):
 
     @property
     def fingerprint(self) -> str:
-        """The data's identity: a digest of the files' checksums (another folder with the same
-        files is the same data). A study refuses to go on with other data."""
-        return hashlib.md5(json.dumps(sorted(self.files.items())).encode()).hexdigest()[:12]
+        """The data's identity: a digest of its name and its files' checksums (another folder
+        with the same files is the same data). A study refuses to go on with other data."""
+        return _digest(self.name, sorted(self.files.items()))
+
+    def describe(self) -> list[DataSplit]:
+        """Each split, as a run records it in MLflow: the digest follows the files and the split."""
+        split = {"training": ("train", self.val_size, SPLIT_SEED), "validation": ("val", self.val_size, SPLIT_SEED)}
+        return [
+            DataSplit(
+                context,
+                self.name,
+                _digest(self.fingerprint, split.get(context, "test")),
+                str(self.raw.resolve()),
+                self.source,
+                self.dims,
+            )  # fmt: skip
+            for context in ("training", "validation", "test")
+        ]
 
     @property
     def largest_batch(self) -> int:
@@ -174,6 +189,10 @@ def _splits(data: MNISTDataModule, device: str) -> dict[str, tuple[Tensor, Tenso
             _split_cache[key] = {"train": (train_x[fit], train_y[fit]), "val": (train_x[val], train_y[val]),
                                  "test": (test_x, test_y)}  # fmt: skip
     return _split_cache[key]
+
+
+def _digest(*parts) -> str:
+    return hashlib.md5(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 class InMemoryBatches:

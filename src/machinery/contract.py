@@ -18,8 +18,10 @@ batch_idx)`` returns the loss, so that machinery.speed can carry several batches
 
 **The LightningDataModule**: batches are ``(inputs, targets)``; ``prepare_data`` makes the data
 present and verified and sets ``source`` (where it came from, in a few words); ``name`` names
-the data set, ``fingerprint`` identifies its files (a study refuses other data), and
-``largest_batch`` is the most examples one step holds (the memory check sizes by it).
+the data set, ``fingerprint`` identifies its files (a study refuses other data),
+``largest_batch`` is the most examples one step holds (the memory check sizes by it), and
+``describe()`` returns a :class:`DataSplit` for each split, which every run records as its
+MLflow dataset inputs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ class Experiment:
     search_space: Mapping[str, BaseDistribution]  # the searched settings, by name
     # (trial, settings, fit) -> the value a study minimizes; fit(model, data, settings) trains and tracks
     objective: Callable[..., float]
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """One split of a run's data, as MLflow records it among the run's inputs."""
+
+    context: str  # "training", "validation" or "test"
+    name: str  # the data set's
+    digest: str  # of the files' checksums and of the split: other data, or another split, never share it
+    location: str  # where the files are: a folder, or a URL
+    origin: str  # how they got there: "existing files", "torchvision's mirrors", ...
+    shape: tuple[int, ...]  # one input's
 
 
 class SettingError(ValueError):

@@ -81,6 +81,7 @@ class Tested:
     trial: FrozenTrial
     metrics: dict[str, float]
     model_id: str
+    data: list  # its data's splits (contract.DataSplit): what it was trained, validated and tested on
 
 
 def evaluate_best_trial(
@@ -109,7 +110,7 @@ def evaluate_best_trial(
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
     model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task)
-    return Tested(best, test, model_id)
+    return Tested(best, test, model_id, data.describe())
 
 
 def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:

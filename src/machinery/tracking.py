@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from machinery import interrupts
+from machinery.contract import DataSplit
 from machinery.stores import ServerUnavailable, create_once, public, reason
 
 # MLflow accepts at most this many params in one log_batch call.
@@ -216,6 +219,24 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+    def log_datasets(self, run_id: str, splits: Sequence[DataSplit]) -> None:
+        """Record what the run trained, validated and tested on as MLflow dataset inputs: mlflow ui
+        shows them in the runs table's Datasets column and on the run's page."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types import Schema, TensorSpec
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for split in splits:
+            features = Schema([TensorSpec(np.dtype(np.float32), (-1, *split.shape), "inputs")]).to_json()
+            targets = Schema([TensorSpec(np.dtype(np.int64), (-1,), "targets")]).to_json()
+            schema = json.dumps({"mlflow_tensorspec": {"features": features, "targets": targets}})
+            source = json.dumps({"uri": split.location})
+            profile = json.dumps({"origin": split.origin})
+            dataset = Dataset(split.name, split.digest, "local", source, schema, profile)
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])

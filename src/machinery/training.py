@@ -157,6 +157,7 @@ def fit(
     """
     started = time.perf_counter()
     data.prepare_data()
+    tracker.log_datasets(run_id, data.describe())
     tracker.log_params(
         run_id,
         {

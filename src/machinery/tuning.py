@@ -109,6 +109,7 @@ def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Teste
         "trial": trial.number,
         "val_acc": trial.user_attrs["val_acc"],
         **tested.metrics,
+        **{f"{split.context}_data": f"{split.name} {split.digest}" for split in tested.data},
         **{key: value for key, value in trial.user_attrs[SETTINGS_ATTR].items() if key in compared},
         **trial.params,
     }

@@ -193,14 +193,14 @@ class _Lockstep(pl.Callback):
         self.project_epochs.append(time.perf_counter() - self._started)
 
 
-def lockstep(settings: Settings, device: str, warmup: int = 1) -> dict:
+def lockstep(settings: Settings, device: str, minibatches_per_step: int = 16, warmup: int = 1) -> dict:
     """(a) and (c) in lockstep: project, plain, project, plain, ... one epoch each, over
     ``warmup + settings.max_epochs`` epochs of the project's. Each epoch of one is paired with
     each neighbour of the other, in either order; the median of those pairs' ratios (a over c)
     is the figure, and a burst of load on the machine spoils one or two pairs, not the median."""
     timed = dataclasses.replace(settings, max_epochs=warmup + settings.max_epochs)
     clock = _Lockstep(PlainLoop(timed, device))
-    options = Options(accelerator=device)
+    options = Options(accelerator=device, minibatches_per_step=minibatches_per_step)
     with tempfile.TemporaryDirectory() as tmp:
         tracker = connect(f"sqlite:///{tmp}/mlflow.db", "benchmark")
         with tracker.run("project") as run_id, contextlib.redirect_stdout(io.StringIO()):

@@ -10,6 +10,7 @@ root, its commands run as the ``postgres`` user, who then owns the cluster's fol
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import secrets
@@ -62,23 +63,25 @@ def free_port() -> int:
 
 @dataclass
 class Postgres:
-    """A PostgreSQL cluster in ``folder`` listening on 127.0.0.1:``port``."""
+    """A PostgreSQL cluster in ``folder`` listening on 127.0.0.1:``port``, and on the addresses of
+    ``also`` (a test's own network, say)."""
 
     folder: Path
     port: int
     password: str
+    also: tuple[str, ...] = ()
 
-    def url(self, database: str, with_password: bool = True) -> str:
+    def url(self, database: str, with_password: bool = True, host: str = "127.0.0.1") -> str:
         """The database's URL; without the password, for clients that read it from PGPASSFILE."""
         user = f"{USER}:{self.password}" if with_password else USER
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{user}@{host}:{self.port}/{database}"
 
     @property
     def pgpass(self) -> Path:
         return self.folder / "pgpass"
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses={','.join(['127.0.0.1', *self.also])}"
         self._pg_ctl("start", "-w", "-t", "60", "-o", options, "-l", str(self.folder / "server.log"))
 
     def stop(self) -> None:
@@ -118,6 +121,9 @@ def init_postgres(folder: Path, port: int | None = None) -> Postgres:
         str(postgres_bin() / "initdb"), "-D", str(folder / "data"), "-U", USER, "--auth=scram-sha-256",
         f"--pwfile={folder / 'password'}", "--no-sync",
     ])  # fmt: skip
+    # Clients on the networks the server has an address on may connect too, with the password:
+    # those of a test's own network namespace.
+    _as_postgres(["sh", "-c", f"echo 'host all all samenet scram-sha-256' >> {folder / 'data' / 'pg_hba.conf'}"])
     server = Postgres(folder, port, password)
     server.start()
     try:
@@ -132,10 +138,10 @@ def init_postgres(folder: Path, port: int | None = None) -> Postgres:
 
 
 @contextlib.contextmanager
-def postgres(folder: Path) -> Iterator[Postgres]:
+def postgres(folder: Path, also: tuple[str, ...] = ()) -> Iterator[Postgres]:
     """The cluster in ``folder`` (made there on first use), started for the block and stopped
-    after it."""
-    server = open_postgres(folder)
+    after it, listening on the addresses of ``also`` too."""
+    server = dataclasses.replace(open_postgres(folder), also=also)
     server.start()
     try:
         yield server
@@ -155,6 +161,7 @@ class MlflowServer:
     log: Path
     env: dict[str, str] | None = None  # PGPASSFILE, say, for a backend URI without its password
     process: subprocess.Popen | None = None
+    host: str = "127.0.0.1"  # 0.0.0.0: every address of the machine
 
     @property
     def url(self) -> str:
@@ -164,7 +171,7 @@ class MlflowServer:
         command = [
             sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
             "--serve-artifacts", "--artifacts-destination", str(self.artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", SERVER_WORKERS,
+            "--host", self.host, "--port", str(self.port), "--workers", SERVER_WORKERS,
         ]  # fmt: skip
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
@@ -198,15 +205,15 @@ class MlflowServer:
         self.start()
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, what: str, timeout: float) -> None:
-    """Wait until ``url``/health answers; RuntimeError if ``process`` ends, or ``timeout``
+def wait_until_healthy(url: str, process: subprocess.Popen, what: str, timeout: float, health: str = "/health") -> None:
+    """Wait until ``url`` + ``health`` answers; RuntimeError if ``process`` ends, or ``timeout``
     seconds pass, first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with code {process.returncode}")
         with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{health}", timeout=2) as response:
                 if response.status == 200:
                     return
         time.sleep(0.3)
@@ -215,18 +222,72 @@ def wait_until_healthy(url: str, process: subprocess.Popen, what: str, timeout: 
 
 @contextlib.contextmanager
 def mlflow_server(
-    backend_store_uri: str, folder: Path, port: int | None = None, env: dict[str, str] | None = None
+    backend_store_uri: str,
+    folder: Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[MlflowServer]:
-    """``mlflow server`` for the block, its artifacts and log in ``folder``."""
+    """``mlflow server`` for the block, its artifacts and log in ``folder``, on ``host``."""
     folder.mkdir(parents=True, exist_ok=True)
     server = MlflowServer(
-        backend_store_uri, folder / "artifacts", port or free_port(), folder / "mlflow-server.log", env
+        backend_store_uri, folder / "artifacts", port or free_port(), folder / "mlflow-server.log", env, host=host
     )
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Namespace:
+    """A network namespace of this process's own, joined to this machine by a veth pair: a host
+    at ``address`` that reaches this machine at ``gateway``, and whose link can be cut."""
+
+    name: str
+    link: str  # this machine's end of the pair
+    gateway: str
+    address: str
+
+    def command(self, *args: str) -> list[str]:
+        """``args``, run in the namespace."""
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def cut(self) -> None:
+        _ip("link", "set", self.link, "down")
+
+    def mend(self) -> None:
+        _ip("link", "set", self.link, "up")
+
+
+def can_make_namespaces() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@contextlib.contextmanager
+def network_namespace() -> Iterator[Namespace]:
+    """A :class:`Namespace` for the block (iproute2's ``ip``; root), gone after it."""
+    n = os.getpid() % 250 + 1
+    space = Namespace(f"hpo-test-{os.getpid()}", f"hpo{n}h", f"10.77.{n}.1", f"10.77.{n}.2")
+    inside = f"hpo{n}n"
+    _ip("netns", "add", space.name)
+    try:
+        _ip("link", "add", space.link, "type", "veth", "peer", "name", inside)
+        _ip("link", "set", inside, "netns", space.name)
+        _ip("addr", "add", f"{space.gateway}/24", "dev", space.link)
+        _ip("link", "set", space.link, "up")
+        for args in (["addr", "add", f"{space.address}/24", "dev", inside], ["link", "set", inside, "up"],
+                     ["link", "set", "lo", "up"]):  # fmt: skip
+            subprocess.run(space.command("ip", *args), check=True, capture_output=True)
+        yield space
+    finally:
+        subprocess.run(["ip", "netns", "del", space.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", space.link], capture_output=True)  # gone with it, normally
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 class PostgresFailed(RuntimeError):

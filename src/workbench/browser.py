@@ -1,6 +1,6 @@
-"""`mlflow ui` in a real browser: start the server on a free loopback port and always stop it,
-and open Debian's Chromium through Playwright (a test tool's own browser download does not
-work offline). Used by scripts/screenshots.py and the browser test."""
+"""`mlflow ui` and optuna-dashboard in a real browser: start each server on a free loopback port
+and always stop it, and open Debian's Chromium through Playwright (a test tool's own browser
+download does not work offline). Used by scripts/screenshots.py and the browser tests."""
 
 from __future__ import annotations
 
@@ -38,16 +38,35 @@ def chromium_path() -> str | None:
 def serve(backend_store_uri: str, timeout: float = 90) -> Iterator[str]:
     """Run ``mlflow ui`` for ``backend_store_uri`` on a free loopback port; yield its URL."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri,
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with _serving(command, f"http://127.0.0.1:{port}", "/health", "mlflow ui", timeout) as url:
+        yield url
+
+
+def dashboard_path() -> str | None:
+    """optuna-dashboard, of this environment (the [dashboard] extra), or None."""
+    return shutil.which("optuna-dashboard", path=os.path.dirname(sys.executable))
+
+
+@contextlib.contextmanager
+def serve_dashboard(storage: str, timeout: float = 90) -> Iterator[str]:
+    """Run optuna-dashboard for ``storage`` on a free loopback port; yield its URL."""
+    port = free_port()
+    command = [dashboard_path(), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    with _serving(command, f"http://127.0.0.1:{port}", "/api/meta", "optuna-dashboard", timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(command: list[str], url: str, health: str, what: str, timeout: float) -> Iterator[str]:
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri,
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **NO_JOBS},
-        )  # fmt: skip
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **NO_JOBS}
+        )
         try:
             try:
-                wait_until_healthy(url, server, "mlflow ui", timeout)
+                wait_until_healthy(url, server, what, timeout, health)
             except RuntimeError as error:
                 log.seek(0)
                 raise RuntimeError(f"{error}:\n{log.read()[-2000:]}") from None
@@ -103,7 +122,7 @@ def screenshot_runs_table(page, url: str, experiment_id: str, study_uid: str, pa
     page.get_by_role("row").filter(has_text="trial").first.wait_for(timeout=60_000)
     _close_assistant(page)
     page.get_by_role("button", name="Columns", exact=True).click()
-    for name in ("Dataset", "Source", "Models", *SCORE_COLUMNS, *params):  # hide the empty, show ours
+    for name in ("Source", "Models", *SCORE_COLUMNS, *params):  # hide the empty, show ours
         page.get_by_text(name, exact=True).last.click()
     page.keyboard.press("Escape")
     page.wait_for_timeout(1000)
@@ -121,6 +140,14 @@ def screenshot_charts(page, url: str, experiment_id: str, run_ids: list[str], pa
     parent.first.locator("label:has(input.is-visibility-toggle-checkbox)").click()  # hide the study's run
     page.get_by_placeholder("Search metric charts").fill("loss")
     page.wait_for_timeout(3000)  # the charts animate in
+    page.screenshot(path=path)
+
+
+def screenshot_dashboard(page, url: str, study_id: int, path: str) -> None:
+    """optuna-dashboard's page of a study: its history and its parameters' importances."""
+    page.goto(f"{url}/dashboard/studies/{study_id}")
+    page.get_by_text("History", exact=False).first.wait_for(timeout=60_000)
+    page.wait_for_timeout(3000)  # the plots draw in
     page.screenshot(path=path)
 
 

@@ -1,4 +1,5 @@
-"""`mlflow ui` shows a study, checked in the page a real browser renders (headless Chromium)."""
+"""`mlflow ui` and optuna-dashboard show a study, checked in the pages a real browser renders
+(headless Chromium)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from experiment.settings import Settings
 from machinery.options import TuneOptions
 from machinery.tracking import connect
 from machinery.tuning import tune
-from workbench.mlflow_ui import (
+from workbench.browser import (
     SCORE_COLUMNS,
     chromium_page,
     chromium_path,
+    dashboard_path,
     runs_url,
     screenshot_charts,
+    screenshot_dashboard,
     screenshot_runs_table,
     serve,
+    serve_dashboard,
 )
 
 pytestmark = [
@@ -50,7 +54,7 @@ def shown(tiny_data, tmp_path_factory):
                               accelerator="cpu").resolved(settings)  # fmt: skip
         session = tune(EXPERIMENT, settings, options, lambda: tracker)
     with serve(tracker.tracking_uri) as url:
-        yield session.study, tracker, url
+        yield session.study, tracker, url, options.storage
 
 
 @pytest.fixture
@@ -60,7 +64,7 @@ def page():
 
 
 def test_mlflow_ui_lists_the_study_and_shows_a_trials_curve(shown, page):
-    study, tracker, url = shown
+    study, tracker, url, _ = shown
     trials = {t.number: t.user_attrs["mlflow_run_id"] for t in study.trials}
     val_loss = tracker.client.get_run(trials[1]).data.metrics["val_loss"]
 
@@ -80,7 +84,7 @@ def test_mlflow_ui_lists_the_study_and_shows_a_trials_curve(shown, page):
 
 
 def test_screenshots_show_the_best_trials_first_and_their_curves(shown, page, tmp_path):
-    study, tracker, url = shown
+    study, tracker, url, _ = shown
     by_loss = sorted(study.trials, key=lambda t: t.value)
     params = list(by_loss[0].params)
     screenshot_runs_table(
@@ -92,6 +96,9 @@ def test_screenshots_show_the_best_trials_first_and_their_curves(shown, page, tm
     assert names == [f"trial {t.number}" for t in by_loss]
     for column in (*SCORE_COLUMNS, *params):
         assert page.get_by_role("columnheader", name=column, exact=True).count() >= 1, column
+    # Each trial's data, in MLflow's Datasets column: the data set's name and its digest.
+    digest = tracker.client.get_run(by_loss[0].user_attrs["mlflow_run_id"]).inputs.dataset_inputs[0].dataset.digest
+    assert page.get_by_text(f"mnist ({digest})", exact=False).count() >= 1
 
     best_two = by_loss[:2]
     screenshot_charts(
@@ -106,3 +113,16 @@ def test_screenshots_show_the_best_trials_first_and_their_curves(shown, page, tm
         with Image.open(tmp_path / name) as image:
             assert image.size == (1400, 900)  # the whole page, as the browser drew it
             assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # text and lines, not a blank
+
+
+@pytest.mark.skipif(dashboard_path() is None, reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'")
+def test_optuna_dashboard_shows_the_study_and_its_history(shown, page, tmp_path):
+    study, _, _, storage = shown
+    with serve_dashboard(storage) as url:
+        page.goto(f"{url}/dashboard")
+        page.get_by_text("pictured", exact=True).first.wait_for(timeout=60_000)  # the study's name, listed
+        screenshot_dashboard(page, url, study._study_id, str(tmp_path / "dashboard.png"))
+        assert page.get_by_text("History", exact=False).count() >= 1
+        assert page.get_by_text("Hyperparameter Importance", exact=False).count() >= 1
+    with Image.open(tmp_path / "dashboard.png") as image:
+        assert image.size == (1400, 900) and len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50

@@ -1,0 +1,66 @@
+"""optuna-dashboard beside a live study: it reads the SQLite storage while two workers write
+to it, and the study ends well (a dashboard polling a live SQLite study has been seen to fail
+it with "database is locked", optuna-dashboard issue 545)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from conftest import read_trials, tune_args, wait_for
+from workbench.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+DASHBOARD = Path(sys.executable).parent / "optuna-dashboard"
+
+
+def api(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.mark.skipif(not DASHBOARD.exists(), reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'")
+def test_the_dashboard_follows_a_live_study_and_the_study_ends_well(run_script, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = tune_args(tiny_data[0], "--n-trials", "6", "--workers", "2", "--max-epochs", "15")
+    study = run_script("tune.py", *args, background=True)
+    wait_for(lambda: read_trials(storage), what="the study's first trial", process=study)
+    port = free_port()
+    dashboard = subprocess.Popen(
+        [str(DASHBOARD), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        [summary] = wait_for(lambda: _studies(port), what="the dashboard's answer")
+        polls = 0
+        while study.poll() is None:  # as its page does while it is open, only faster
+            api(port, f"/api/studies/{summary['study_id']}?after=0")
+            polls += 1
+            time.sleep(0.2)
+        stdout, stderr = study.communicate()
+        assert study.returncode == 0 and "database is locked" not in stdout + stderr, stderr
+        seen = api(port, f"/api/studies/{summary['study_id']}?after=0")["trials"]
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    trials = read_trials(storage)
+    assert polls >= 10 and len(trials) == 6
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert sorted((t["number"], t["state"].upper()) for t in seen) == [(t.number, t.state.name) for t in trials]
+
+
+def _studies(port: int) -> list[dict]:
+    try:
+        return api(port, "/api/studies")["study_summaries"]
+    except OSError:
+        return []

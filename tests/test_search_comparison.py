@@ -1,0 +1,58 @@
+"""The comparison of samplers and pruners (scripts/compare_search.py), on the tiny data: the
+order it runs the studies in, what it keeps of them, and the figures it draws from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from workbench.search_comparison import anytime_figure, best_by, compare, summarize, table_markdown, time_to_target
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_take_turns_seed_by_seed_and_every_trial_is_timed(tiny_settings, tmp_path):
+    settings = dataclasses.replace(tiny_settings, max_epochs=1)
+    ended = []
+    studies = compare(settings, ["tpe+median", "random+median"], [0, 1], budget=2, workers=1, done=ended.append)
+    assert [(s["seed"], s["method"]) for s in studies] == [
+        (0, "tpe+median"), (0, "random+median"), (1, "random+median"), (1, "tpe+median"),
+    ]  # fmt: skip
+    assert ended == studies
+    for study in studies:
+        trials = study["trials"]
+        assert trials and all(t["state"] == "COMPLETE" and 0 < t["finished_s"] < 60 for t in trials)
+        # No trial starts after the budget but each worker's first: the last one began in time.
+        assert sorted(t["finished_s"] for t in trials)[-2:][0] <= study["budget"] or len(trials) == 1
+    # The same seed, the same method: the same first proposal.
+    first = {(s["method"], s["seed"]): s["trials"][0]["params"] for s in studies}
+    assert first[("random+median", 0)] != first[("random+median", 1)]
+
+    table = summarize(studies, target=0.5)
+    assert set(table) == {"tpe+median", "random+median"} and table["random+median"]["speedup_over_random"] == 1.0
+    for method, row in table.items():
+        mine = [s for s in studies if s["method"] == method]
+        assert row["best_at_budget"] == [best_by(s["trials"], 2) for s in mine]
+        assert row["median_best_at_budget"] < math.inf
+    markdown = table_markdown(table, 0.5).splitlines()
+    assert markdown[0].startswith("| method | median time to val_acc >= 0.5") and len(markdown) == 2 + 2
+    anytime_figure(studies, tmp_path / "search.png")
+    assert (tmp_path / "search.png").read_bytes().startswith(PNG)
+
+
+def test_time_to_target_and_best_so_far_read_the_trials_as_they_finished():
+    trials = [
+        {"state": "COMPLETE", "value": 0.30, "val_acc": 0.90, "finished_s": 10.0},
+        {"state": "PRUNED", "value": None, "val_acc": None, "finished_s": 12.0},
+        {"state": "COMPLETE", "value": 0.20, "val_acc": 0.985, "finished_s": 30.0},
+        {"state": "COMPLETE", "value": 0.10, "val_acc": 0.99, "finished_s": 250.0},  # after the budget
+    ]
+    assert [best_by(trials, s) for s in (5, 10, 29, 30, 240)] == [math.inf, 0.30, 0.30, 0.20, 0.20]
+    assert time_to_target(trials, 0.98, budget=240) == 30.0 and time_to_target(trials, 0.99, budget=240) == math.inf
+    studies = [
+        {"method": "m", "seed": s, "budget": 240, "trials": t} for s, t in enumerate([trials, trials[:2], trials])
+    ]
+    row = summarize(studies, 0.98)["m"]
+    assert row["time_to_target"] == [30.0, math.inf, 30.0] and row["median_time_to_target"] == 30.0
+    assert row["reached"] == 2 and row["speedup_over_random"] is None  # no random search to compare with
+    assert "30 s (30 to not reached)" in table_markdown({"m": row}, 0.98)
