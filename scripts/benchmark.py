@@ -3,7 +3,7 @@
 Times epochs of (a) the project's training path as train.py and tune.py run it, (b) the
 student's pipeline (per-image transforms through a DataLoader, self.log on every step,
 MLFlowLogger), and (c) a plain PyTorch loop on in-memory tensors, for batch sizes 32, 64 and
-256, hidden_dim 128. (a) and (c) run in lockstep, an epoch of one and then one of the other,
+256, the default network. (a) and (c) run in lockstep, an epoch of one and then one of the other,
 and the figure is the median of the ratios of neighbouring epochs: the machine's speed drifts
 too much for anything else. Then times a short study with 1 and with 2 workers, in trials per
 minute, and with --servers the 2-worker study again on PostgreSQL and an mlflow server instead
@@ -26,8 +26,10 @@ import time
 
 from experiment.settings import Settings
 from machinery import cli
+from machinery.options import Options
 
-HIDDEN_DIM = 128
+# The lockstep pairs each of (c)'s epochs but the first with its neighbours among (a)'s.
+at_least_two = cli.whole_number(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-sizes", type=cli.positive_int, nargs="+", default=[32, 64, 256], help="(default: %(default)s)"
     )
     parser.add_argument(
-        "--epochs", type=cli.positive_int, default=6, help="timed epochs of (a) and of (c), after one warm-up each "
+        "--epochs", type=at_least_two, default=6, help="timed epochs of (a) and of (c), after one warm-up each "
         "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         help="epochs per trial of the timed study (default: %(default)s)",
     )
     parser.add_argument(
-        "--minibatches-per-step", type=cli.positive_int, default=16,
+        "--minibatches-per-step", type=cli.positive_int, default=Options().minibatches_per_step,
         help="of (a), as train.py's flag: 1 times Lightning's own loop (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--skip-study", action="store_true", help="time epochs only")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(" ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
-    base = Settings(hidden_dim=HIDDEN_DIM, data_dir=args.data_dir)
+    base = Settings(data_dir=args.data_dir)
     cli.prepare_data(parser, _experiment(), base)
     table = []
     for batch_size in args.batch_sizes:

@@ -20,8 +20,9 @@ import sys
 
 from experiment.settings import Settings
 from machinery import cli
+from machinery.options import registered_name
 
-DEFAULT_MODEL = f"models:/{Settings().task}-classifier@champion"
+DEFAULT_MODEL = f"models:/{registered_name(Settings().task)}@champion"
 # Larger pictures are refused before they are decoded: Pillow's own guard against
 # decompression bombs, replaced by a line that says so. Decoded, they are shrunk first.
 MAX_PIXELS, WORKING_SIDE = 200_000_000, 2048

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if browser.chromium_path() is None:
         cli.fail(parser.prog, "Chromium is not installed: apt-get install chromium (or set CHROMIUM)")
+    if browser.dashboard_path() is None:
+        cli.fail(parser.prog, "optuna-dashboard is not installed: pip install -e '.[dashboard]'")
     study = cli.load_study(parser, args.storage, args.study_name)
     tracker = tracking.reader(args.tracking_uri)
     best = [trial.user_attrs[RUN_ATTR] for trial in top_trials(study, 3)]

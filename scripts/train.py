@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.fail(parser.prog, str(error))
     except KeyboardInterrupt:
         cli.fail(parser.prog, f"{interrupts.describe()}; the MLflow run is marked KILLED", interrupts.exit_code())
+    if interrupts.requested():  # while the model was logged: the run is complete, and says so
+        cli.fail(parser.prog, f"{interrupts.describe()} after the run was complete", interrupts.exit_code())
 
     print(
         f"\nbest epoch {result.best_epoch}: val_loss {result.val_loss:.4f}, val_acc {result.val_acc:.4f}; "

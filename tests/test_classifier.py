@@ -7,11 +7,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from experiment.data import InMemoryBatches
 from experiment.model import LitClassifier
 from experiment.networks import CNN, MLP, NETWORKS, Standardize
 from experiment.search import build
 from experiment.settings import Settings
+from machinery.batches import InMemoryBatches
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))

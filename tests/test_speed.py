@@ -10,10 +10,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from experiment.data import InMemoryBatches
 from experiment.model import LitClassifier
 from experiment.networks import MLP
 from experiment.search import build
+from machinery.batches import InMemoryBatches
 from machinery.options import Options
 from machinery.speed import SeveralPerStep
 from machinery.tracking import connect

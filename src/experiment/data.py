@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,6 +22,8 @@ import torch
 from torch import Tensor
 
 from experiment import mnist_from_pypi, pictures
+from experiment.settings import Settings
+from machinery.batches import InMemoryBatches
 from machinery.contract import DataSplit, SettingError
 from machinery.files import FolderUnusable, ensure_files, torchvision_download
 from machinery.idx import read_idx
@@ -53,7 +54,13 @@ class MNISTDataModule(pl.LightningDataModule):
     dims = (1, 28, 28)
     picture = staticmethod(pictures.digit)  # how predict.py prepares a photo of one
 
-    def __init__(self, data_dir: str = "data", batch_size: int = 64, val_size: int = 5_000, seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str = Settings.data_dir,
+        batch_size: int = Settings.batch_size,
+        val_size: int = Settings.val_size,
+        seed: int = Settings.seed,
+    ):
         super().__init__()
         self.data_dir, self.batch_size, self.val_size, self.seed = data_dir, batch_size, val_size, seed
         self.source: str | None = None  # where prepare_data found the files
@@ -183,7 +190,7 @@ def _splits(data: MNISTDataModule, device: str) -> dict[str, tuple[Tensor, Tenso
             train_x, train_y, test_x, test_y = data.read()
             n = len(train_y)
             if not 0 < data.val_size < n:
-                raise ValueError(f"the validation set must hold between 1 and {n - 1} images, got {data.val_size}")
+                raise SettingError("val_size", f"{data.val_size} of {n} images to validate on leaves none to train")
             order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
             val, fit = order[: data.val_size], order[data.val_size :]
             _split_cache[key] = {"train": (train_x[fit], train_y[fit]), "val": (train_x[val], train_y[val]),
@@ -193,24 +200,3 @@ def _splits(data: MNISTDataModule, device: str) -> dict[str, tuple[Tensor, Tenso
 
 def _digest(*parts) -> str:
     return hashlib.md5(json.dumps(parts).encode()).hexdigest()[:12]
-
-
-class InMemoryBatches:
-    """Batches sliced out of tensors that hold a whole split: reshuffled at the start of every
-    pass (every epoch) with a generator, served in order without one."""
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator | None = None):
-        self.images, self.labels, self.batch_size, self.generator = images, labels, batch_size, generator
-
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, size = len(self.labels), self.batch_size
-        if self.generator is None:
-            for start in range(0, n, size):
-                yield self.images[start : start + size], self.labels[start : start + size]
-            return
-        order = torch.randperm(n, generator=self.generator, device=self.generator.device)
-        for start in range(0, n, size):
-            yield self.images[order[start : start + size]], self.labels[order[start : start + size]]

@@ -53,7 +53,12 @@ def _number(
     return parse
 
 
-positive_int = _number(int, 1, True, "a whole number of at least 1")
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """A flag's parser for a whole number of at least ``minimum``."""
+    return _number(int, minimum, True, f"a whole number of at least {minimum}")
+
+
+positive_int = whole_number(1)
 positive_float = _number(float, 0, False, "a number greater than 0")
 
 
@@ -233,9 +238,12 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
 def prepare_data(parser: argparse.ArgumentParser, experiment, settings) -> str:
     """Make the data present and verified (fetched on first use), before any store is touched;
     return where it came from. Unusable data ends the command in one line."""
+    import torch
+
     from machinery.files import DataUnavailable
 
-    _, data = experiment.build(settings)
+    with torch.device("meta"):  # the data module is what is wanted here: no weights drawn for nothing
+        _, data = experiment.build(settings)
     try:
         data.prepare_data()
     except SettingError as error:

@@ -53,6 +53,7 @@ class DataSplit:
     location: str  # where the files are: a folder, or a URL
     origin: str  # how they got there: "existing files", "torchvision's mirrors", ...
     shape: tuple[int, ...]  # one input's
+    dtypes: tuple[str, str] = ("float32", "int64")  # an input's, a target's (numpy's names)
 
 
 class SettingError(ValueError):

@@ -32,9 +32,12 @@ class _State:
 
 def handler(signum, frame) -> None:
     """The handler of SIGINT, SIGTERM and SIGHUP in a tune.py or train.py process and in the
-    workers: the first request stops, the others are ignored."""
+    workers: the first request stops, the others are ignored (Lightning puts this handler back
+    when a fit ends, so a later one can still arrive here)."""
     for each in SIGNALS:
         signal.signal(each, signal.SIG_IGN)
+    if _State.signum is not None:
+        return
     _State.signum = signum
     if _State.interruptible:
         raise KeyboardInterrupt
@@ -46,14 +49,15 @@ def handling() -> Iterator[None]:
     handlers after it; after a request, the signals stay ignored instead, so that another one
     cannot cut into the libraries' clean-up as the process exits."""
     _State.signum, _State.interruptible = None, False
-    sys.unraisablehook = _unraisable  # a request swallowed by a callback: check() acts on it
+    hook, sys.unraisablehook = sys.unraisablehook, _unraisable  # a request a callback swallowed: see check()
     previous = {each: signal.signal(each, handler) for each in SIGNALS}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # what held() back a worker's start comes now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # what held_back() kept from a worker comes now
     try:
         yield
     finally:
         for each, old in previous.items():
             signal.signal(each, signal.SIG_IGN if _State.signum is not None else old)
+        sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -152,6 +156,6 @@ def end_with_parent(parent: int, every: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _unraisable(unraisable, hook=sys.unraisablehook) -> None:
+def _unraisable(unraisable) -> None:
     if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _State.signum is not None):
-        hook(unraisable)
+        sys.__unraisablehook__(unraisable)

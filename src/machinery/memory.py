@@ -3,11 +3,11 @@ more workers than fit, are refused before any work starts.
 
 A process that trains (train.py, or one tune worker) holds Python with torch, Lightning and
 MLflow, and its data set in memory: about 0.9 GB of its own, measured as the private resident
-memory of a worker on an x86_64 machine (torch 2.14 on the CPU, 60,000 small images). On top of
-that come the network's parameters five times over (weights, gradients, AdamW's two moments, the best epoch's
-copy) and every layer's output and gradient for the largest batch it runs. The experiment's
-model is built on PyTorch's meta device to count them, so the estimate follows the network as
-it is, whatever its layers.
+memory of a worker on an x86_64 machine (torch 2.14 on the CPU, the built-in data sets). On top
+of that come the network's parameters five times over (weights, gradients, an Adam-like
+optimizer's two moments, the best epoch's copy) and every layer's output and gradient for the
+largest batch it runs. The experiment's model is built on PyTorch's meta device to count them,
+so the estimate follows the network as it is, whatever its layers.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class TuneOptions(Options):
         "the study's wall time in seconds, counted from the command's start: no trial starts after it but "
         "each worker's first, and the running ones finish",
     )
-    study_name: str | None = option(None, "Optuna study to create or continue (default: DATASET-MODEL)")
+    study_name: str | None = option(None, "Optuna study to create or continue (default: the settings' study)")
     storage: str = option("sqlite:///optuna.db", "Optuna storage URL")
     workers: int | None = option(
         None, "worker processes (default: one per core, at most 8, and no more than fit in memory)"
@@ -69,7 +69,7 @@ class TuneOptions(Options):
     registered_model: str | None = option(
         None,
         "the Model Registry's model the tested best trial is registered as; its alias champion moves to it "
-        "when it is better than the champion (default: TASK-classifier)",
+        "when it is better than the champion (default: TASK-classifier, the settings' task)",
     )
     grace_period: int = option(
         60,
@@ -85,5 +85,10 @@ class TuneOptions(Options):
             self,
             experiment=self.experiment or f"{settings.task}-tune",
             study_name=self.study_name or settings.study,
-            registered_model=self.registered_model or f"{settings.task}-classifier",
+            registered_model=self.registered_model or registered_name(settings.task),
         )
+
+
+def registered_name(task: str) -> str:
+    """The registered model of a task's studies: models:/NAME@champion is the best of that task."""
+    return f"{task}-classifier"

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
-OBJECTIVE = "val_loss at the best epoch\n(cross-entropy, log scale)"
+OBJECTIVE = "val_loss at the best epoch\n(log scale)"
 SIZE = (10, 4.5)
 
 
@@ -71,7 +71,7 @@ def learning_curves(curves: Sequence[tuple[str, Mapping[str, Sequence[float]]]])
     ax.set(
         title="Training and validation loss of the best trials",
         xlabel="epoch",
-        ylabel="loss (cross-entropy, log scale)",
+        ylabel="loss (log scale)",
         yscale="log",
     )
     ax.grid(True, which="both", alpha=0.3)

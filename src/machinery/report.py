@@ -121,11 +121,12 @@ def _fmt(value: float) -> str:
 
 
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
-    """Put each block between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in ``text``."""
+    """Put each block between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in ``text``,
+    a markdown page's."""
     for name, block in blocks.items():
         pattern = re.compile(rf"(<!-- report:{re.escape(name)} -->\n).*?(<!-- /report:{re.escape(name)} -->)", re.S)
         if not pattern.search(text):
-            raise ValueError(f"the README has no <!-- report:{name} --> ... <!-- /report:{name} --> markers")
+            raise ValueError(f"the page has no <!-- report:{name} --> ... <!-- /report:{name} --> markers")
         body = block.rstrip("\n") + "\n"
         text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
     return text

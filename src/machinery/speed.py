@@ -1,18 +1,13 @@
-"""What keeps Lightning's cost per training step near zero for a network this small, without
+"""What keeps Lightning's cost per training step near zero for a small network, without
 changing the LightningModule: it stays as Lightning's docs write one.
 
-A 784-hidden-10 step is a few hundred microseconds of arithmetic on a CPU, and Lightning's loop
-around it (hooks, callbacks, logging, the automatic-optimization closure) costs as much again:
-1.77 times a plain PyTorch loop's epoch at batch 32. :class:`SeveralPerStep` hands Lightning
-several minibatches per step and makes, for each, the updates automatic optimization would
-make: the same updates in the same order (tests/test_speed.py holds the curves to Lightning's
-own loop and to a plain PyTorch loop), Lightning's cost paid once per several.
-``python scripts/benchmark.py`` measures what is left (docs/performance.md).
-
-Elsewhere, each where it belongs: the data set lives in memory on the training device and a
-batch is one indexing operation, which the data module hands over without Lightning's generic
-transfer (experiment/data.py); the best epoch's weights are copied in memory instead of a
-ModelCheckpoint file (training.py); AdamW is fused (experiment/model.py).
+A small network's step is a few hundred microseconds of arithmetic on a CPU, and Lightning's
+loop around it (hooks, callbacks, logging, the automatic-optimization closure) can cost as
+much again. :class:`SeveralPerStep` hands Lightning several minibatches per step and makes,
+for each, the updates automatic optimization would make: the same updates in the same order
+(tests/test_speed.py holds the curves to Lightning's own loop and to a plain PyTorch loop),
+Lightning's cost paid once per several. ``python scripts/benchmark.py`` measures what is left
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,9 +28,8 @@ from torch import Tensor
 T = TypeVar("T")
 
 # lightning_fabric sets this on import so that DataLoader workers may fork before CUDA starts.
-# With it set, torch.cuda.is_available() loads NVML through ctypes on every call, and AdamW
-# calls it on every step (0.15 ms a step). Nothing here forks after CUDA starts (no loader
-# workers; tune's workers are spawned).
+# With it set, torch.cuda.is_available() loads NVML through ctypes on every call, and PyTorch's
+# optimizers call it on every step. tune's workers are spawned, not forked.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 
@@ -72,16 +66,18 @@ class SeveralPerStep(pl.Callback):
     ``size`` minibatches per Lightning step, each its own optimizer step: the training loader
     is read ``size`` minibatches at a time, and for each the adapter makes the calls that
     automatic optimization makes (the step, zero_grad, backward, the optimizer's step), steps
-    the learning-rate schedulers as their configuration says, and gathers what training_step
-    logs as epoch means (``on_epoch=True, on_step=False``) on the device, to log them once at
-    the epoch's end; any other log goes to Lightning as it is. The module is as it was after
-    fit. One optimizer, no gradient accumulation or clipping, no ReduceLROnPlateau: for those,
+    the learning-rate schedulers when Lightning would, and gathers what training_step logs as
+    epoch means (``on_epoch=True, on_step=False``) on the device, to log them once at the
+    epoch's end; any other log goes to Lightning as it is. The module is as it was after fit.
+    It refuses what it would not do as Lightning does (several optimizers, gradient
+    accumulation or clipping, ReduceLROnPlateau, a module's own optimizer_step): for those,
     ``size`` 1 leaves Lightning's own loop in place.
     """
 
     def __init__(self, size: int):
         self.size = size
         self._undo: list = []
+        self._means: dict[str, list] = {}  # name: [sum of value * batch size, batch sizes, log kwargs]
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.size == 1:
@@ -93,10 +89,9 @@ class SeveralPerStep(pl.Callback):
         loader, training_step, log = source.train_dataloader, module.training_step, module.log
         lean = _nobody_listens(trainer, module)
         schedulers = trainer.lr_scheduler_configs
-        self._per_step = [c for c in schedulers if c.interval == "step"]
-        self._per_epoch = [c for c in schedulers if c.interval == "epoch"]
-        self._means: dict[str, list] = {}  # name: [sum of value * batch size, batch sizes, log kwargs]
-        self._minibatch, self._updates = None, 0
+        per_step = [c for c in schedulers if c.interval == "step"]
+        per_epoch = [c for c in schedulers if c.interval == "epoch"]
+        self._minibatch = None
 
         def chunked_loader():
             return Chunks(loader(), self.size)
@@ -104,28 +99,27 @@ class SeveralPerStep(pl.Callback):
         def step(chunk: list, batch_idx: int) -> None:
             optimizer = module.optimizers()
             for i, minibatch in enumerate(chunk):
+                index = batch_idx * self.size + i  # the minibatch's index in the epoch, as Lightning counts
                 self._minibatch = minibatch
-                output = training_step(minibatch, batch_idx * self.size + i)
+                output = training_step(minibatch, index)
                 loss = output["loss"] if isinstance(output, dict) else output
-                if loss is None:  # training_step skipped this one, as automatic optimization allows
-                    continue
-                optimizer.zero_grad()
-                if lean:
-                    # What manual_backward and optimizer.step come to when no hook is listening
-                    # and nothing scales the loss, without the ~50 µs of hook dispatch: the
-                    # backward pass, and the step counted as Lightning counts it (global_step).
-                    loss.backward()
-                    optimizer._on_before_step()
-                    optimizer.optimizer.step()
-                    optimizer._on_after_step()
-                else:
-                    module.manual_backward(loss)
-                    optimizer.step()
-                self._updates += 1
-                for config in self._per_step:
-                    if self._updates % config.frequency == 0:
-                        config.scheduler.step()
+                if loss is not None:  # None: training_step skipped this one, as automatic optimization allows
+                    optimizer.zero_grad()
+                    if lean:
+                        # What manual_backward and optimizer.step come to when no hook listens and
+                        # nothing scales the loss, without the ~50 µs of hook dispatch: the backward
+                        # pass, and the step counted as Lightning counts it (global_step).
+                        loss.backward()
+                        optimizer._on_before_step()
+                        optimizer.optimizer.step()
+                        optimizer._on_after_step()
+                    else:
+                        module.manual_backward(loss)
+                        optimizer.step()
+                _step_schedulers(per_step, index)
             self._minibatch = None
+            if batch_idx == trainer.num_training_batches - 1:  # the epoch's last: before validation
+                _step_schedulers(per_epoch, trainer.current_epoch)
 
         def gathering_log(name: str, value, *args, **kwargs) -> None:
             plain = not args and kwargs.get("on_epoch") is True and kwargs.get("on_step") is False
@@ -142,32 +136,22 @@ class SeveralPerStep(pl.Callback):
             sums[0].add_(value.detach(), alpha=size)
             sums[1] += size
 
-        automatic = module.automatic_optimization
-        module.automatic_optimization = False
-        source.train_dataloader = chunked_loader
-        module.training_step, module.log = step, gathering_log
-        loop = trainer.fit_loop.epoch_loop
         self._undo = [
-            lambda: setattr(module, "automatic_optimization", automatic),
-            # trainer.global_step reads the count of whichever kind of optimization the module has
-            # now: the steps made here are handed to the automatic count.
-            lambda: vars(loop.automatic_optimization.optim_progress.optimizer.step.total).update(
-                vars(loop.manual_optimization.optim_step_progress.total)
-            ),
-            lambda: delattr(source, "train_dataloader"),
-            lambda: delattr(module, "training_step"),
-            lambda: delattr(module, "log"),
+            _replace(module, "automatic_optimization", False, instance=False),
+            _replace(source, "train_dataloader", chunked_loader),
+            _replace(module, "training_step", step),
+            _replace(module, "log", gathering_log),
         ]
+        self._loop = trainer.fit_loop.epoch_loop
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._undo:  # global_step goes on from the count of automatic optimization (a resumed fit's)
+            vars(self._loop.manual_optimization.optim_step_progress.total).update(self._automatic_steps())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if not self._undo:
-            return
         for name, (total, size, kwargs) in self._means.items():
             type(module).log(module, name, total / size, **kwargs)
         self._means.clear()
-        for config in self._per_epoch:
-            if (trainer.current_epoch + 1) % config.frequency == 0:
-                config.scheduler.step()
 
     def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         self._restore()
@@ -175,13 +159,43 @@ class SeveralPerStep(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
 
+    def _automatic_steps(self) -> dict:
+        return vars(self._loop.automatic_optimization.optim_progress.optimizer.step.total)
+
     def _restore(self) -> None:
+        if not self._undo:
+            return
         while self._undo:
             self._undo.pop()()
+        # trainer.global_step reads the count of whichever kind of optimization the module has
+        # now: the steps made here are handed back to the automatic count.
+        self._automatic_steps().update(vars(self._loop.manual_optimization.optim_step_progress.total))
+
+
+def _replace(obj, name: str, value, instance: bool = True):
+    """Set ``obj.name`` to ``value``; return what puts back what was there: an attribute of the
+    instance's own, or (deleting ours) the class's."""
+    own = vars(obj).get(name, _MISSING) if instance else getattr(obj, name)
+    setattr(obj, name, value)
+    if not instance:
+        return lambda: setattr(obj, name, own)
+    return lambda: delattr(obj, name) if own is _MISSING else setattr(obj, name, own)
+
+
+_MISSING = object()
+
+
+def _step_schedulers(configs, index: int) -> None:
+    for config in configs:
+        if (index + 1) % config.frequency == 0:
+            config.scheduler.step()
 
 
 # The hooks that Lightning calls around each backward pass and optimizer step.
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+# The module's hooks that automatic optimization calls, which these steps would not.
+_OPTIMIZATION_HOOKS = ("optimizer_step", "optimizer_zero_grad", "on_before_zero_grad", "configure_gradient_clipping",
+                       "lr_scheduler_step")  # fmt: skip
 
 
 def _nobody_listens(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
@@ -204,6 +218,10 @@ def _unsupported(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
         return "gradients are accumulated or clipped"
     if any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs):
         return "ReduceLROnPlateau steps on a metric"
+    if overridden := [hook for hook in _OPTIMIZATION_HOOKS if is_overridden(hook, module, pl.LightningModule)]:
+        return f"the module has its own {overridden[0]}"
+    if any(is_overridden("on_before_zero_grad", callback, pl.Callback) for callback in trainer.callbacks):
+        return "a callback listens to on_before_zero_grad"
     if trainer.datamodule is None and not is_overridden("train_dataloader", module, pl.LightningModule):
         return "its training data comes neither from a LightningDataModule nor from the module's train_dataloader"
     return None

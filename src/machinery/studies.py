@@ -257,8 +257,17 @@ def _check_definition(name: str, recorded: dict, wanted: dict) -> None:
 
 
 def worker_id() -> dict[str, object]:
-    """Who runs a trial: recorded on it, so that a trial of a dead process can be told apart."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """Who runs a trial: recorded on it, so that a trial of a dead process can be told apart.
+    Containers can share a host name and not their process ids: the pid namespace says whose
+    pids these are."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pids": _pid_namespace()}
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None  # not Linux
 
 
 def _is_alive(pid: int) -> bool:
@@ -287,7 +296,8 @@ def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int) -> list[F
         if owner is None:
             dead = (now - trial.datetime_start).total_seconds() > grace
         else:
-            dead = owner["host"] == socket.gethostname() and not _is_alive(owner["pid"])
+            here = owner["host"] == socket.gethostname() and owner.get("pids") == _pid_namespace()
+            dead = here and not _is_alive(owner["pid"])
         if not dead:
             continue
         try:

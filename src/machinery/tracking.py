@@ -229,8 +229,8 @@ class Tracker:
 
         inputs = []
         for split in splits:
-            features = Schema([TensorSpec(np.dtype(np.float32), (-1, *split.shape), "inputs")]).to_json()
-            targets = Schema([TensorSpec(np.dtype(np.int64), (-1,), "targets")]).to_json()
+            features = Schema([TensorSpec(np.dtype(split.dtypes[0]), (-1, *split.shape), "inputs")]).to_json()
+            targets = Schema([TensorSpec(np.dtype(split.dtypes[1]), (-1,), "targets")]).to_json()
             schema = json.dumps({"mlflow_tensorspec": {"features": features, "targets": targets}})
             source = json.dumps({"uri": split.location})
             profile = json.dumps({"origin": split.origin})

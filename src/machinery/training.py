@@ -157,7 +157,7 @@ def fit(
     """
     started = time.perf_counter()
     data.prepare_data()
-    tracker.log_datasets(run_id, data.describe())
+    tracker.log_datasets(run_id, [split for split in data.describe() if evaluate_test or split.context != "test"])
     tracker.log_params(
         run_id,
         {
@@ -234,12 +234,15 @@ def load_weights(model: pl.LightningModule, checkpoint: str) -> pl.LightningModu
 def _interruptible(trainer_fn, *args, **kwargs):
     """Run a Trainer entry point, turning Lightning's handling of Ctrl-C back into one.
 
-    Lightning catches KeyboardInterrupt inside fit and test, ignores SIGINT from then on and
-    calls sys.exit(1). Raising KeyboardInterrupt instead lets the callers close their MLflow
-    run and Optuna trial as interrupted and print what finished; SIGINT stays ignored, so a
-    second Ctrl-C cannot cut that clean-up short.
+    Lightning catches KeyboardInterrupt inside fit and test and calls sys.exit(1), and ends a
+    fit after a SIGTERM with a SystemExit of its own. Raising KeyboardInterrupt instead lets the
+    callers close their MLflow run and Optuna trial as stopped and print what finished; the
+    handler of machinery.interrupts ignores any further request, so a second Ctrl-C cannot cut
+    that clean-up short.
     """
     try:
         return trainer_fn(*args, **kwargs)
     except SystemExit as exit_:
+        if not (interrupts.requested() or isinstance(exit_.__context__, KeyboardInterrupt)):
+            raise  # someone's own sys.exit
         raise KeyboardInterrupt from exit_

@@ -4,6 +4,7 @@ val_loss to the pruner; and one line that says how the trial ended."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from pytorch_lightning.callbacks import Callback
 from machinery import interrupts, studies
 from machinery.contract import Experiment
 from machinery.space import format_value, width
+from machinery.stores import ServerUnavailable
 from machinery.tracking import Tracker
 from machinery.training import EpochMetricsLogger, FitResult, fit
 
@@ -55,13 +57,21 @@ def objective(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
     try:
         return _train(trial, session, tracker)
     except optuna.TrialPruned as pruned:
-        trial.set_user_attr("pruned", str(pruned))
+        _keep(trial, "pruned", str(pruned))
         raise
     except TakenOver:
         raise  # its record is the other process's
     except BaseException as error:
-        trial.set_user_attr("fail_reason", interrupts.reason() if isinstance(error, KeyboardInterrupt) else str(error))
+        _keep(trial, "fail_reason", interrupts.reason() if isinstance(error, KeyboardInterrupt) else str(error))
         raise
+
+
+def _keep(trial: optuna.Trial, key: str, value) -> None:
+    """Record why the trial ended, unless another process has ended it meanwhile."""
+    try:
+        trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise TakenOver from None
 
 
 def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
@@ -104,8 +114,11 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
             raise
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None  # Optuna refused a write: another process finished the trial
+        except TakenOver:
+            raise
         except BaseException:
-            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+            with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
+                tracker.set_tags(run_id, {"optuna.state": "FAIL"})
             raise
         try:
             if fitted:  # the last writes to the trial, just before its run is closed

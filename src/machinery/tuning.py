@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
+import torch
 from tqdm import tqdm
 
 from machinery import interrupts, registry, results, studies
@@ -44,7 +45,8 @@ def tune(
     the summary still run, and then KeyboardInterrupt is raised.
     """
     quiet_libraries(options.verbose)
-    _, data = experiment.build(settings)  # its fingerprint: a study refuses other data
+    with torch.device("meta"):  # the data module's fingerprint: a study refuses other data
+        _, data = experiment.build(settings)
     name, grace = options.study_name, options.grace_period
     with interrupts.handling():
         storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
@@ -94,7 +96,7 @@ def tune(
             notes += _still_running_elsewhere(study, grace)
             test = tested.metrics if tested else None
             _print_summary(study, tracker, parent_run_id, options.storage, test, notes)
-            if interrupted:
+            if interrupts.requested():  # during the trials, or while the best was tested and logged
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
     return SessionResult(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
 

@@ -27,7 +27,7 @@ from machinery.samplers import make_pruner, make_sampler
 from machinery.stores import reason
 from machinery.tracking import RetryingClient, Tracker
 from machinery.training import TrainingDiverged
-from machinery.trial import Session, TakenOver, TrialReport, close_run, objective
+from machinery.trial import Session, TrialReport, close_run, objective
 
 
 @dataclass(frozen=True)
@@ -74,26 +74,20 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
         pruner=make_pruner(options.pruner, options.pruning, session.settings.max_epochs),
     )
     running: list[int] = []  # the id of the trial this worker runs now
-    taken_over: list[int] = []  # the id of a trial another process finished while this one ran it
 
     def run_objective(trial: optuna.Trial) -> float:
         running[:] = [trial._trial_id]
-        try:
-            return objective(trial, session, tracker)
-        except TakenOver:
-            taken_over.append(trial._trial_id)
-            raise
+        return objective(trial, session, tracker)
 
     tell = [lambda study, trial: report(TrialReport.of(trial))]
     try:
         while claim():
             try:
                 study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
-            except ValueError:  # Optuna's "Cannot tell a FAIL trial": another process finished it
-                if not taken_over:
+            except ValueError:  # Optuna's "Cannot tell a FAIL trial": another process had finished it
+                if not (running and (trial := storage.get_trial(running[0])).state.is_finished()):
                     raise
                 note = f"given up by another process after {options.grace_period} s without a heartbeat"
-                trial = storage.get_trial(taken_over.pop())
                 report(TrialReport.of(trial, note=f"{note}: this result is discarded"))
             running.clear()
     except BaseException:
@@ -115,9 +109,9 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     # A tune.py killed outright (SIGKILL) cannot release the semaphores its workers share; the
     # process that multiprocessing starts to watch them releases them, and would also print a
     # warning that nobody can act on.
-    os.environ["PYTHONWARNINGS"] = ",".join(
-        filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"])
-    )
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     context = mp.get_context("spawn")
     interrupts.start_resource_tracker()  # before the budget's semaphores, which it watches
     budget = _Budget(context, n_trials, workers, session.deadline)

@@ -11,9 +11,9 @@ against a plain PyTorch loop, on the real MNIST, in one process (see scripts/ben
   loss, backward and a fused AdamW step over the same in-memory batches, and the same
   validation pass: the floor for this model in PyTorch.
 
-The machine's speed drifts by a factor of 1.7 within minutes, so (a) and (c) are timed in
-rounds that alternate their order (a then c, c then a, ...), and each round gives one ratio
-of the two; the median of the rounds' ratios is the figure. All run on the same device.
+The machine's speed drifts by a factor of 1.7 within minutes, so (a) and (c) run in lockstep:
+an epoch of (c) between every two of (a), each of (c)'s epochs paired with both its
+neighbours, and the median of those pairs' ratios is the figure. All run on the same device.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ from experiment.settings import Settings
 from machinery.options import Options, TuneOptions
 from machinery.tracking import connect
 from machinery.training import fit
-
-PATHS = ("project", "write-up", "plain")
 
 
 class _EpochClock(pl.Callback):
@@ -135,7 +133,7 @@ class PlainLoop:
         )
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=settings.max_epochs)
         data.prepare_data()
-        data.device = torch.device(device)
+        data.device = torch.device(device, 0) if device == "cuda" else torch.device(device)  # as Lightning names it
         data.setup("fit")
         self.train, self.val = data.train_dataloader(), data.val_dataloader()
         self.sizes = {split: len(data.splits[split][1]) for split in ("train", "val")}
@@ -193,7 +191,7 @@ class _Lockstep(pl.Callback):
         self.project_epochs.append(time.perf_counter() - self._started)
 
 
-def lockstep(settings: Settings, device: str, minibatches_per_step: int = 16, warmup: int = 1) -> dict:
+def lockstep(settings: Settings, device: str, minibatches_per_step: int, warmup: int = 1) -> dict:
     """(a) and (c) in lockstep: project, plain, project, plain, ... one epoch each, over
     ``warmup + settings.max_epochs`` epochs of the project's. Each epoch of one is paired with
     each neighbour of the other, in either order; the median of those pairs' ratios (a over c)

@@ -296,7 +296,6 @@ class PostgresFailed(RuntimeError):
 
 def _as_postgres(command: list[str]) -> None:
     """Run one of PostgreSQL's programs, as the postgres user where this process is root."""
-    program = Path(command[0]).name
     if os.geteuid() == 0:
         command = ["runuser", "-u", "postgres", "--", *command]
     # Into a file, not a pipe: a server that pg_ctl starts would hold a pipe open for good.
@@ -305,9 +304,7 @@ def _as_postgres(command: list[str]) -> None:
         output.seek(0)
         said = output.read().strip().splitlines()[-3:]
     if returncode != 0:
-        program = next(
-            Path(part).name for part in command if "postgresql" in part or part.endswith(("initdb", "pg_ctl"))
-        )
+        program = next((Path(part).name for part in command if part.endswith(("initdb", "pg_ctl"))), command[-1])
         raise PostgresFailed(f"{program} failed: {' / '.join(said)}")
 
 

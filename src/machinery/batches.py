@@ -1,0 +1,30 @@
+"""Batches for a data set that fits in memory: one indexing operation each, on the device the
+tensors are on, instead of a DataLoader's per-sample work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+class InMemoryBatches:
+    """Batches sliced out of tensors that hold a whole split: reshuffled at the start of every
+    pass (every epoch) with a generator, served in order without one."""
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator | None = None):
+        self.images, self.labels, self.batch_size, self.generator = images, labels, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n, size = len(self.labels), self.batch_size
+        if self.generator is None:
+            for start in range(0, n, size):
+                yield self.images[start : start + size], self.labels[start : start + size]
+            return
+        order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+        for start in range(0, n, size):
+            yield self.images[order[start : start + size]], self.labels[order[start : start + size]]
