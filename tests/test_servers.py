@@ -195,10 +195,12 @@ def test_a_machine_cut_off_and_back_leaves_what_the_other_one_gave_up(machines, 
             break
         namespace.mend()
         time.sleep(0.2)
+    client = MlflowClient(tracking.url)
     try:
         wait_for(lambda: trials_of(database, machines.study)[victim.number].state == TrialState.FAIL, what="its FAIL")
-        given_up = MlflowClient(tracking.url).get_run(victim.user_attrs["mlflow_run_id"])
-        assert given_up.info.status == "KILLED"
+        run_id = victim.user_attrs["mlflow_run_id"]
+        wait_for(lambda: client.get_run(run_id).info.status == "KILLED", what="its run closed")
+        given_up = client.get_run(run_id)
     finally:
         namespace.mend()
     code, stdout, stderr = finish(a)
@@ -215,7 +217,7 @@ def test_a_machine_cut_off_and_back_leaves_what_the_other_one_gave_up(machines, 
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL}
     assert [t.user_attrs["worker"]["host"] for t in trials if t.state == TrialState.COMPLETE].count("a") == 1
-    back = MlflowClient(tracking.url).get_run(victim.user_attrs["mlflow_run_id"])
+    back = client.get_run(run_id)
     assert back.info.status == "KILLED" and back.data.tags == given_up.data.tags
     runs = runs_of(tracking, machines.study)
     assert not [r for r in runs if r.info.status == "RUNNING"] and len(runs) == 1 + len(trials)

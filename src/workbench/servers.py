@@ -268,16 +268,18 @@ def can_make_namespaces() -> bool:
 @contextlib.contextmanager
 def network_namespace() -> Iterator[Namespace]:
     """A :class:`Namespace` for the block (iproute2's ``ip``; root), gone after it."""
-    n = os.getpid() % 250 + 1
-    space = Namespace(f"hpo-test-{os.getpid()}", f"hpo{n}h", f"10.77.{n}.1", f"10.77.{n}.2")
-    inside = f"hpo{n}n"
+    pid = os.getpid()
+    block = 4 * (pid % 16384)  # a /30 of 10.200.0.0/16 of this process's own
+    prefix = f"10.200.{block // 256}"
+    space = Namespace(f"hpo-test-{pid}", f"hpo{pid}h", f"{prefix}.{block % 256 + 1}", f"{prefix}.{block % 256 + 2}")
+    inside = f"hpo{pid}n"
     _ip("netns", "add", space.name)
     try:
         _ip("link", "add", space.link, "type", "veth", "peer", "name", inside)
         _ip("link", "set", inside, "netns", space.name)
-        _ip("addr", "add", f"{space.gateway}/24", "dev", space.link)
+        _ip("addr", "add", f"{space.gateway}/30", "dev", space.link)
         _ip("link", "set", space.link, "up")
-        for args in (["addr", "add", f"{space.address}/24", "dev", inside], ["link", "set", inside, "up"],
+        for args in (["addr", "add", f"{space.address}/30", "dev", inside], ["link", "set", inside, "up"],
                      ["link", "set", "lo", "up"]):  # fmt: skip
             subprocess.run(space.command("ip", *args), check=True, capture_output=True)
         yield space
