@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_accelerator(parser, options.accelerator)
     cli.check_storage(parser, options.storage)
     cli.check_tracking(parser, options.tracking_uri)
+    from machinery import forking
+
+    if min(options.workers or forking.available_cores(), options.n_trials) > 1:
+        forking.start(["experiment.search"])  # the workers' imports, beside this process's own
 
     from experiment.search import EXPERIMENT
     from machinery import interrupts

@@ -218,6 +218,16 @@ def wait_for(condition, timeout: float = 120, what: str = "condition", process: 
     raise AssertionError(f"timed out waiting for {what}{said}")
 
 
+def worker_pids(tune_pid: int) -> list[int]:
+    """The worker processes of a tune.py: the forks of its fork server (machinery.forking)."""
+
+    def children(pid: int, pattern: str = "") -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(pid), *(["-f", pattern] if pattern else [])], capture_output=True)
+        return [int(child) for child in found.stdout.split()]
+
+    return [worker for server in children(tune_pid, "forkserver") for worker in children(server)]
+
+
 def read_trials(storage: str, study_name: str | None = None) -> list:
     """The trials of ``study_name`` (or of the only study) in ``storage``, as a study that runs
     elsewhere has them now; [] while it has none. It never makes the storage's tables, and it

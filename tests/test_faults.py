@@ -18,7 +18,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY_VAL, assert_flag_error, read_trials, running_trial_with_run, tune_args, wait_for
+from conftest import (
+    TINY_VAL,
+    assert_flag_error,
+    read_trials,
+    running_trial_with_run,
+    tune_args,
+    wait_for,
+    worker_pids,
+)
 from experiment.search import EXPERIMENT
 from experiment.settings import Settings
 from machinery import interrupts
@@ -288,7 +296,7 @@ def freeze_mid_trial(storage: str, process: subprocess.Popen, whole_group: bool,
     while True:
         wait_for(lambda: running_trial_with_run(storage), what="a running trial", process=process)
         time.sleep(rng.uniform(0, 0.3))
-        workers = [int(pid) for pid in os.popen(f"pgrep -P {process.pid} -f spawn_main").read().split()]
+        workers = worker_pids(process.pid)
         candidates = sorted(runners(storage) & set(workers or [process.pid]))
         if not candidates:
             continue

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY_VAL, read_trials, tune_args, wait_for
+from conftest import TINY_VAL, read_trials, tune_args, wait_for, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_workers_end_soon_after_their_tune_py_is_killed_outright(run_script, tin
     process = run_script("tune.py", *args, background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=process)
-    workers = [line.split()[2] for line in alive_in_group(process.pid) if "spawn_main" in line]
+    workers = worker_pids(process.pid)
     assert len(workers) == 2
     os.kill(process.pid, signal.SIGKILL)  # tune.py alone: no handler runs, nothing is forwarded
     process.communicate(timeout=60)
@@ -138,7 +138,7 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_gave_up(run
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=first)
-    worker = int(next(line.split()[2] for line in alive_in_group(first.pid) if "spawn_main" in line))
+    worker = worker_pids(first.pid)[0]
     # On one machine, a process stopped inside a write holds SQLite's lock until it goes on:
     # stop it between writes, as a paused machine's processes would all be.
     while True:

@@ -63,26 +63,13 @@ def handling() -> Iterator[None]:
 @contextlib.contextmanager
 def held_back() -> Iterator[None]:
     """Start processes in this block: a request that reaches one of them before it has installed
-    its handlers (a worker takes seconds to import torch) waits until it has, instead of ending
-    it unhandled. The mask is inherited, and :func:`handling` lifts it."""
+    its handlers waits until it has, instead of ending it unhandled. The mask is inherited, and
+    :func:`handling` lifts it."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def start_resource_tracker() -> None:
-    """Start the process that multiprocessing keeps beside its processes to release their
-    semaphores, immune to SIGHUP (it ignores SIGINT and SIGTERM itself): a closed terminal
-    must not end it before the workers it cleans up after."""
-    from multiprocessing import resource_tracker
-
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # an ignored signal stays ignored across exec
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
 
 
 @contextlib.contextmanager

@@ -1,16 +1,15 @@
 """Running a study's trials: one worker's loop, and N worker processes on one machine.
 
 Small matrices leave most of a core idle inside one process, so N single-threaded workers
-train more epochs per second than one N-threaded process. Each worker is a spawned process
-(no fork after torch has started its threads) that pays its start-up once and then runs
-trials back to back; the tune.py process hands out the trial budget and prints what they
-report. With one worker, the trials run in the tune.py process itself.
+train more epochs per second than one N-threaded process. Each worker is a fork of a server
+that imported what it needs (machinery.forking) and runs trials back to back; the tune.py
+process hands out the trial budget and prints what they report. With one worker, the trials
+run in the tune.py process itself.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import queue
 import time
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from machinery import files, interrupts, studies
+from machinery import files, forking, interrupts, studies
+from machinery.forking import available_cores
 from machinery.imports import import_files
 from machinery.samplers import make_pruner, make_sampler
 from machinery.stores import reason
@@ -36,13 +36,6 @@ class WorkerFailed:
 
     worker: int
     message: str
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_workers() -> int:
@@ -112,8 +105,8 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     quiet = "ignore:resource_tracker:UserWarning"
     if quiet not in os.environ.get("PYTHONWARNINGS", ""):
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
-    context = mp.get_context("spawn")
-    interrupts.start_resource_tracker()  # before the budget's semaphores, which it watches
+    forking.start()  # tune.py started it already, with the experiment imported
+    context = forking.CONTEXT
     budget = _Budget(context, n_trials, workers, session.deadline)
     threads = max(1, available_cores() // workers)
     if workers == 1:
@@ -134,9 +127,8 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
         )
         for i in range(workers)
     ]
-    with interrupts.held_back():
-        for process in processes:
-            process.start()
+    for process in processes:
+        process.start()
     problems, forwarded = [], False
     try:
         while any(p.is_alive() for p in processes) or not reports.empty():

@@ -1,0 +1,36 @@
+"""Where tune.py's workers come from: forks of a server process that has imported what a worker
+needs (torch, Lightning, MLflow, Optuna, the experiment) once, started as soon as tune.py's
+flags are checked, so that those seconds of imports overlap tune.py's own instead of following
+them in every worker. The server does no computation before it forks, so no thread pool of
+torch's is running to be forked.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from multiprocessing import forkserver
+
+from machinery import interrupts
+
+CONTEXT = mp.get_context("forkserver")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def start(modules: Sequence[str] = ()) -> None:
+    """Start the server (once per process), with ``modules`` imported in it beside the worker's
+    own. It starts with the stop signals blocked: its forks, the workers, keep them blocked
+    until their handlers are in place (interrupts.handling), and neither it nor the process
+    that multiprocessing starts beside it to release the workers' semaphores (its resource
+    tracker, started here too) ends on a closed terminal's SIGHUP; the server ends when
+    tune.py does."""
+    CONTEXT.set_forkserver_preload(["machinery.workers", *modules])
+    with interrupts.held_back():
+        forkserver.ensure_running()
