@@ -94,11 +94,15 @@ def test_a_study_registers_its_best_model_and_says_so(study_env, capsys):
     assert float(version.tags["val_loss"]) == best.value
     assert float(version.tags["test_acc"]) == pytest.approx(session.test["test_acc"])
     assert version.tags["dataset"] == "mnist" and version.tags["model"] == "mlp" and "seed" not in version.tags
-    # What it learned from and was tested on, as the runs record them among their inputs.
-    best_run = tracker.client.get_run(best.user_attrs["mlflow_run_id"])
-    trained_on = {[t.value for t in d.tags][0]: d.dataset.digest for d in best_run.inputs.dataset_inputs}
-    assert version.tags["training_data"] == f"mnist {trained_on['training']}"
-    assert version.tags["test_data"] == f"mnist {trained_on['test']}"
+    # What it learned from and was tested on, as the runs record them among their inputs: the
+    # trial's run its training and validation data, the study's run the test data.
+    inputs = {}
+    for run_id in (best.user_attrs["mlflow_run_id"], session.parent_run_id):
+        for d in tracker.client.get_run(run_id).inputs.dataset_inputs:
+            inputs[[t.value for t in d.tags][0]] = d.dataset.digest
+    assert set(inputs) == {"training", "validation", "test"}
+    for context, digest in inputs.items():
+        assert version.tags[f"{context}_data"] == f"mnist {digest}"
     # A study of another task registers a model of its own: @champion compares like with like.
     other = study_env("clothes", n_trials=1, dataset="fashion-mnist")
     assert other.registered.name == "fashion-mnist-classifier" and other.registered.version == 1

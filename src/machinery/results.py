@@ -107,6 +107,7 @@ def evaluate_best_trial(
             ) from None
         load_weights(model, path)
     test = evaluate_on_test(model, data, options.accelerator)
+    tracker.log_datasets(parent_run_id, [split for split in data.describe() if split.context == "test"])
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
     model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task)
