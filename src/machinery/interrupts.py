@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -131,16 +132,37 @@ def check() -> None:
         raise KeyboardInterrupt
 
 
-def end_with_parent(parent: int, every: float = 0.5) -> None:
-    """Stop this process (a SIGTERM to itself) once the process ``parent`` is gone, however it
-    ended (SIGKILL included): a worker never outlives its tune.py by more than ``every`` s."""
+def end_with(process: int, every: float = 0.5) -> None:
+    """Stop this process (a SIGTERM to itself) once the process ``process`` is gone, however it
+    ended (SIGKILL included): a worker never outlives its tune.py. The worker's parent is the
+    fork server, which outlives tune.py while its forks run, so tune.py is watched by its pid:
+    through a pidfd, which no later process can reuse, where the system has them."""
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every)
+        try:
+            handle = os.pidfd_open(process)
+        except ProcessLookupError:
+            handle = None  # gone already
+        except (AttributeError, OSError):  # no pidfds here: ask every ``every`` s
+            while alive(process):
+                time.sleep(every)
+            handle = None
+        if handle is not None:
+            select.select([handle], [], [])  # readable once the process has ended
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="tune-watch", daemon=True).start()
+
+
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` of this pid namespace runs (a zombie counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    return True
 
 
 def _unraisable(unraisable) -> None:

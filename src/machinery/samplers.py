@@ -2,10 +2,10 @@
 pruner), each chosen by name (tune.py's --sampler and --pruner).
 
 The default stays TPE with median pruning because nothing beat it beyond the seeds' spread
-(docs/search.md: 6 methods x 5 seeds x 180 s on MNIST, python scripts/compare_search.py): the
-median time to val_acc >= 0.98 was 40 s (14 to 70) against 35 to 44 s for the others, and
-Hyperband's lower median best val_loss at the budget, 0.0617 (0.0614 to 0.0638) against
-0.0638 (0.0628 to 0.0655), lies within the spread.
+(docs/search.md: 6 methods x 5 seeds x 180 s on the default experiment, `python
+scripts/compare_search.py`): the median time to val_acc >= 0.98 was 40 s (14 to 70) against 35
+to 44 s for the others, and Hyperband's lower median best val_loss at the budget, 0.0617 (0.0614
+to 0.0638) against 0.0638 (0.0628 to 0.0655), lies within the spread.
 """
 
 from __future__ import annotations

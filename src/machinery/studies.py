@@ -29,6 +29,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from machinery import stores
+from machinery.interrupts import alive
 from machinery.options import flag
 
 # How long a SQLite writer waits for another one before giving up, in seconds.
@@ -195,6 +196,8 @@ def open_study(storage: RDBStorage, name: str, wanted: dict) -> tuple[optuna.Stu
         created = False
     study = optuna.load_study(study_name=name, storage=storage)
     if created:
+        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+            study.set_metric_names(["val_loss"])  # what optuna-dashboard calls the objective
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
         study.set_user_attr(DEFINITION_ATTR, wanted)
         return study, True
@@ -270,16 +273,6 @@ def _pid_namespace() -> str | None:
         return None  # not Linux
 
 
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
 def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int) -> list[FrozenTrial]:
     """Mark FAIL the RUNNING trials whose worker is gone; return them as they are now.
 
@@ -297,7 +290,7 @@ def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int) -> list[F
             dead = (now - trial.datetime_start).total_seconds() > grace
         else:
             here = owner["host"] == socket.gethostname() and owner.get("pids") == _pid_namespace()
-            dead = here and not _is_alive(owner["pid"])
+            dead = here and not alive(owner["pid"])
         if not dead:
             continue
         try:
@@ -314,11 +307,10 @@ def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
     return [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.state.is_finished()]
 
 
-def recorded_parent_run(study: optuna.Study, store: str, wait: bool = False) -> str | None:
-    """The id of the study's parent run in the tracking store ``store``, if one was recorded;
-    with ``wait``, give the process that created the study a moment to record it."""
-    records = _wait_for(study, PARENT_RUN_ATTR) if wait else study.user_attrs.get(PARENT_RUN_ATTR)
-    return (records or {}).get(store)
+def recorded_parent_runs(study: optuna.Study, wait: bool = False) -> dict[str, str]:
+    """The study's parent runs, by tracking store; with ``wait``, give the process that
+    created the study a moment to record its run."""
+    return (_wait_for(study, PARENT_RUN_ATTR) if wait else study.user_attrs.get(PARENT_RUN_ATTR)) or {}
 
 
 def record_parent_run(study: optuna.Study, store: str, run_id: str) -> str:

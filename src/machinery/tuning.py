@@ -128,13 +128,16 @@ def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, 
     recorded last, and the other drops its own.
     """
     store, name = public(tracker.tracking_uri), study.study_name
-    run_id = studies.recorded_parent_run(study, store, wait=not created)
-    if run_id is not None:
+    recorded = studies.recorded_parent_runs(study, wait=not created)
+    # This store's run first; then the others', as one server reached by two addresses (a
+    # machine behind a gateway, say) is one store, and run ids are unique across stores.
+    for run_id in sorted(recorded.values(), key=lambda run_id: run_id != recorded.get(store)):
         if tracker.reopen(run_id):
             return run_id
+    if store in recorded:
         notes.append(
-            f"the MLflow store {store} has no run of study {name!r} (its parent run {run_id} is gone): a new "
-            "parent run starts there; earlier trials keep their Optuna records, not their curves"
+            f"the MLflow store {store} has no run of study {name!r} (its parent run {recorded[store]} is gone): a "
+            "new parent run starts there; earlier trials keep their Optuna records, not their curves"
         )
         print(notes[-1], flush=True)
     older = [

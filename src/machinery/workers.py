@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -105,15 +106,15 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     quiet = "ignore:resource_tracker:UserWarning"
     if quiet not in os.environ.get("PYTHONWARNINGS", ""):
         os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
-    forking.start()  # tune.py started it already, with the experiment imported
     context = forking.CONTEXT
+    if workers > 1:
+        forking.start()  # tune.py started it already, with the experiment imported
     budget = _Budget(context, n_trials, workers, session.deadline)
     threads = max(1, available_cores() // workers)
     if workers == 1:
         _prepare_worker(threads, session.options.verbose)
-        claim = budget.for_worker()
         try:
-            run_trials(session, lambda: not interrupts.requested() and claim(), report)
+            run_trials(session, budget.for_worker(), report)
         except KeyboardInterrupt:
             pass  # the trial is closed
         except Exception as error:  # noqa: BLE001 - any error ends the study, in one line
@@ -123,7 +124,9 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     reports = context.Queue()
     processes = [
         context.Process(
-            target=_worker_main, args=(session, i, threads, budget, reports, files.verified()), name=f"tune-worker-{i}"
+            target=_worker_main,
+            args=(session, i, threads, budget, reports, files.verified(), os.getpid()),
+            name=f"tune-worker-{i}",
         )
         for i in range(workers)
     ]
@@ -165,16 +168,19 @@ class _Budget:
     whoever asks first, and the time after which no more may start."""
 
     def __init__(self, context, n_trials: int, workers: int, deadline: float | None):
-        self.shared = context.Value("i", n_trials - workers)
-        self.cancelled = context.Value("b", False)
+        # One worker runs in tune.py itself: a thread's lock, and no process to release it.
+        lock = context.RLock() if workers > 1 else threading.RLock()
+        self.shared = context.Value("i", n_trials - workers, lock=lock)
+        self.cancelled = context.Value("b", False, lock=lock)
         self.deadline = deadline
 
     def for_worker(self) -> Callable[[], bool]:
-        """One worker's claim: True while it may start another trial."""
+        """One worker's claim: True while it may start another trial (never once it was asked
+        to stop)."""
         reserved = [True]
 
         def claim() -> bool:
-            if self.cancelled.value:
+            if self.cancelled.value or interrupts.requested():
                 return False
             if reserved:  # its first trial, whatever the time
                 reserved.clear()
@@ -216,21 +222,16 @@ def _one_line(error: BaseException, session: Session) -> str:
     return f"{type(error).__name__}: {reason(error, session.options.storage, session.tracking_uri)}"
 
 
-def _worker_main(session: Session, index: int, threads: int, budget: _Budget, reports, verified: dict) -> None:
+def _worker_main(
+    session: Session, index: int, threads: int, budget: _Budget, reports, verified: dict, tune_py: int
+) -> None:
     _prepare_worker(threads, session.options.verbose)
     files.trust(verified)  # tune.py checked the data before it started the workers
     import_files(None, session.options.imports)  # what they register, this worker needs too
-    parent = os.getppid()
-    claim_budget = budget.for_worker()
-
-    def claim() -> bool:
-        # A worker whose tune.py was killed finishes its trial and stops there.
-        return not interrupts.requested() and os.getppid() == parent and claim_budget()
-
     with interrupts.handling():
-        interrupts.end_with_parent(parent)  # however tune.py ends, this worker does not outlive it
+        interrupts.end_with(tune_py)  # however tune.py ends, this worker does not outlive it
         try:
-            run_trials(session, claim, reports.put)
+            run_trials(session, budget.for_worker(), reports.put)
         except KeyboardInterrupt:
             pass  # the trial is closed; tune.py prints the summary
         except Exception as error:  # noqa: BLE001 - reported in one line by tune.py

@@ -146,7 +146,7 @@ def screenshot_charts(page, url: str, experiment_id: str, run_ids: list[str], pa
 def screenshot_dashboard(page, url: str, study_id: int, path: str) -> None:
     """optuna-dashboard's page of a study: its history and its parameters' importances."""
     page.goto(f"{url}/dashboard/studies/{study_id}")
-    page.get_by_text("History", exact=False).first.wait_for(timeout=60_000)
+    page.locator('text="History" >> visible=true').first.wait_for(timeout=60_000)  # not the menu's
     page.wait_for_timeout(3000)  # the plots draw in
     page.screenshot(path=path)
 
