@@ -4,7 +4,7 @@ against a plain PyTorch loop, on the real MNIST, in one process (see scripts/ben
 - (a) ``project``: :func:`machinery.training.fit` exactly as a tune trial runs it: the
   experiment's LitClassifier and MNISTDataModule, Lightning with speed.SeveralPerStep, MLflow
   logging to a throwaway store, the best epoch kept, no progress bar;
-- (b) ``write-up``: the student's pipeline, as a user would write it from the write-up:
+- (b) ``original``: the original pipeline, as a user would write it from its description:
   torchvision's MNIST with a per-image ToTensor + Normalize transform through DataLoaders, its
   LitClassifier (self.log on every step), Lightning's defaults and its MLFlowLogger;
 - (c) ``plain``: the same training as a plain PyTorch loop (:func:`train_plainly`): forward,
@@ -58,8 +58,8 @@ class _EpochClock(pl.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
 
 
-class WriteUpClassifier(pl.LightningModule):
-    """The student's LightningModule, as printed in the write-up."""
+class OriginalClassifier(pl.LightningModule):
+    """The original pipeline's LightningModule, as it was written."""
 
     def __init__(self, lr=1e-3, hidden_dim=128):
         super().__init__()
@@ -89,7 +89,7 @@ class WriteUpClassifier(pl.LightningModule):
         return loss
 
 
-def time_write_up(settings: Settings, device: str) -> list[float]:
+def time_original(settings: Settings, device: str) -> list[float]:
     from pytorch_lightning.loggers import MLFlowLogger
     from torch.utils.data import DataLoader, random_split
     from torchvision import datasets, transforms
@@ -112,7 +112,7 @@ def time_write_up(settings: Settings, device: str) -> list[float]:
         # Its progress bar draws as it would in a terminal, into a buffer instead.
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             trainer.fit(
-                WriteUpClassifier(hidden_dim=settings.hidden_dim),
+                OriginalClassifier(hidden_dim=settings.hidden_dim),
                 DataLoader(train, batch_size=settings.batch_size, shuffle=True),
                 DataLoader(val, batch_size=settings.batch_size),
             )
