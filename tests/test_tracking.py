@@ -6,6 +6,7 @@ import mlflow
 import pytest
 
 from machinery import tracking
+from machinery.contract import DataSplit
 from machinery.tracking import RetryingClient, connect
 
 
@@ -40,6 +41,33 @@ def test_a_store_locked_for_good_and_other_errors_are_not_hidden(tracking_uri, m
     assert len(calls) == RetryingClient.ATTEMPTS
     with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):  # not a lock: raised at once
         client.get_run("0" * 32)
+
+
+def test_a_data_set_another_process_logged_first_is_linked_not_lost(tracking_uri, monkeypatch):
+    """Two workers log the same new data set at one moment: the other one's insert lands between
+    this call's look and its own insert, and the call fails on the dataset's key, as a
+    PostgreSQL-backed server answers; made again, it links the data set the other one made."""
+    tracker = connect(tracking_uri, "race")
+    split = DataSplit("training", "digits", "0123abcd", "data", "existing files", (1, 28, 28))
+    mine, theirs = tracker.create_run("mine"), tracker.create_run("theirs")
+    real, calls = tracker.client._client.log_inputs, []
+
+    def raced(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:
+            real(theirs, datasets=datasets)  # the other worker's insert wins
+            raise mlflow.exceptions.RestException(
+                {"error_code": "BAD_REQUEST", "message": '(psycopg.errors.UniqueViolation) duplicate key value '
+                 'violates unique constraint "dataset_pk"'}
+            )  # fmt: skip
+        return real(run_id, datasets=datasets)
+
+    monkeypatch.setattr(tracker.client._client, "log_inputs", raced)
+    tracker.log_datasets(mine, [split])
+    assert calls == [mine, mine]
+    for run_id in (mine, theirs):
+        [logged] = tracker.client.get_run(run_id).inputs.dataset_inputs
+        assert (logged.dataset.name, logged.dataset.digest) == ("digits", "0123abcd")
 
 
 def test_a_run_ends_with_the_status_its_block_deserves(tracking_uri):

@@ -85,6 +85,8 @@ class RetryingClient:
 
 # How MLflow's client says that a tracking server did not answer, after its own retries.
 _SERVER_GONE = "failed with exception"
+# How PostgreSQL and SQLite refuse a row whose key another transaction inserted first.
+_DUPLICATE_KEY = ("duplicate key value violates unique constraint", "UNIQUE constraint failed")
 
 
 def http_patience(seconds: float) -> None:
@@ -236,7 +238,18 @@ class Tracker:
             profile = json.dumps({"origin": split.origin})
             dataset = Dataset(split.name, split.digest, "local", source, schema, profile)
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
-        self.client.log_inputs(run_id, datasets=inputs)
+        # Two workers' first trials log the same new data set at the same moment: both find it
+        # missing and insert it, and the loser's call fails on the dataset's key (seen on
+        # PostgreSQL). MLflow rolls that call back whole; made again, it finds the data set
+        # and only links it to the run.
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except mlflow.exceptions.MlflowException as error:
+                if attempt == 2 or not any(key in str(error) for key in _DUPLICATE_KEY):
+                    raise
+                time.sleep(random.uniform(0.1, 0.5))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
