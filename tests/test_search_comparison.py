@@ -41,8 +41,11 @@ def test_methods_take_turns_seed_by_seed_and_every_trial_is_timed(tiny_settings,
         assert row["reached"] == 2 and row["trials"] == statistics.median(len(s["trials"]) for s in mine)
     markdown = table_markdown(table, 0.0).splitlines()
     assert markdown[0].startswith("| method | median time to val_acc >= 0.0") and len(markdown) == 2 + 2
-    anytime_figure(studies, tmp_path / "search.png")
+    anytime_figure(timed, tmp_path / "search.png")
     assert (tmp_path / "search.png").read_bytes().startswith(PNG)
+    # A budget so short on a slow machine that no trial finished within it still gives a picture.
+    anytime_figure([{**study, "budget": 0} for study in studies], tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").read_bytes().startswith(PNG)
 
 
 def test_time_to_target_and_best_so_far_read_the_trials_as_they_finished():

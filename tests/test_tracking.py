@@ -7,7 +7,9 @@ import pytest
 
 from machinery import tracking
 from machinery.contract import DataSplit
-from machinery.tracking import RetryingClient, connect
+from machinery.stores import ServerUnavailable
+from machinery.tracking import RetryingClient, connect, http_patience
+from workbench.servers import free_port
 
 
 def locked_then(method, failures: int, calls: list):
@@ -41,6 +43,22 @@ def test_a_store_locked_for_good_and_other_errors_are_not_hidden(tracking_uri, m
     assert len(calls) == RetryingClient.ATTEMPTS
     with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):  # not a lock: raised at once
         client.get_run("0" * 32)
+
+
+def test_a_tracking_server_given_up_on_is_given_up_on_by_every_client_of_the_process(monkeypatch):
+    """A single worker runs in tune.py's process, each with its own client: once one of them
+    waited out --server-patience, the other's calls fail at once instead of waiting again."""
+    monkeypatch.setattr(RetryingClient, "_given_up", {})
+    for variable in ("BACKOFF_FACTOR", "MAX_RETRIES", "TIMEOUT"):  # what http_patience sets, put back after
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{variable}", "")
+    http_patience(1)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    worker, study = RetryingClient(uri), RetryingClient(uri)
+    with pytest.raises(ServerUnavailable, match=f"the MLflow tracking server {uri} did not answer"):
+        worker.get_experiment("0")
+    monkeypatch.setattr(study._client, "get_run", lambda *args: pytest.fail("asked a server given up on"))
+    with pytest.raises(ServerUnavailable, match=f"the MLflow tracking server {uri} did not answer"):
+        study.get_run("0" * 32)
 
 
 def test_a_data_set_another_process_logged_first_is_linked_not_lost(tracking_uri, monkeypatch):

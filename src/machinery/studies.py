@@ -95,7 +95,6 @@ class PatientStorage(RDBStorage):
     def __init__(self, url: str, *, patience: float, **kwargs):
         self._url, self._patience = url, patience
         self._sqlite = url.startswith("sqlite")
-        self._down = False  # a call ran out of patience: the next ones try once, not for as long
         super().__init__(url, **kwargs)
 
     def _transient(self, error: BaseException) -> bool:
@@ -112,6 +111,10 @@ class PatientStorage(RDBStorage):
 
 
 _CONNECTION_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+# The storages a call of this process ran out of patience with: until one answers again, the
+# next calls to it, from any PatientStorage (tune.py's, and a single worker's in its process),
+# try once, not for as long again.
+_given_up: set[str] = set()
 
 
 def _patient(name: str, method: Callable) -> Callable:
@@ -119,13 +122,13 @@ def _patient(name: str, method: Callable) -> Callable:
     def call(self: PatientStorage, *args, **kwargs):
         if getattr(_inside, "active", False):  # a call made by another: the outer one retries
             return method(self, *args, **kwargs)
-        deadline, pause = time.monotonic() + (0 if self._down else self._patience), 0.25
+        deadline, pause = time.monotonic() + (0 if self._url in _given_up else self._patience), 0.25
         _inside.active = True
         try:
             for attempt in itertools.count():
                 try:
                     result = method(self, *args, **kwargs)
-                    self._down = False
+                    _given_up.discard(self._url)
                     return result
                 except optuna.exceptions.UpdateFinishedTrialError:
                     if attempt and name == "set_trial_state_values":
@@ -135,7 +138,7 @@ def _patient(name: str, method: Callable) -> Callable:
                     if not self._transient(error):
                         raise
                     if time.monotonic() + pause > deadline:
-                        self._down = True
+                        _given_up.add(self._url)
                         if name == "record_heartbeat":
                             return None  # a missed heartbeat: the trial's own calls will say why
                         raise stores.ServerUnavailable(

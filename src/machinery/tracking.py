@@ -51,11 +51,14 @@ class RetryingClient:
     """
 
     ATTEMPTS = 20
+    # Why each tracking server was given up on, in this process: every client of it fails at
+    # once from then on (a single worker runs in tune.py's process; the study is stopping, and
+    # each further client would otherwise wait out the whole --server-patience again).
+    _given_up: dict[str, str] = {}
 
     def __init__(self, tracking_uri: str):
         self._client = MlflowClient(tracking_uri)
         self._uri = tracking_uri
-        self._down: str | None = None  # why the tracking server was given up on, in this process
 
     def __getattr__(self, name: str):
         method = getattr(self._client, name)
@@ -64,18 +67,17 @@ class RetryingClient:
 
         @functools.wraps(method)
         def call(*args, **kwargs):
-            if self._down:  # it did not answer through all of MLflow's retries: do not wait again
-                raise ServerUnavailable(self._down)
+            if down := self._given_up.get(self._uri):  # it did not answer through all of MLflow's retries
+                raise ServerUnavailable(down)
             for attempt in range(self.ATTEMPTS):
                 try:
                     with interrupts.held():  # a Ctrl-C never leaves a transaction half done
                         return method(*args, **kwargs)
                 except mlflow.exceptions.MlflowException as error:
                     if _SERVER_GONE in str(error):  # MLflow's own retries ran out: see http_patience
-                        self._down = (
-                            f"the MLflow tracking server {public(self._uri)} did not answer: {reason(error, self._uri)}"
-                        )
-                        raise ServerUnavailable(self._down) from None
+                        server = f"the MLflow tracking server {public(self._uri)}"
+                        down = self._given_up[self._uri] = f"{server} did not answer: {reason(error, self._uri)}"
+                        raise ServerUnavailable(down) from None
                     if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
                         raise
                     time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))

@@ -182,8 +182,11 @@ def anytime_figure(studies: list[dict], path: Path, points: int = 200) -> None:
         title=f"Best val_loss found so far: median of {seeds} seeds, band from the lowest to the highest",
         xlabel=f"seconds since the study started (worker start-up included; budget {budget:.0f} s)",
         ylabel="best val_loss (log scale)",
-        yscale="log",
     )
+    if any(best_by(s["trials"], budget) < math.inf for s in studies):
+        ax.set_yscale("log")
+    else:  # A log axis of nothing cannot be drawn; say why the picture is empty instead.
+        ax.text(0.5, 0.5, "no trial finished within the budget", transform=ax.transAxes, ha="center")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     figure.tight_layout()
