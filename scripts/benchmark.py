@@ -1,7 +1,7 @@
 """Benchmark what an epoch and a trial cost, on the real MNIST, in one run.
 
 Times epochs of (a) the project's training path as train.py and tune.py run it, (b) the
-student's pipeline (per-image transforms through a DataLoader, self.log on every step,
+original pipeline (per-image transforms through a DataLoader, self.log on every step,
 MLFlowLogger), and (c) a plain PyTorch loop on in-memory tensors, for batch sizes 32, 64 and
 256, the default network. (a) and (c) run in lockstep, an epoch of one and then one of the other,
 and the figure is the median of the ratios of neighbouring epochs: the machine's speed drifts

@@ -1,14 +1,14 @@
 """Train one configuration and track it in MLflow.
 
-Builds the experiment's model and data (src/experiment: MNIST and the student's network by
-default), fetches the data on first use, trains with Lightning (one point per epoch for
-train_loss, val_loss and val_acc), tests the best epoch's weights, and logs it all, the
+Builds the experiment's model and data (src/experiment: MNIST and the original pipeline's
+network by default), fetches the data on first use, trains with Lightning (one point per epoch
+for train_loss, val_loss and val_acc), tests the best epoch's weights, and logs it all, the
 checkpoint and the model (for scripts/predict.py) included, to one MLflow run. Then `mlflow
 ui`, in this folder, shows it.
 
     python scripts/train.py --lr 1e-3 --hidden-dim 128
     python scripts/train.py --model cnn --batch-size 256 --max-epochs 5 --experiment quick
-    python scripts/train.py --import my_data.py --dataset shapes
+    python scripts/train.py --import shapes.py --dataset shapes --model tiny --val-size 60  # docs/make-it-yours.md
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The whole data set is parsed once per process into one float tensor per split, kept on the
 training device, and a batch is a single indexing operation: for networks this small, the
-student's per-image ToTensor through a DataLoader was most of an epoch. Images are served as
-pixels in [0, 1]; the network standardizes them (networks.Standardize), so a user's picture
-needs nothing more either.
+original pipeline's per-image ToTensor through a DataLoader was most of an epoch. Images are
+served as pixels in [0, 1]; the network standardizes them (networks.Standardize), so a user's
+picture needs nothing more either.
 
 Another data set: subclass MNISTDataModule (files, statistics, classes; or override read()
 for data in another format) and add it to DATASETS, or from a file of your own,

@@ -24,7 +24,7 @@ from experiment.settings import Settings
 from machinery.contract import Experiment
 from machinery.space import suggest
 
-# The student's three hyperparameters and their ranges.
+# The original pipeline's three hyperparameters and their ranges.
 SEARCH_SPACE: dict[str, BaseDistribution] = {
     "batch_size": CategoricalDistribution([32, 64, 128, 256]),
     "hidden_dim": IntDistribution(32, 512),
@@ -47,7 +47,9 @@ def objective(trial: optuna.Trial, settings: Settings, fit: Callable) -> float:
     """One trial: suggest a point of the space, build its model and data, fit (Lightning trains,
     MLflow tracks, the pruner may stop it), and return the best epoch's val_loss.
 
-    Each trial trains from a seed of its own, derived from the study's: a study replays."""
+    ``fit(model, data, settings)`` is the machinery's: the ``pl.Trainer`` and its callbacks are
+    in machinery/training.py, the MLflow run and the pruning in machinery/trial.py. Each trial
+    trains from a seed of its own, derived from the study's: a study replays."""
     settings = dataclasses.replace(settings, **suggest(trial, SEARCH_SPACE), seed=settings.seed + trial.number)
     model, data = build(settings)
     return fit(model, data, settings).val_loss

@@ -1,4 +1,4 @@
-"""How much an epoch costs: the project's training path against the student's pipeline and
+"""How much an epoch costs: the project's training path against the original pipeline and
 against a plain PyTorch loop, on the real MNIST, in one process (see scripts/benchmark.py).
 
 - (a) ``project``: :func:`machinery.training.fit` exactly as a tune trial runs it: the
