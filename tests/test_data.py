@@ -102,6 +102,14 @@ def test_a_data_set_that_is_missing_says_in_one_line_that_its_first_fetch_needs_
     assert line.startswith("could not obtain fashion-mnist: tried torchvision's mirrors (<urlopen error")
     assert "The first fetch needs the internet" in line and str(tmp_path / "FashionMNIST" / "raw") in line
 
+    # One of a user's own with no source to fetch from says so, not that it tried none.
+    monkeypatch.setattr(kind, "sources", ())
+    with pytest.raises(DataUnavailable) as error:
+        kind(str(tmp_path)).prepare_data()
+    assert str(error.value).startswith(
+        "could not obtain fashion-mnist: it names no source to fetch it from; put the files"
+    )
+
 
 def test_idx_files_round_trip_plain_and_compressed(tmp_path):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)

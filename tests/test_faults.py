@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import (
+    TINY_TRAIN,
     TINY_VAL,
     assert_flag_error,
     read_trials,
@@ -27,6 +28,7 @@ from conftest import (
     wait_for,
     worker_pids,
 )
+from experiment.networks import NETWORKS
 from experiment.search import EXPERIMENT
 from experiment.settings import Settings
 from machinery import interrupts
@@ -59,7 +61,7 @@ BAD_TRAIN = [
     *(("--weight-decay", value) for value in ("-0.01", "nan", "inf")),
     *(("--max-epochs", value) for value in ("0", "-1", "1e9")),
     *(("--seed", value) for value in ("-1", "nan")),
-    *(("--val-size", value) for value in ("0", "-5", "60000")),
+    *(("--val-size", value) for value in ("0", "-5", "60000", str(TINY_TRAIN + 100))),  # the last: more than the data
     ("--dataset", "cifar-100"),
     ("--model", "resnet"),
     ("--minibatches-per-step", "0"),
@@ -85,6 +87,7 @@ BAD_TUNE = [
     ("--storage", "postgresql://user:s3cret@127.0.0.1:9/optuna"),
     *(("--max-epochs", value) for value in ("two", "0")),
     ("--val-size", "60000"),
+    ("--val-size", str(TINY_TRAIN + 100)),  # refused before a study has a trial to fail
     ("--tracking-uri", "foo://bar"),
     ("--data-dir", "{file}"),
     ("--experiment", ""),
@@ -99,12 +102,17 @@ SAID = {
         "train.py",
         "--dataset",
         "cifar-100",
-    ): "invalid choice: 'cifar-100' (choose from 'mnist', 'fashion-mnist', 'kmnist')",
+    ): "invalid choice: 'cifar-100' (choose from 'mnist', 'fashion-mnist', 'kmnist'; one of your own: --import FILE",
     ("train.py", "--data-dir", "{file}"): "is a file, not a folder",
     ("train.py", "--import", "{file}"): "SyntaxError",
     ("tune.py", "--workers", "100000"): "100000 workers need about",
     ("tune.py", "--storage", "postgresql://user:s3cret@127.0.0.1:9/optuna"): "postgresql://user:***@127.0.0.1:9/optuna",
     ("tune.py", "--study-name", ""): "the value is empty",
+    **{
+        (script, "--val-size", str(TINY_TRAIN + 100)): f"{TINY_TRAIN + 100} of {TINY_TRAIN} images to validate on "
+        "leaves none to train"
+        for script in ("train.py", "tune.py")
+    },
     ("tune.py", "--storage", "sqlite:///{missing}/optuna.db"): "does not exist: create it, or name another",
 }
 
@@ -208,6 +216,38 @@ def test_a_continuation_with_other_settings_is_refused_and_changes_nothing(
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [parent] = client.search_runs(["1"], "tags.`optuna.study` = 'mnist-mlp' AND tags.`mlflow.runName` = 'mnist-mlp'")
     assert parent.data.params["max_epochs"] == "2" and parent.data.params["val_size"] == str(TINY_VAL)
+
+
+def test_an_error_of_a_trials_own_code_is_said_as_it_is_and_ends_the_study(
+    call_script, tiny_files, tmp_path, monkeypatch
+):
+    """A ValueError raised by a trial's own code (a network of one's own, here) fails that trial
+    with its reason and ends the study in one line; it is not taken for Optuna's refusal to
+    record a trial that another process had finished."""
+    (tmp_path / "broken.py").write_text(
+        "from experiment.networks import MLP, NETWORKS\n\n\n"
+        "class Broken(MLP):\n"
+        "    def forward(self, x):\n"
+        "        if x.is_meta:  # the memory check's pass, which measures and computes nothing\n"
+        "            return super().forward(x)\n"
+        "        raise ValueError('a shape this network cannot take')\n\n\n"
+        "NETWORKS['broken'] = Broken\n"
+    )
+    monkeypatch.setitem(NETWORKS, "broken", None)  # what --import registers is taken out after the test
+    args = ["--import", "broken.py", "--model", "broken", "--n-trials", "3", "--workers", "1", "--max-epochs", "1"]
+    result = call_script("tune.py", *tune_args(tiny_files, *args))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "tune.py: error: ValueError: a shape this network cannot take"
+    assert "Traceback" not in result.stderr
+    assert "trial   0 FAIL" in result.stdout and "given up by another process" not in result.stdout
+    [trial] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")  # the first trial ended the study
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "a shape this network cannot take"
+    [run] = [
+        r
+        for r in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+        if "optuna.trial" in r.data.tags
+    ]
+    assert run.info.status == "FAILED"
 
 
 def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_files, tmp_path):

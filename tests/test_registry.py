@@ -79,6 +79,7 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
     assert better.line().endswith("(the best so far, was version 1)")
     again = register(0.3, trial=3)  # the same trial of the same study, from a later session
     assert (again.version, again.champion) == (3, 3)
+    assert again.line() == "digits version 3 is this best model, as registered before: still models:/digits@champion"
     assert int(tracker.client.get_model_version_by_alias("digits", "champion").version) == 3
     assert len(tracker.client.search_model_versions("name = 'digits'")) == 3
 

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Sequential):
-    """The original pipeline's network: Flatten -> Linear(pixels, hidden_dim) -> ReLU -> Linear(hidden_dim, classes)."""
+    """The original pipeline's network: Flatten -> Linear(pixels, hidden_dim) -> ReLU ->
+    Linear(hidden_dim, classes)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int):
         super().__init__(

@@ -132,7 +132,8 @@ def _check_registries(parser: argparse.ArgumentParser, obj) -> None:
             if getattr(obj, field.name) not in names:
                 parser.error(
                     f"argument {flag(field)}: invalid choice: {getattr(obj, field.name)!r} "
-                    f"(choose from {', '.join(map(repr, names))})"
+                    f"(choose from {', '.join(map(repr, names))}; one of your own: --import FILE, "
+                    "docs/make-it-yours.md)"
                 )
 
 
@@ -236,8 +237,10 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
 
 
 def prepare_data(parser: argparse.ArgumentParser, experiment, settings) -> str:
-    """Make the data present and verified (fetched on first use), before any store is touched;
-    return where it came from. Unusable data ends the command in one line."""
+    """Make the data present and verified (fetched on first use), and read it once as the
+    settings split it, before any store is touched; return where it came from. Unusable data,
+    or settings it cannot be split by (a --val-size larger than the data), end the command in
+    one line, before a study has a trial to fail."""
     import torch
 
     from machinery.files import DataUnavailable
@@ -246,6 +249,7 @@ def prepare_data(parser: argparse.ArgumentParser, experiment, settings) -> str:
         _, data = experiment.build(settings)
     try:
         data.prepare_data()
+        data.setup("fit")  # a split these settings cannot make fails here, not in every trial
     except SettingError as error:
         setting_error(parser, settings, error)
     except DataUnavailable as error:

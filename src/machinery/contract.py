@@ -58,7 +58,7 @@ class DataSplit:
 
 class SettingError(ValueError):
     """A setting that cannot be used, raised by an experiment (its build, or its data module's
-    prepare_data): the scripts say so in one line that names the setting's flag."""
+    prepare_data or setup): the scripts say so in one line that names the setting's flag."""
 
     def __init__(self, setting: str, message: str):
         super().__init__(message)

@@ -76,7 +76,8 @@ def _ensure(target: Path, expected: Mapping[str, str], sources: tuple[Source, ..
         elif md5_of(path) != md5:
             raise DataUnavailable(
                 f"{path} is present but its MD5 is not the expected {md5}: the file is truncated "
-                f"or corrupted. Delete it to fetch it again, or replace it with the original."
+                f"or corrupted. Delete it to fetch it again, or replace it with the original (a file made "
+                f"anew on purpose needs its new MD5 in the data set's files)."
             )
     if not missing:
         print(f"{name}: using the files in {target} (MD5 verified)", flush=True)
@@ -99,9 +100,14 @@ def _ensure(target: Path, expected: Mapping[str, str], sources: tuple[Source, ..
             continue
         print(f"{name}: wrote {', '.join(missing)} to {target} from {source.name} (MD5 verified)", flush=True)
         return source.name
+    files = f"the files ({', '.join(expected)}) into {target}"
+    if not tried:
+        raise DataUnavailable(
+            f"could not obtain {name}: it names no source to fetch it from; put {files} and run again."
+        )
     raise DataUnavailable(
-        f"could not obtain {name}: tried {'; '.join(tried)}. The first fetch needs the internet; or put the "
-        f"files ({', '.join(expected)}) into {target} by hand and run again."
+        f"could not obtain {name}: tried {'; '.join(tried)}. The first fetch needs the internet; or put {files} by "
+        "hand and run again."
     )
 
 

@@ -91,6 +91,8 @@ class Registered:
 
     def line(self) -> str:
         where = f"models:/{self.name}@{ALIAS}"
+        if self.champion == self.version == self.previous_champion:  # a study's best, registered before
+            return f"{self.name} version {self.version} is this best model, as registered before: still {where}"
         if self.champion == self.version:
             was = "" if self.previous_champion is None else f", was version {self.previous_champion}"
             return f"registered as {self.name} version {self.version}: now {where} (the best so far{was})"

@@ -68,19 +68,24 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
         pruner=make_pruner(options.pruner, options.pruning, session.settings.max_epochs),
     )
     running: list[int] = []  # the id of the trial this worker runs now
+    failed: list[BaseException] = []  # what the trial's own code raised, if it did
 
     def run_objective(trial: optuna.Trial) -> float:
-        running[:] = [trial._trial_id]
-        return objective(trial, session, tracker)
+        running[:], failed[:] = [trial._trial_id], []
+        try:
+            return objective(trial, session, tracker)
+        except BaseException as error:
+            failed.append(error)
+            raise
 
     tell = [lambda study, trial: report(TrialReport.of(trial))]
     try:
         while claim():
             try:
                 study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
-            except ValueError:  # Optuna's "Cannot tell a FAIL trial": another process had finished it
-                if not (running and (trial := storage.get_trial(running[0])).state.is_finished()):
-                    raise
+            except ValueError as error:  # Optuna's "Cannot tell a ... trial": another process had finished it
+                if error in failed or not (running and (trial := storage.get_trial(running[0])).state.is_finished()):
+                    raise  # the trial's own error, which Optuna recorded and re-raised
                 note = f"given up by another process after {options.grace_period} s without a heartbeat"
                 report(TrialReport.of(trial, note=f"{note}: this result is discarded"))
             running.clear()
