@@ -329,12 +329,19 @@ def runners(storage: str) -> set[int]:
             and "worker" in t.user_attrs}  # fmt: skip
 
 
+def completed(storage: str) -> int:
+    return sum(t.state == TrialState.COMPLETE for t in read_trials(storage))
+
+
 def freeze_mid_trial(storage: str, process: subprocess.Popen, whole_group: bool, rng: random.Random) -> list[int]:
     """Freeze (SIGSTOP) at a random moment a worker in the middle of a trial, or the whole
     process group while one is; return the frozen pids. A moment that falls between trials is
-    let go (SIGCONT) and another one drawn."""
+    let go (SIGCONT) and another one drawn. A session whose trials all ended before a moment
+    was caught (a busy machine polls slowly) freezes nothing: the empty list says so."""
     while True:
-        wait_for(lambda: running_trial_with_run(storage), what="a running trial", process=process)
+        wait_for(lambda: process.poll() is not None or running_trial_with_run(storage), what="a running trial")
+        if process.poll() is not None:
+            return []
         time.sleep(rng.uniform(0, 0.3))
         workers = worker_pids(process.pid)
         candidates = sorted(runners(storage) & set(workers or [process.pid]))
@@ -363,18 +370,21 @@ def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tin
     base += ["--grace-period", "2"]  # a trial killed before its worker named itself is failed soon after
     kills, outputs, killed = [], [], False
     # Killed sessions leave what they could not close to the next session: always run one more.
-    while (done := sum(t.state == TrialState.COMPLETE for t in read_trials(storage))) < wanted or killed:
+    # A session that ended before its kill landed is simply followed by another that tries again.
+    while (done := completed(storage)) < wanted or killed or len(kills) < len(plan):
         # Two trials a session, one a worker: a killed session cannot finish the study.
-        process = run_script("tune.py", *base, "--n-trials", str(max(1, min(2, wanted - done))), background=True)
-        killed = len(kills) < len(plan)
-        if killed:
+        trials = 2 if len(kills) < len(plan) else max(1, min(2, wanted - done))
+        process = run_script("tune.py", *base, "--n-trials", str(trials), background=True)
+        killed = False
+        if len(kills) < len(plan):
             whole_group = plan[len(kills)] == "group"
-            victims = freeze_mid_trial(storage, process, whole_group, rng)
-            if whole_group:
-                os.killpg(process.pid, signal.SIGKILL)  # the machine, as it were
-            else:
-                os.kill(victims[0], signal.SIGKILL)  # tune.py and the other worker go on
-            kills.append(plan[len(kills)])
+            if victims := freeze_mid_trial(storage, process, whole_group, rng):
+                if whole_group:
+                    os.killpg(process.pid, signal.SIGKILL)  # the machine, as it were
+                else:
+                    os.kill(victims[0], signal.SIGKILL)  # tune.py and the other worker go on
+                kills.append(plan[len(kills)])
+                killed = True
         stdout, stderr = process.communicate(timeout=300)
         outputs.append(stdout)
         assert "Traceback" not in stderr, stderr
