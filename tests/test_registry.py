@@ -84,6 +84,40 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
     assert len(tracker.client.search_model_versions("name = 'digits'")) == 3
 
 
+def test_a_study_that_sets_the_alias_a_moment_after_another_judges_again(tiny_settings, tracking_uri, monkeypatch):
+    """Two machines that end together both find no champion and both set the alias: the store
+    keeps the first and refuses the second as a duplicate key (seen on PostgreSQL). The refused
+    one reads what is registered now and keeps the better version as the champion."""
+    tracker = connect(tracking_uri, "registry")
+    model, data = build(dataclasses.replace(tiny_settings, hidden_dim=8))
+    model_ids = {}
+    for study in ("ours", "theirs"):
+        with tracker.run(study) as run_id:
+            model_ids[study] = registry.log_model(tracker, run_id, model, data, "digits")
+
+    def raced(name: str, alias: str, version: str) -> None:
+        monkeypatch.undo()  # the other machine's call goes through
+        registry.register(tracker, model_ids["theirs"], name, {"study": "theirs"}, 0.3)
+        raise mlflow.exceptions.MlflowException(
+            'duplicate key value violates unique constraint "registered_model_alias_pk"'
+        )
+
+    monkeypatch.setattr(tracker.client, "set_registered_model_alias", raced)
+    ours = registry.register(tracker, model_ids["ours"], "digits", {"study": "ours"}, 0.5)
+    assert (ours.version, ours.champion) == (1, 2)
+    assert ours.line() == (
+        "registered as digits version 1; models:/digits@champion stays version 2, whose val_loss 0.3000 is lower"
+    )
+    assert int(tracker.client.get_model_version_by_alias("digits", "champion").version) == 2
+
+    def refused(name: str, alias: str, version: str) -> None:
+        raise mlflow.exceptions.MlflowException("permission denied")
+
+    monkeypatch.setattr(tracker.client, "set_registered_model_alias", refused)  # no race: said as it is
+    with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
+        registry.register(tracker, model_ids["ours"], "other", {}, 0.1)
+
+
 def test_a_study_registers_its_best_model_and_says_so(study_env, capsys):
     session = study_env("registers", n_trials=2)
     tracker = study_env.tracker

@@ -116,6 +116,8 @@ def register(
     """
     from mlflow.exceptions import MlflowException
 
+    from machinery.tracking import lost_a_race
+
     client = tracker.client
     try:
         client.create_registered_model(name, description="the best model of the studies that register here")
@@ -130,13 +132,24 @@ def register(
     else:
         source = f"models:/{model_id}"
         version = int(client.create_model_version(name, source, tags=version_tags, model_id=model_id).version)
+    for attempt in range(3):
         versions = client.search_model_versions(f"name = '{name}'")
-    try:
-        previous = int(client.get_model_version_by_alias(name, ALIAS).version)
-    except MlflowException:
-        previous = None
-    best = min((v for v in versions if "val_loss" in v.tags), key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
-    champion = int(best.version)
-    if champion != previous:
-        client.set_registered_model_alias(name, ALIAS, str(champion))
+        try:
+            previous = int(client.get_model_version_by_alias(name, ALIAS).version)
+        except MlflowException:
+            previous = None
+        best = min(
+            (v for v in versions if "val_loss" in v.tags), key=lambda v: (float(v.tags["val_loss"]), int(v.version))
+        )
+        champion = int(best.version)
+        if champion == previous:
+            break
+        try:
+            client.set_registered_model_alias(name, ALIAS, str(champion))
+            break
+        except MlflowException as error:
+            # Another study set the alias first between our reading and our writing (two
+            # machines that end together): judge again over what is registered now.
+            if attempt == 2 or not lost_a_race(error):
+                raise
     return Registered(name, version, champion, previous, float(best.tags["val_loss"]))

@@ -91,6 +91,12 @@ _SERVER_GONE = "failed with exception"
 _DUPLICATE_KEY = ("duplicate key value violates unique constraint", "UNIQUE constraint failed")
 
 
+def lost_a_race(error: Exception) -> bool:
+    """Whether the store refused a row because another process inserted the same key first:
+    MLflow rolled the call back whole, and what the other process wrote can be read now."""
+    return any(key in str(error) for key in _DUPLICATE_KEY)
+
+
 def http_patience(seconds: float) -> None:
     """Make MLflow's client retry a tracking server that does not answer for about ``seconds``,
     in this process and the workers it starts: its pauses double from 1 s (1 + 2 + 4 + ... >=
@@ -249,7 +255,7 @@ class Tracker:
                 self.client.log_inputs(run_id, datasets=inputs)
                 return
             except mlflow.exceptions.MlflowException as error:
-                if attempt == 2 or not any(key in str(error) for key in _DUPLICATE_KEY):
+                if attempt == 2 or not lost_a_race(error):
                     raise
                 time.sleep(random.uniform(0.1, 0.5))
 
