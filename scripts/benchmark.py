@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     startup = time_startup(base)
     print("\nstart-up, paid once per process (a train.py run, a tune worker):")
     for name, seconds in startup.items():
-        print(f"  {name:<52} {seconds:5.2f} s")
+        print(f"  {name:<60} {seconds:5.2f} s")
 
     studies = []
     if not args.skip_study:

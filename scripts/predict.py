@@ -19,7 +19,7 @@ import json
 import sys
 
 from experiment.settings import Settings
-from machinery import cli
+from machinery import cli, collector
 from machinery.options import registered_name
 
 DEFAULT_MODEL = f"models:/{registered_name(Settings().task)}@champion"
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    scores = mlflow.pyfunc.load_model(model_uri).predict(batch)
+    model = mlflow.pyfunc.load_model(model_uri)
+    collector.freeze_imports()  # loading the model imported torch
+    scores = model.predict(batch)
     probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     for name, p in zip(names, probabilities, strict=True):
@@ -121,4 +123,5 @@ def _task(parser, model_uri: str, tracking_uri: str) -> str:
 
 
 if __name__ == "__main__":
+    collector.pause()  # until the imports are done (machinery.collector)
     sys.exit(main())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from experiment.settings import Settings
-from machinery import cli
+from machinery import cli, collector
 from machinery.options import Options
 
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from machinery.stores import public
     from machinery.training import TrainingDiverged, fit
 
+    collector.freeze_imports()
     cli.check_memory(parser, EXPERIMENT, settings)
     cli.prepare_data(parser, EXPERIMENT, settings)
     tracker = cli.connect_tracking(parser, options.tracking_uri, options.experiment)
@@ -63,4 +64,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    collector.pause()  # until the imports are done (machinery.collector)
     sys.exit(main())

@@ -23,22 +23,18 @@ import dataclasses  # noqa: E402
 import sys  # noqa: E402
 
 from experiment.settings import Settings  # noqa: E402
-from machinery import cli  # noqa: E402
+from machinery import cli, collector  # noqa: E402
 from machinery.options import TuneOptions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     # Every flag, store address and size is checked before any data is fetched or any store is
     # created.
-    parser, settings, options = cli.parse(__doc__, Settings, TuneOptions, argv)
+    parser, settings, options = cli.parse(__doc__, Settings, TuneOptions, argv, parsed=start_workers_imports)
     cli.check_registered_model(parser, options.registered_model)
     cli.check_accelerator(parser, options.accelerator)
     cli.check_storage(parser, options.storage)
     cli.check_tracking(parser, options.tracking_uri)
-    from machinery import forking
-
-    if min(options.workers or forking.available_cores(), options.n_trials) > 1:
-        forking.start(["experiment.search"])  # the workers' imports, beside this process's own
 
     from experiment.search import EXPERIMENT
     from machinery import interrupts
@@ -47,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from machinery.tracking import http_patience
     from machinery.tuning import tune
 
+    collector.freeze_imports()
     options = dataclasses.replace(options, workers=cli.check_workers(parser, EXPERIMENT, settings, options))
     cli.prepare_data(parser, EXPERIMENT, settings)  # here, once, before any worker starts
     http_patience(options.server_patience)
@@ -71,5 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if session.problems else 0
 
 
+def start_workers_imports(options: TuneOptions) -> None:
+    """With several workers, start the server they are forked from as soon as the flags parse:
+    its imports (torch, Lightning, MLflow, Optuna, the experiment) run beside this process's."""
+    from machinery import forking
+
+    if min(options.workers or forking.available_cores(), options.n_trials) > 1:
+        forking.start(["experiment.search"])
+
+
 if __name__ == "__main__":
+    collector.pause()  # until the imports are done (machinery.collector)
     sys.exit(main())

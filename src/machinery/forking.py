@@ -1,7 +1,7 @@
 """Where tune.py's workers come from: forks of a server process that has imported what a worker
 needs (torch, Lightning, MLflow, Optuna, the experiment) once, started as soon as tune.py's
-flags are checked, so that those seconds of imports overlap tune.py's own instead of following
-them in every worker. The server does no computation before it forks, so no thread pool of
+flags parse, so that those seconds of imports overlap tune.py's own instead of following them
+in every worker. The server does no computation before it forks, so no thread pool of
 torch's is running to be forked.
 """
 
@@ -31,6 +31,6 @@ def start(modules: Sequence[str] = ()) -> None:
     that multiprocessing starts beside it to release the workers' semaphores (its resource
     tracker, started here too) ends on a closed terminal's SIGHUP; the server ends when
     tune.py does."""
-    CONTEXT.set_forkserver_preload(["machinery.workers", *modules])
+    CONTEXT.set_forkserver_preload(["machinery.collector_paused", "machinery.workers", *modules])
     with interrupts.held_back():
         forkserver.ensure_running()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from machinery import files, forking, interrupts, studies
+from machinery import collector, files, forking, interrupts, studies
 from machinery.forking import available_cores
 from machinery.imports import import_files
 from machinery.samplers import make_pruner, make_sampler
@@ -215,6 +215,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def _prepare_worker(threads: int, verbose: bool) -> None:
+    collector.freeze_imports()  # a fork of the server that imported them all
     torch.set_num_threads(threads)
     quiet_libraries(verbose)
 

@@ -212,17 +212,26 @@ def lockstep(settings: Settings, device: str, minibatches_per_step: int, warmup:
 
 
 def time_startup(settings: Settings) -> dict[str, float]:
-    """What a new process pays before its first step, piece by piece."""
+    """What a new process pays before its first step, piece by piece (and at its exit)."""
     import subprocess
     import sys
 
     from machinery import files
 
-    timings = {}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import experiment.search, machinery.training, machinery.workers"],
-                   check=True)  # fmt: skip
-    timings["python + imports (torch, Lightning, MLflow, Optuna)"] = time.perf_counter() - started
+    imports = "import experiment.search, machinery.training, machinery.workers"
+    commands = {  # a process that imports it all and exits: as Python leaves its collector, and as the scripts do
+        "python + imports + exit (torch, Lightning, MLflow, Optuna)": imports,
+        "the same, collector paused and imports frozen": (
+            f"from machinery import collector; collector.pause(); {imports}; collector.freeze_imports()"
+        ),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    for round_ in range(3):  # alternated, as the machine's speed drifts
+        for name, command in list(commands.items())[:: 1 if round_ % 2 == 0 else -1]:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", command], check=True)
+            seconds[name].append(time.perf_counter() - started)
+    timings = {name: statistics.median(values) for name, values in seconds.items()}
     _, data = build(settings)
     files._verified.clear()
     started = time.perf_counter()
