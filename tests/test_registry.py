@@ -84,38 +84,52 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
     assert len(tracker.client.search_model_versions("name = 'digits'")) == 3
 
 
-def test_a_study_that_sets_the_alias_a_moment_after_another_judges_again(tiny_settings, tracking_uri, monkeypatch):
-    """Two machines that end together both find no champion and both set the alias: the store
-    keeps the first and refuses the second as a duplicate key (seen on PostgreSQL). The refused
-    one reads what is registered now and keeps the better version as the champion."""
+@pytest.mark.parametrize("store", ["overwrites", "refuses"])
+def test_two_studies_that_register_at_the_same_moment_agree_on_the_champion(tiny_settings, tracking_uri, store):
+    """Two machines that end together: between this study's reading of the registry and its
+    setting of the alias, another study registers a better version and sets the alias. The
+    store then either takes this study's setting over the other's (an alias that exists is
+    overwritten) or refuses it as a duplicate key (two first settings at once, seen on
+    PostgreSQL). Either way this study reads again, and the better version stays champion."""
     tracker = connect(tracking_uri, "registry")
     model, data = build(dataclasses.replace(tiny_settings, hidden_dim=8))
     model_ids = {}
     for study in ("ours", "theirs"):
         with tracker.run(study) as run_id:
             model_ids[study] = registry.log_model(tracker, run_id, model, data, "digits")
+    set_alias, raced = tracker.client.set_registered_model_alias, []
 
-    def raced(name: str, alias: str, version: str) -> None:
-        monkeypatch.undo()  # the other machine's call goes through
+    def racing(name: str, alias: str, version: str) -> None:
+        if raced:  # the other study's call, and ours after the race
+            return set_alias(name, alias, version)
+        raced.append(version)
         registry.register(tracker, model_ids["theirs"], name, {"study": "theirs"}, 0.3)
-        raise mlflow.exceptions.MlflowException(
-            'duplicate key value violates unique constraint "registered_model_alias_pk"'
-        )
+        if store == "refuses":
+            raise mlflow.exceptions.MlflowException('duplicate key value violates unique constraint "alias_pk"')
+        return set_alias(name, alias, version)
 
-    monkeypatch.setattr(tracker.client, "set_registered_model_alias", raced)
+    tracker.client.set_registered_model_alias = racing
     ours = registry.register(tracker, model_ids["ours"], "digits", {"study": "ours"}, 0.5)
+    assert raced == ["1"]  # this study found no champion and set its own version, as the other did
     assert (ours.version, ours.champion) == (1, 2)
     assert ours.line() == (
         "registered as digits version 1; models:/digits@champion stays version 2, whose val_loss 0.3000 is lower"
     )
     assert int(tracker.client.get_model_version_by_alias("digits", "champion").version) == 2
 
+
+def test_a_refusal_that_is_no_race_is_said_as_it_is(tiny_settings, tracking_uri):
+    tracker = connect(tracking_uri, "registry")
+    model, data = build(dataclasses.replace(tiny_settings, hidden_dim=8))
+    with tracker.run("ours") as run_id:
+        model_id = registry.log_model(tracker, run_id, model, data, "digits")
+
     def refused(name: str, alias: str, version: str) -> None:
         raise mlflow.exceptions.MlflowException("permission denied")
 
-    monkeypatch.setattr(tracker.client, "set_registered_model_alias", refused)  # no race: said as it is
+    tracker.client.set_registered_model_alias = refused
     with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
-        registry.register(tracker, model_ids["ours"], "other", {}, 0.1)
+        registry.register(tracker, model_id, "digits", {}, 0.1)
 
 
 def test_a_study_registers_its_best_model_and_says_so(study_env, capsys):

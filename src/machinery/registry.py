@@ -132,24 +132,27 @@ def register(
     else:
         source = f"models:/{model_id}"
         version = int(client.create_model_version(name, source, tags=version_tags, model_id=model_id).version)
-    for attempt in range(3):
+    # Another study may register at the same moment (two machines that end together). Setting
+    # the alias overwrites whatever another study set after we read, and the first setting of a
+    # new alias refuses the second as a duplicate key: so read again after every write, until a
+    # reading finds the alias on the best version registered.
+    before = None
+    for attempt in range(5):
         versions = client.search_model_versions(f"name = '{name}'")
         try:
             previous = int(client.get_model_version_by_alias(name, ALIAS).version)
         except MlflowException:
             previous = None
-        best = min(
-            (v for v in versions if "val_loss" in v.tags), key=lambda v: (float(v.tags["val_loss"]), int(v.version))
-        )
+        if attempt == 0:
+            before = previous  # what this study found: its line says what it changed
+        scored = [v for v in versions if "val_loss" in v.tags]
+        best = min(scored, key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
         champion = int(best.version)
         if champion == previous:
             break
         try:
             client.set_registered_model_alias(name, ALIAS, str(champion))
-            break
         except MlflowException as error:
-            # Another study set the alias first between our reading and our writing (two
-            # machines that end together): judge again over what is registered now.
-            if attempt == 2 or not lost_a_race(error):
+            if attempt == 4 or not lost_a_race(error):
                 raise
-    return Registered(name, version, champion, previous, float(best.tags["val_loss"]))
+    return Registered(name, version, champion, before, float(best.tags["val_loss"]))
