@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiment.data import DATASETS
 
+    collector.freeze_imports()  # torch and Lightning, with the experiment
+
     model_uri, tracking_uri = args.model, cli.check_tracking(parser, args.tracking_uri)
     task = _task(parser, model_uri, tracking_uri)
     data = DATASETS.get(task)
@@ -73,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    model = mlflow.pyfunc.load_model(model_uri)
-    collector.freeze_imports()  # loading the model imported torch
-    scores = model.predict(batch)
+    scores = mlflow.pyfunc.load_model(model_uri).predict(batch)
     probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     for name, p in zip(names, probabilities, strict=True):

@@ -30,7 +30,7 @@ from machinery.options import TuneOptions  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     # Every flag, store address and size is checked before any data is fetched or any store is
     # created.
-    parser, settings, options = cli.parse(__doc__, Settings, TuneOptions, argv, parsed=start_workers_imports)
+    parser, settings, options = cli.parse(__doc__, Settings, TuneOptions, argv, on_parsed=start_workers_imports)
     cli.check_registered_model(parser, options.registered_model)
     cli.check_accelerator(parser, options.accelerator)
     cli.check_storage(parser, options.storage)

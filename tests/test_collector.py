@@ -1,17 +1,19 @@
 """machinery.collector: a script pauses the garbage collector while it imports and freezes what
-the imports made; a process that lives on (this test session) has its garbage collected first,
-and the collector is on again afterwards in both."""
+the imports made, and the collector is on again afterwards; a process that did not pause (this
+test session, a notebook) is left as it is."""
 
 from __future__ import annotations
 
 import gc
 import subprocess
 import sys
-import weakref
+
+import pytest
 
 from machinery import collector
 
 
+@pytest.mark.slow
 def test_a_script_freezes_its_imports_and_collects_again_afterwards():
     script = (
         "import gc; from machinery import collector; collector.pause(); paused = not gc.isenabled(); "
@@ -24,19 +26,7 @@ def test_a_script_freezes_its_imports_and_collects_again_afterwards():
     assert int(frozen) > 100_000  # torch, Lightning, MLflow and Optuna's objects, out of every collection
 
 
-def test_a_process_that_lives_on_freezes_no_garbage():
-    class Node:
-        pass
-
-    thresholds = gc.get_threshold()
-    gc.set_threshold(10**9)  # no collection of its own comes between
-    try:
-        node = Node()
-        node.itself = node  # a cycle: only the collector frees it
-        alive = weakref.ref(node)
-        del node
-        collector.freeze_imports()
-        assert alive() is None and gc.isenabled()
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()  # this session's objects, back in the collector's care
+def test_a_process_that_did_not_pause_is_left_as_it_is():
+    frozen = gc.get_freeze_count()
+    collector.freeze_imports()  # as tune.py's main, called in this process, and its single worker do
+    assert gc.get_freeze_count() == frozen and gc.isenabled()

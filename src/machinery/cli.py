@@ -106,20 +106,27 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=help_ + default)  # fmt: skip
 
 
-def parse(doc: str, settings_class: type, options_class: type, argv: list[str] | None = None, parsed=None):
+def parse(
+    doc: str,
+    settings_class: type,
+    options_class: type,
+    argv: list[str] | None = None,
+    on_parsed: Callable[[typing.Any], None] | None = None,
+):
     """The experiment's settings and the options, from the command line: ``(parser, settings,
     options)``, the options' defaults that follow the settings filled in. Every flag is checked
-    here; a registry's choices only after the files of --import are imported. ``parsed``, if
+    here; a registry's choices only after the files of --import are imported. ``on_parsed``, if
     given, is called with the options as soon as the flags parse, before the experiment (and
-    torch) is imported: tune.py starts its workers' imports there, beside its own."""
+    torch) is imported: tune.py starts its workers' imports there, beside its own (should a
+    later check refuse a flag, that server finishes its imports, sees tune.py gone and ends)."""
     parser = Parser(doc)
     _add_flags(parser, settings_class)
     _add_flags(parser, options_class)
     args = parser.parse_args(argv)
     values = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
     options = options_class(**{f.name: values[f.name] for f in dataclasses.fields(options_class)})
-    if parsed is not None:
-        parsed(options)
+    if on_parsed is not None:
+        on_parsed(options)
     import_files(parser, options.imports)
     settings = settings_class(**{f.name: values[f.name] for f in dataclasses.fields(settings_class)})
     for obj in (settings, options):

@@ -31,6 +31,12 @@ def start(modules: Sequence[str] = ()) -> None:
     that multiprocessing starts beside it to release the workers' semaphores (its resource
     tracker, started here too) ends on a closed terminal's SIGHUP; the server ends when
     tune.py does."""
+    # A tune.py killed outright (SIGKILL) cannot release the semaphores its workers share; the
+    # process that multiprocessing starts to watch them (here, with this environment) releases
+    # them, and would also print a warning that nobody can act on.
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     CONTEXT.set_forkserver_preload(["machinery.collector_paused", "machinery.workers", *modules])
     with interrupts.held_back():
         forkserver.ensure_running()

@@ -105,12 +105,6 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     trial; ``interrupts.requested()`` then says so.
     """
     workers = min(workers, n_trials)
-    # A tune.py killed outright (SIGKILL) cannot release the semaphores its workers share; the
-    # process that multiprocessing starts to watch them releases them, and would also print a
-    # warning that nobody can act on.
-    quiet = "ignore:resource_tracker:UserWarning"
-    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     context = forking.CONTEXT
     if workers > 1:
         forking.start()  # tune.py started it already, with the experiment imported
@@ -215,7 +209,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 def _prepare_worker(threads: int, verbose: bool) -> None:
-    collector.freeze_imports()  # a fork of the server that imported them all
+    collector.freeze_imports()  # a fork of the server, which imported it all with the collector paused
     torch.set_num_threads(threads)
     quiet_libraries(verbose)
 
