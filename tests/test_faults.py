@@ -348,11 +348,17 @@ def freeze_mid_trial(storage: str, process: subprocess.Popen, whole_group: bool,
         if not candidates:
             continue
         victims = [process.pid, *workers] if whole_group else [rng.choice(candidates)]
-        for pid in victims:
-            os.kill(pid, signal.SIGSTOP)
-        if runners(storage) & set(victims):
-            return victims
-        for pid in victims:
+        stopped = []
+        try:
+            for pid in victims:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        except ProcessLookupError:  # a worker that ended with the session's last trial
+            pass
+        else:
+            if runners(storage) & set(victims):
+                return victims
+        for pid in stopped:
             os.kill(pid, signal.SIGCONT)
 
 
@@ -388,7 +394,8 @@ def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tin
         stdout, stderr = process.communicate(timeout=300)
         outputs.append(stdout)
         assert "Traceback" not in stderr, stderr
-    assert kills == plan
+        assert killed or process.returncode == 0, stderr
+        assert len(outputs) < 12, f"{len(kills)} of the {len(plan)} kills landed in {len(outputs)} sessions"
 
     study = optuna.load_study(study_name=NASTY_NAME, storage=storage)
     trials = study.trials
