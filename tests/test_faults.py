@@ -348,18 +348,21 @@ def freeze_mid_trial(storage: str, process: subprocess.Popen, whole_group: bool,
         if not candidates:
             continue
         victims = [process.pid, *workers] if whole_group else [rng.choice(candidates)]
-        stopped = []
+        if send(victims, signal.SIGSTOP) and runners(storage) & set(victims):
+            return victims
+        send(victims, signal.SIGCONT)
+
+
+def send(pids: list[int], signum: int) -> bool:
+    """Send ``signum`` to each of ``pids``; whether each was still there to take it (a worker
+    that ends with its session's last trial is gone at any moment, reaped by its server)."""
+    there = True
+    for pid in pids:
         try:
-            for pid in victims:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-        except ProcessLookupError:  # a worker that ended with the session's last trial
-            pass
-        else:
-            if runners(storage) & set(victims):
-                return victims
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            there = False
+    return there
 
 
 @pytest.mark.slow
