@@ -84,6 +84,30 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
     assert len(tracker.client.search_model_versions("name = 'digits'")) == 3
 
 
+def test_a_version_validated_on_other_data_never_takes_the_alias(tiny_settings, tracking_uri):
+    """A val_loss measured on another validation split (another --val-size) says nothing of the
+    champion's: the alias stays, and the line says why and what to do."""
+    tracker = connect(tracking_uri, "registry")
+    model, data = build(dataclasses.replace(tiny_settings, hidden_dim=8))
+
+    def register(val_loss: float, validation: str):
+        with tracker.run(f"validated on {validation}") as run_id:
+            model_id = registry.log_model(tracker, run_id, model, data, "digits")
+        tags = {"validation_data": validation}
+        return registry.register(tracker, model_id, "digits", tags, val_loss, validated_on="validation_data")
+
+    first = register(0.5, "mnist 60-images")
+    elsewhere = register(0.01, "mnist 20-images")
+    assert (elsewhere.version, elsewhere.champion) == (2, 1)
+    assert elsewhere.line() == (
+        "registered as digits version 2; models:/digits@champion stays version 1, validated on other data, whose "
+        "val_loss says nothing of this one's (--registered-model NAME starts a registered model of its own)"
+    )
+    better = register(0.3, "mnist 60-images")
+    assert (first.champion, better.version, better.champion) == (1, 3, 3)
+    assert int(tracker.client.get_model_version_by_alias("digits", "champion").version) == 3
+
+
 @pytest.mark.parametrize("store", ["overwrites", "refuses"])
 def test_two_studies_that_register_at_the_same_moment_agree_on_the_champion(tiny_settings, tracking_uri, store):
     """Two machines that end together: between this study's reading of the registry and its

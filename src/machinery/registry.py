@@ -88,9 +88,16 @@ class Registered:
     champion: int
     previous_champion: int | None
     champion_val_loss: float
+    comparable: bool = True  # validated on the same data as the champion
 
     def line(self) -> str:
         where = f"models:/{self.name}@{ALIAS}"
+        if not self.comparable:
+            return (
+                f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, "
+                "validated on other data, whose val_loss says nothing of this one's (--registered-model NAME "
+                "starts a registered model of its own)"
+            )
         if self.champion == self.version == self.previous_champion:  # a study's best, registered before
             return f"{self.name} version {self.version} is this best model, as registered before: still {where}"
         if self.champion == self.version:
@@ -103,13 +110,21 @@ class Registered:
 
 
 def register(
-    tracker: Tracker, model_id: str, name: str, tags: dict[str, object], val_loss: float, same: tuple[str, ...] = ()
+    tracker: Tracker,
+    model_id: str,
+    name: str,
+    tags: dict[str, object],
+    val_loss: float,
+    same: tuple[str, ...] = (),
+    validated_on: str | None = None,
 ) -> Registered:
     """Add the logged model ``model_id`` to the registered model ``name`` (created on first use),
     with ``tags`` and its ``val_loss`` on the version, and point the alias at the version with
     the lowest val_loss, which is this one when it is better than the champion. A version whose
     ``same`` tags equal these (the same trial of the same study, registered by an earlier
-    session) is taken instead of a new one.
+    session) is taken instead of a new one. Only versions whose tag ``validated_on`` (the
+    validation data) equals this one's are compared: a val_loss measured on other data says
+    nothing of this one's, so a champion validated on other data stays.
 
     Judged over every version rather than against the champion alone, so that two studies that
     register at the same moment agree on the result.
@@ -125,6 +140,10 @@ def register(
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version_tags = {**{k: str(v) for k, v in tags.items()}, "val_loss": repr(val_loss)}
+
+    def data_of(version_tags: dict[str, str]) -> str | None:
+        return version_tags.get(validated_on) if validated_on else None
+
     versions = client.search_model_versions(f"name = '{name}'")
     twins = [v for v in versions if same and all(v.tags.get(key) == version_tags[key] for key in same)]
     if twins:
@@ -145,8 +164,11 @@ def register(
             previous = None
         if attempt == 0:
             before = previous  # what this study found: its line says what it changed
-        scored = [v for v in versions if "val_loss" in v.tags]
-        best = min(scored, key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
+        ours = [v for v in versions if "val_loss" in v.tags and data_of(v.tags) == data_of(version_tags)]
+        champion_version = next((v for v in versions if int(v.version) == previous), None)
+        if champion_version is not None and data_of(champion_version.tags) != data_of(version_tags):
+            return Registered(name, version, previous, before, float(champion_version.tags["val_loss"]), False)
+        best = min(ours, key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
         champion = int(best.version)
         if champion == previous:
             break

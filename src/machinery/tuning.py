@@ -115,7 +115,9 @@ def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Teste
         **{key: value for key, value in trial.user_attrs[SETTINGS_ATTR].items() if key in compared},
         **trial.params,
     }
-    return registry.register(tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"))
+    return registry.register(
+        tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"), validated_on="validation_data"
+    )
 
 
 def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:
