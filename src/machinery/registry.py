@@ -141,8 +141,8 @@ def register(
             raise
     version_tags = {**{k: str(v) for k, v in tags.items()}, "val_loss": repr(val_loss)}
 
-    def data_of(version_tags: dict[str, str]) -> str | None:
-        return version_tags.get(validated_on) if validated_on else None
+    def data_of(tags_of_a_version: dict[str, str]) -> str | None:
+        return tags_of_a_version.get(validated_on) if validated_on else None
 
     versions = client.search_model_versions(f"name = '{name}'")
     twins = [v for v in versions if same and all(v.tags.get(key) == version_tags[key] for key in same)]
