@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     study = cli.load_study(parser, args.storage, args.study_name)
     for path in write_figures(study, tracking.reader(args.tracking_uri), Path(args.out)):
         print(f"wrote {path}")
-    data = MNISTDataModule(args.data_dir)
+    data = MNISTDataModule(Settings(data_dir=args.data_dir))
     data.prepare_data()
-    _, _, images, labels = data.read()
-    digits = [((images[i, 0] * 255).round().byte().numpy(), int(labels[i])) for i in range(3)]
+    images, labels = data.read()["test"]
+    digits = [(images[i, 0].numpy(), int(labels[i])) for i in range(3)]
     for path, _ in digit_pictures(digits, Path(args.out) / "digits"):
         print(f"wrote {path}")
     if page is not None:

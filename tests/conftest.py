@@ -1,14 +1,18 @@
-"""Fixtures: tiny synthetic data sets in the real file formats, temporary MLflow stores, and
-ways to run the scripts as a user would (in a process of their own) or quickly (in this one)."""
+"""Fixtures: the tests' own tiny experiment (tests/tiny) and its data, temporary MLflow stores,
+and ways to run its scripts as a user would (in a process of their own) or quickly (in this one).
+
+The machinery's tests train, tune and register the tiny experiment, never src/experiment: a
+user who makes src/experiment theirs keeps them as they are. The shipped experiment's own
+tests are in test_experiment.py."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
+import importlib
 import io
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,54 +20,25 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from experiment.data import DATASETS
-from experiment.search import EXPERIMENT
-from experiment.settings import Settings
-from machinery.files import md5_of
-from machinery.idx import write_idx
 from machinery.options import TuneOptions
 from machinery.stores import create_once
 from machinery.tracking import connect
+from tiny import experiment as tiny
+from tiny.settings import TinySettings
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 # Where the real MNIST is kept: the same folder `make train` uses, so it is fetched once.
 REAL_DATA_DIR = ROOT / "data"
 
-TINY_TRAIN, TINY_TEST, TINY_VAL = 600, 200, 100
-STUDY_EPOCHS = 2  # per trial, in the tests' studies
-
-
-def tiny_images(count: int, seed: int, pattern: int = 1234) -> tuple[np.ndarray, np.ndarray]:
-    """Images a small network learns in a few epochs, but not perfectly: one fixed random pattern
-    of 4x4 blocks per class (shapes, for a CNN too), at a random brightness, under heavy noise."""
-    templates = np.kron(np.random.default_rng(pattern).random((10, 7, 7)) > 0.8, np.ones((4, 4))) > 0
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, count)
-    brightness = rng.uniform(30, 90, (count, 1, 1))
-    noise = rng.normal(60, 90, (count, 28, 28))
-    images = np.clip(templates[labels] * brightness + noise, 0, 255).astype(np.uint8)
-    return images, labels.astype(np.uint8)
-
-
-def write_tiny(data_dir: Path, dataset: str = "mnist") -> dict[str, str]:
-    """Write a data set's four files, tiny, in its real format (compressed where its are);
-    return their MD5s, as the data set's ``files`` lists the real ones."""
-    kind = DATASETS[dataset]
-    raw = Path(data_dir) / kind.folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels, test_images, test_labels = kind.files
-    pattern = 1234 + list(DATASETS).index(dataset)  # each data set its own classes
-    for images_file, labels_file, count, seed in ((train_images, train_labels, TINY_TRAIN, 0),
-                                                  (test_images, test_labels, TINY_TEST, 1)):  # fmt: skip
-        images, labels = tiny_images(count, seed, pattern)
-        write_idx(raw / images_file, images)
-        write_idx(raw / labels_file, labels)
-    return {name: md5_of(raw / name) for name in kind.files}
+TINY_TRAIN, TINY_TEST, TINY_VAL = tiny.TRAIN, tiny.TEST, TinySettings.val_size
+STUDY_EPOCHS = TinySettings.max_epochs  # per trial, in the tests' studies
+TINY = tiny.EXPERIMENT
+TINY_SCRIPTS = TESTS / "tiny" / "scripts"
 
 
 @pytest.fixture(autouse=True)
@@ -80,78 +55,81 @@ def _in_a_folder_of_its_own(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
-    """A data folder with every built-in data set, tiny, and their MD5s by data set."""
+def tiny_data(tmp_path_factory) -> Path:
+    """A data folder with every data set of the tiny experiment, its files there as a user's
+    would be (written as its source writes them)."""
     data_dir = tmp_path_factory.mktemp("tiny-data")
-    return data_dir, {dataset: write_tiny(data_dir, dataset) for dataset in DATASETS}
-
-
-@pytest.fixture
-def tiny_files(tiny_data, monkeypatch) -> Path:
-    """The tiny data sets' folder, their MD5s standing in for the official ones in this process."""
-    data_dir, md5s = tiny_data
-    for dataset, files in md5s.items():
-        monkeypatch.setattr(DATASETS[dataset], "files", files)
+    for kind in tiny.DATASETS.values():
+        raw = kind(TinySettings(data_dir=str(data_dir))).raw
+        raw.mkdir(parents=True)
+        for source in kind.sources:
+            source.fetch(raw)
     return data_dir
 
 
 @pytest.fixture
-def tiny_settings(tiny_files) -> Settings:
-    """The default settings, on the tiny data, for as many epochs as the tests' studies train."""
-    return Settings(data_dir=str(tiny_files), val_size=TINY_VAL, max_epochs=STUDY_EPOCHS)
+def tiny_settings(tiny_data) -> TinySettings:
+    """The tiny experiment's default settings, on its data."""
+    return TinySettings(data_dir=str(tiny_data))
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_db(tmp_path_factory) -> Path:
+    """A new MLflow store, its tables made: a copy stands for a store made anew, in a fraction of
+    the seconds that MLflow's migrations take for each."""
+    path = tmp_path_factory.mktemp("new-store") / "mlflow.db"
+    mlflow.tracking.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture
-def tracking_uri(tmp_path) -> str:
+def tracking_uri(tmp_path, new_mlflow_db) -> str:
+    """A new MLflow store in the test's folder (MLflow's default store, there)."""
+    shutil.copy(new_mlflow_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 @pytest.fixture
-def study_env(tiny_settings, tmp_path):
+def study_env(tiny_settings, tmp_path, tracking_uri):
     """``tune_here(study_name, n_trials, settings changes..., options=dict(...))``: a study in this
-    process on the tiny data, against SQLite stores in the test's folder; it returns tune()'s
-    result, and ``tune_here.tracker`` is the store."""
+    process on the tiny experiment, against SQLite stores in the test's folder; it returns
+    tune()'s result, and ``tune_here.tracker`` is the store."""
     from machinery.tuning import tune
 
-    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "tune-tests")
+    tracker = connect(tracking_uri, "tune-tests")
 
     def tune_here(study_name: str, n_trials: int, options: dict | None = None, **changes):
         settings = dataclasses.replace(tiny_settings, **changes)
         chosen = TuneOptions(n_trials=n_trials, workers=1, accelerator="cpu", study_name=study_name,
                              storage=f"sqlite:///{tmp_path / 'optuna.db'}", **(options or {}))  # fmt: skip
-        return tune(EXPERIMENT, settings, chosen.resolved(settings), lambda: tracker)
+        return tune(TINY, settings, chosen.resolved(settings), lambda: tracker)
 
     tune_here.tracker = tracker
     tune_here.storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     return tune_here
 
 
-def files_env(md5s: dict[str, dict[str, str]]) -> dict[str, str]:
-    """The environment that makes a process started by the tests take the tiny data sets' MD5s
-    (tests/site/sitecustomize.py)."""
-    return {
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "site"), os.environ.get("PYTHONPATH", "")]),
-        "EXPERIMENT_TEST_FILES": json.dumps(md5s),
-    }
+def env_with_tiny() -> dict[str, str]:
+    """The environment that lets a process started by the tests import the tiny experiment."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")]))}
 
 
 @pytest.fixture
-def run_script(tiny_data, tmp_path):
-    """Run scripts/<name> in a subprocess, as a user would: in ``cwd`` (a temporary working
-    directory by default, so MLflow's default store is <tmp_path>/mlflow.db), and, with
-    ``hostname``, as if on another machine (its own UTS namespace, so another host name). With
-    ``background``, return the Popen, in a session of its own to be signalled as a terminal
-    would; with ``namespace``, in that network namespace. Every Python process it starts,
-    spawned workers included, takes the tiny data sets' MD5s for the official ones."""
-    _, md5s = tiny_data
+def run_script(tmp_path):
+    """Run the tiny experiment's <name> (tests/tiny/scripts: train.py, tune.py, predict.py, each
+    the repository's command handed that experiment) in a subprocess, as a user would: in
+    ``cwd`` (a temporary working directory by default, so MLflow's default store is
+    <tmp_path>/mlflow.db), and, with ``hostname``, as if on another machine (its own UTS
+    namespace, so another host name). With ``background``, return the Popen, in a session of
+    its own to be signalled as a terminal would; with ``namespace``, in that network namespace."""
 
     def run(name: str, *args: str, timeout: float = 300, background: bool = False, cwd=None, hostname=None,
             env: dict | None = None, namespace=None):  # fmt: skip
-        environment = {**os.environ, **files_env(md5s)}
+        environment = {**os.environ, **env_with_tiny()}
         for variable, value in (env or {}).items():  # a PYTHONPATH of the test's goes first
             environment[variable] = value + os.pathsep + environment[variable] if variable == "PYTHONPATH" else value
         environment.pop("MLFLOW_TRACKING_URI", None)
-        command = [sys.executable, str(ROOT / "scripts" / name), *args]
+        command = [sys.executable, str(TINY_SCRIPTS / name), *args]
         if hostname:
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *command]
         if namespace:  # a host of its own on a network of its own (workbench.servers.Namespace)
@@ -168,19 +146,18 @@ def run_script(tiny_data, tmp_path):
 
 
 @pytest.fixture
-def call_script(tiny_files):
-    """Run scripts/<name>'s main() in this process, its output captured: what a user would see,
-    in a fraction of the time (no interpreter, no imports). Returns what ``run_script`` does."""
+def call_script(tiny_data):
+    """Run the tiny experiment's <name> in this process, its output captured: what a user would
+    see, in a fraction of the time (no interpreter, no imports). Returns what ``run_script`` does."""
 
     def call(name: str, *args: str) -> subprocess.CompletedProcess:
-        spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", ROOT / "scripts" / name)
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
+        command = importlib.import_module(f"machinery.commands.{Path(name).stem}")
         out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-        sys.argv = [str(ROOT / "scripts" / name), *args]  # argparse names the script after it
+        sys.argv = [str(TINY_SCRIPTS / name), *args]  # argparse names the script after it
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = script.main(list(args))
+                code = command.main(f"{name} of the tiny experiment.", TinySettings, "tiny.experiment:EXPERIMENT",
+                                    list(args))  # fmt: skip
         except SystemExit as exit_:
             code = exit_.code
         finally:
@@ -257,4 +234,4 @@ def running_trial_with_run(storage: str):
 
 def tune_args(data_dir, *extra: str) -> list[str]:
     """tune.py's flags for a study on the tiny data, and ``extra``."""
-    return ["--data-dir", str(data_dir), "--val-size", str(TINY_VAL), "--accelerator", "cpu", *extra]
+    return ["--data-dir", str(data_dir), "--accelerator", "cpu", *extra]

@@ -8,13 +8,11 @@ import re
 import pytest
 from PIL import Image
 
-from conftest import STUDY_EPOCHS, TINY_VAL
-from experiment.data import DATASETS
-from experiment.search import EXPERIMENT
-from experiment.settings import Settings
+from conftest import TINY
 from machinery.options import TuneOptions
 from machinery.tracking import connect
 from machinery.tuning import tune
+from tiny.settings import TinySettings
 from workbench.browser import (
     SCORE_COLUMNS,
     chromium_page,
@@ -42,17 +40,14 @@ def shown(tiny_data, tmp_path_factory):
     """A 3-trial study on the tiny data set and `mlflow ui` serving its store, as (study,
     tracker, url), for every test here; each test opens a browser of its own (the UI keeps
     state in the browser)."""
-    data_dir, md5s = tiny_data
     folder = tmp_path_factory.mktemp("shown")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)  # MLflow puts this SQLite store's artifacts in ./mlruns
-        for dataset, files in md5s.items():
-            patch.setattr(DATASETS[dataset], "files", files)
         tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "shown")
-        settings = Settings(max_epochs=STUDY_EPOCHS, val_size=TINY_VAL, data_dir=str(data_dir))
+        settings = TinySettings(data_dir=str(tiny_data))
         options = TuneOptions(n_trials=3, workers=1, study_name="pictured", storage=f"sqlite:///{folder / 'optuna.db'}",
                               accelerator="cpu").resolved(settings)  # fmt: skip
-        session = tune(EXPERIMENT, settings, options, lambda: tracker)
+        session = tune(TINY, settings, options, lambda: tracker)
     with serve(tracker.tracking_uri) as url:
         yield session.study, tracker, url, options.storage
 
@@ -98,7 +93,7 @@ def test_screenshots_show_the_best_trials_first_and_their_curves(shown, page, tm
         assert page.get_by_role("columnheader", name=column, exact=True).count() >= 1, column
     # Each trial's data, in MLflow's Datasets column: the data set's name and its digest.
     digest = tracker.client.get_run(by_loss[0].user_attrs["mlflow_run_id"]).inputs.dataset_inputs[0].dataset.digest
-    assert page.get_by_text(f"mnist ({digest})", exact=False).count() >= 1
+    assert page.get_by_text(f"blocks ({digest})", exact=False).count() >= 1
 
     best_two = by_loss[:2]
     screenshot_charts(

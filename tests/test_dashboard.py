@@ -30,7 +30,7 @@ def api(port: int, path: str) -> dict:
 @pytest.mark.skipif(not DASHBOARD.exists(), reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'")
 def test_the_dashboard_follows_a_live_study_and_the_study_ends_well(run_script, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = tune_args(tiny_data[0], "--n-trials", "6", "--workers", "2", "--max-epochs", "15")
+    args = tune_args(tiny_data, "--n-trials", "6", "--workers", "2", "--max-epochs", "15")
     study = run_script("tune.py", *args, background=True)
     wait_for(lambda: read_trials(storage), what="the study's first trial", process=study)
     port = free_port()

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import (
+    TINY,
     TINY_TRAIN,
     TINY_VAL,
     assert_flag_error,
@@ -28,13 +29,12 @@ from conftest import (
     wait_for,
     worker_pids,
 )
-from experiment.networks import NETWORKS
-from experiment.search import EXPERIMENT
-from experiment.settings import Settings
 from machinery import interrupts
 from machinery.options import TuneOptions
 from machinery.tracking import connect
 from machinery.tuning import tune
+from tiny import experiment as tiny
+from tiny.settings import TinySettings
 
 STORES = ("mlflow.db", "optuna.db", "mlruns", "mlartifacts")
 
@@ -56,14 +56,15 @@ def read_only_database(tmp_path):
 
 BAD_TRAIN = [
     *(("--lr", value) for value in ("0", "-1e-3", "nan", "inf", "fast")),
-    *(("--hidden-dim", value) for value in ("0", "-3", "12.5", "nan", "100000000")),
+    *(("--width", value) for value in ("0", "-3", "12.5", "nan", "10000000000")),
     *(("--batch-size", value) for value in ("0", "-64", "inf")),
-    *(("--weight-decay", value) for value in ("-0.01", "nan", "inf")),
+    *(("--clip", value) for value in ("0", "-0.01", "nan", "inf")),
     *(("--max-epochs", value) for value in ("0", "-1", "1e9")),
     *(("--seed", value) for value in ("-1", "nan")),
-    *(("--val-size", value) for value in ("0", "-5", "60000", str(TINY_TRAIN + 100))),  # the last: more than the data
+    *(("--val-size", value) for value in ("0", "-5", str(TINY_TRAIN + 100))),  # the last: more than the data
     ("--dataset", "cifar-100"),
     ("--model", "resnet"),
+    ("--kernel", "4"),
     ("--minibatches-per-step", "0"),
     ("--import", "{file}"),
     ("--accelerator", "tpu9"),
@@ -86,7 +87,6 @@ BAD_TUNE = [
     ("--storage", "sqlite:///{missing}/optuna.db"),  # a folder that is not there is not made
     ("--storage", "postgresql://user:s3cret@127.0.0.1:9/optuna"),
     *(("--max-epochs", value) for value in ("two", "0")),
-    ("--val-size", "60000"),
     ("--val-size", str(TINY_TRAIN + 100)),  # refused before a study has a trial to fail
     ("--tracking-uri", "foo://bar"),
     ("--data-dir", "{file}"),
@@ -97,12 +97,12 @@ BAD_TUNE = [
 # What some of those lines say, beyond the flag's name.
 SAID = {
     ("train.py", "--tracking-uri", "foo://bar"): "the tracking URI's scheme 'foo' is unknown",
-    ("train.py", "--hidden-dim", "100000000"): "100000000 needs about 2.9 TB of memory to train",
+    ("train.py", "--width", "10000000000"): "10000000000 needs about 193.0 TB of memory to train",
     (
         "train.py",
         "--dataset",
         "cifar-100",
-    ): "invalid choice: 'cifar-100' (choose from 'mnist', 'fashion-mnist', 'kmnist'; one of your own: --import FILE",
+    ): "invalid choice: 'cifar-100' (choose from 'blocks', 'stripes'; one of your own: --import FILE",
     ("train.py", "--data-dir", "{file}"): "is a file, not a folder",
     ("train.py", "--import", "{file}"): "SyntaxError",
     ("tune.py", "--workers", "100000"): "100000 workers need about",
@@ -123,14 +123,14 @@ SAID = {
     + [("tune.py", flag, value, more) for flag, value, *more in BAD_TUNE],
 )
 def test_a_bad_value_is_one_line_that_names_its_flag_and_creates_nothing(
-    call_script, tiny_files, tmp_path, read_only_database, script, flag, value, more
+    call_script, tiny_data, tmp_path, read_only_database, script, flag, value, more
 ):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder, nor Python")
     before = read_only_database.read_bytes()
     missing = tmp_path / "not" / "there"
     value_given = value.format(file=a_file, readonly=read_only_database, missing=missing)
-    result = call_script(script, "--data-dir", str(tiny_files), "--val-size", str(TINY_VAL), flag, value_given, *more)
+    result = call_script(script, "--data-dir", str(tiny_data), "--val-size", str(TINY_VAL), flag, value_given, *more)
 
     assert_flag_error(result, script, flag)
     assert "Traceback" not in result.stderr and "s3cret" not in result.stdout + result.stderr
@@ -141,10 +141,10 @@ def test_a_bad_value_is_one_line_that_names_its_flag_and_creates_nothing(
 
 @pytest.mark.parametrize("uri", ["./mlruns", "file:./mlruns"])
 def test_a_tracking_uri_from_the_environment_is_named_as_such_in_one_short_line(
-    call_script, tiny_files, tmp_path, monkeypatch, uri
+    call_script, tiny_data, tmp_path, monkeypatch, uri
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    result = call_script("train.py", "--data-dir", str(tiny_files), "--val-size", str(TINY_VAL))
+    result = call_script("train.py", "--data-dir", str(tiny_data), "--val-size", str(TINY_VAL))
     [line] = result.stderr.strip().splitlines()
     assert result.returncode == 2 and line.startswith("train.py: error: environment variable MLFLOW_TRACKING_URI: ")
     assert "folder stores" in line and "sqlite:///mlflow.db" in line and len(line) < 250
@@ -155,7 +155,7 @@ def test_a_bad_value_from_a_process_of_its_own_is_one_line_before_torch_is_impor
     """The real process, for what the quick in-process calls above cannot show: the numbers are
     checked before the seconds that importing torch and Lightning take (Python lists what it
     imported, on stderr, with PYTHONPROFILEIMPORTTIME)."""
-    result = run_script("tune.py", "--data-dir", str(tiny_data[0]), "--lr", "-1", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    result = run_script("tune.py", "--data-dir", str(tiny_data), "--lr", "-1", env={"PYTHONPROFILEIMPORTTIME": "1"})
     imported = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
     said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert result.returncode == 2 and said == [
@@ -166,10 +166,10 @@ def test_a_bad_value_from_a_process_of_its_own_is_one_line_before_torch_is_impor
 
 
 @pytest.mark.parametrize("script", ["train.py", "tune.py"])
-def test_corrupt_data_is_reported_before_any_store_or_run_exists(call_script, tiny_files, tmp_path, script):
+def test_corrupt_data_is_reported_before_any_store_or_run_exists(call_script, tiny_data, tmp_path, script):
     data_dir = tmp_path / "data"
-    shutil.copytree(tiny_files, data_dir)
-    victim = data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    shutil.copytree(tiny_data, data_dir)
+    victim = data_dir / "blocks" / "t10k-labels-idx1-ubyte"
     victim.write_bytes(victim.read_bytes()[:-3])
     from machinery import files
 
@@ -183,17 +183,17 @@ def test_corrupt_data_is_reported_before_any_store_or_run_exists(call_script, ti
 
 def a_study_in(folder, data_dir) -> None:
     """What `tune.py --n-trials 1 --max-epochs 2` in ``folder`` leaves there, made in this process."""
-    settings = Settings(max_epochs=2, val_size=TINY_VAL, data_dir=str(data_dir))
+    settings = TinySettings(max_epochs=2, data_dir=str(data_dir))
     options = TuneOptions(n_trials=1, workers=1, accelerator="cpu", storage=f"sqlite:///{folder / 'optuna.db'}")
-    tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "mnist-tune")
-    tune(EXPERIMENT, settings, options.resolved(settings), lambda: tracker)
+    tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "blocks-tune")
+    tune(TINY, settings, options.resolved(settings), lambda: tracker)
 
 
 def test_a_continuation_with_other_settings_is_refused_and_changes_nothing(
-    run_script, call_script, tiny_files, tmp_path
+    run_script, call_script, tiny_data, tmp_path
 ):
     # Never more workers than trials: one, here, and no warning.
-    first = run_script("tune.py", *tune_args(tiny_files, "--n-trials", "1", "--workers", "3", "--max-epochs", "2"))
+    first = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "3", "--max-epochs", "2"))
     assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
     [trial] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert trial.user_attrs["worker"]["pid"] != os.getpid()
@@ -201,41 +201,42 @@ def test_a_continuation_with_other_settings_is_refused_and_changes_nothing(
 
     for changed, flag, said in (
         (["--max-epochs", "3"], "--max-epochs", "trains every trial with max_epochs=2, not 3"),
-        (["--model", "cnn", "--study-name", "mnist-mlp"], "--model", "trains every trial with model=mlp, not cnn"),
-        (["--dataset", "kmnist", "--study-name", "mnist-mlp"], "--dataset", "with dataset=mnist, not kmnist"),
+        (["--model", "conv", "--study-name", "blocks-dense"], "--model", "with model=dense, not conv"),
+        (["--dataset", "stripes", "--study-name", "blocks-dense"], "--dataset", "with dataset=blocks, not stripes"),
         (["--sampler", "random"], "--sampler", "searches with the sampler tpe, not random"),
         (["--pruner", "hyperband"], "--pruner", "searches with the pruner median, not hyperband"),
         (["--no-pruning"], "--no-pruning", "searches with the pruner median, not none"),
     ):
-        args = tune_args(tiny_files, "--n-trials", "1", "--workers", "1", "--max-epochs", "2", *changed)
+        args = tune_args(tiny_data, "--n-trials", "1", "--workers", "1", "--max-epochs", "2", *changed)
         other = call_script("tune.py", *args)  # the last --max-epochs counts
         assert_flag_error(other, "tune.py", flag)
         assert said in other.stderr and "--study-name" in other.stderr
     assert {name: (tmp_path / name).read_bytes() for name in stores} == stores
     # The parent run records the settings that define the study.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [parent] = client.search_runs(["1"], "tags.`optuna.study` = 'mnist-mlp' AND tags.`mlflow.runName` = 'mnist-mlp'")
+    wanted = "tags.`optuna.study` = 'blocks-dense' AND tags.`mlflow.runName` = 'blocks-dense'"
+    [parent] = client.search_runs(["1"], wanted)
     assert parent.data.params["max_epochs"] == "2" and parent.data.params["val_size"] == str(TINY_VAL)
 
 
 def test_an_error_of_a_trials_own_code_is_said_as_it_is_and_ends_the_study(
-    call_script, tiny_files, tmp_path, monkeypatch
+    call_script, tiny_data, tmp_path, monkeypatch
 ):
     """A ValueError raised by a trial's own code (a network of one's own, here) fails that trial
     with its reason and ends the study in one line; it is not taken for Optuna's refusal to
     record a trial that another process had finished."""
     (tmp_path / "broken.py").write_text(
-        "from experiment.networks import MLP, NETWORKS\n\n\n"
-        "class Broken(MLP):\n"
+        "from tiny.experiment import NETWORKS, Dense\n\n\n"
+        "class Broken(Dense):\n"
         "    def forward(self, x):\n"
         "        if x.is_meta:  # the memory check's pass, which measures and computes nothing\n"
         "            return super().forward(x)\n"
         "        raise ValueError('a shape this network cannot take')\n\n\n"
         "NETWORKS['broken'] = Broken\n"
     )
-    monkeypatch.setitem(NETWORKS, "broken", None)  # what --import registers is taken out after the test
+    monkeypatch.setitem(tiny.NETWORKS, "broken", None)  # what --import registers is taken out after the test
     args = ["--import", "broken.py", "--model", "broken", "--n-trials", "3", "--workers", "1", "--max-epochs", "1"]
-    result = call_script("tune.py", *tune_args(tiny_files, *args))
+    result = call_script("tune.py", *tune_args(tiny_data, *args))
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "tune.py: error: ValueError: a shape this network cannot take"
     assert "Traceback" not in result.stderr
@@ -250,33 +251,33 @@ def test_an_error_of_a_trials_own_code_is_said_as_it_is_and_ends_the_study(
     assert run.info.status == "FAILED"
 
 
-def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_files, tmp_path):
-    args = tune_args(tiny_files, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
-    a_study_in(tmp_path, tiny_files)
+def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_data, tmp_path):
+    args = tune_args(tiny_data, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
+    a_study_in(tmp_path, tiny_data)
     (tmp_path / "mlflow.db").unlink()
     shutil.rmtree(tmp_path / "mlruns")
 
     again = run_script("tune.py", *args)  # a process of its own: this one's MLflow holds the old file open
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
-    assert "has no run of study 'mnist-mlp'" in again.stdout and "a new parent run starts there" in again.stdout
+    assert "has no run of study 'blocks-dense'" in again.stdout and "a new parent run starts there" in again.stdout
     assert "test evaluation skipped: the best trial, trial " in again.stdout  # unless the new trial is best
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2  # a parent and the new trial
 
 
-def test_a_new_study_beside_an_older_one_of_the_same_name_is_told_apart(run_script, tiny_files, tmp_path):
-    args = tune_args(tiny_files, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
-    a_study_in(tmp_path, tiny_files)
+def test_a_new_study_beside_an_older_one_of_the_same_name_is_told_apart(run_script, tiny_data, tmp_path):
+    args = tune_args(tiny_data, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
+    a_study_in(tmp_path, tiny_data)
     (tmp_path / "optuna.db").unlink()
 
     again = run_script("tune.py", *args)  # a process of its own: this one's MLflow holds the old file open
     assert again.returncode == 0, again.stderr
-    uid = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs["uid"]
-    note = "a new study 'mnist-mlp' began beside 1 older one(s) of the same name in this MLflow experiment"
+    uid = optuna.load_study(study_name="blocks-dense", storage=f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs["uid"]
+    note = "a new study 'blocks-dense' began beside 1 older one(s) of the same name in this MLflow experiment"
     assert again.stdout.count(note) == 2  # when it begins, and in the summary
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     new = [r for r in runs if r.data.tags.get("optuna.study_uid") == uid]
-    assert sorted(r.data.tags["mlflow.runName"] for r in new) == [f"mnist-mlp ({uid[:8]})", "trial 0"]
+    assert sorted(r.data.tags["mlflow.runName"] for r in new) == [f"blocks-dense ({uid[:8]})", "trial 0"]
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
 
 
@@ -306,10 +307,9 @@ def test_a_ctrl_c_that_a_garbage_collector_callback_swallows_still_stops_trainin
 
 @pytest.mark.slow
 def test_timeout_counts_from_the_start_and_every_worker_trains_once(run_script, tiny_data, tmp_path):
-    data_dir, _ = tiny_data
-    result = run_script("tune.py", *tune_args(data_dir, "--n-trials", "6", "--workers", "2", "--timeout", "1"))
+    result = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "6", "--workers", "2", "--timeout", "1"))
     assert result.returncode == 0, result.stderr
-    trials = optuna.load_study(study_name="mnist-mlp", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    trials = optuna.load_study(study_name="blocks-dense", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
     assert sorted(t.number for t in trials) == [0, 1] and {t.state for t in trials} == {TrialState.COMPLETE}
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers, one trial each
     assert result.stdout.count(" COMPLETE ") == 2
@@ -320,7 +320,7 @@ def test_timeout_counts_from_the_start_and_every_worker_trains_once(run_script, 
 
 
 NASTY_NAME = "a'b\"c"  # both quotes: no MLflow filter string can hold it
-EPOCHS_UNDER_FIRE = 12  # a trial of the tiny data set lasts long enough to be killed mid-way
+EPOCHS_UNDER_FIRE = 30  # a trial of the tiny data set lasts long enough to be killed mid-way
 
 
 def runners(storage: str) -> set[int]:
@@ -372,9 +372,8 @@ def test_random_kills_never_lose_a_trial_nor_leave_a_run_running(run_script, tin
     as many trials completed as asked; then every record must agree, and every trial a kill
     left RUNNING must have been found and said so."""
     wanted, plan, rng = 3, ["worker", "group", "worker"], random.Random(20261128)
-    data_dir, _ = tiny_data
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    base = tune_args(data_dir, "--study-name", NASTY_NAME, "--workers", "2", "--no-pruning")
+    base = tune_args(tiny_data, "--study-name", NASTY_NAME, "--workers", "2", "--no-pruning")
     base += ["--max-epochs", str(EPOCHS_UNDER_FIRE)]
     base += ["--grace-period", "2"]  # a trial killed before its worker named itself is failed soon after
     kills, outputs, killed = [], [], False

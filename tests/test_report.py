@@ -28,7 +28,7 @@ def test_tables_count_every_trial_and_land_between_their_markers(small_study):
     study, _ = small_study
     top = top_trials_markdown(study).splitlines()
     assert len(top) == 2 + 3 and top[2].startswith(f"| {min(study.trials, key=lambda t: t.value).number} |")
-    for param in ("batch_size", "hidden_dim", "lr"):
+    for param in ("batch_size", "lr", "width"):
         rows = groups_markdown(study, param).splitlines()[2:]
         assert sum(int(row.split("|")[2]) for row in rows) == 3, param  # each trial in one group
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import statistics
 
+from conftest import TINY
 from workbench.search_comparison import anytime_figure, best_by, compare, summarize, table_markdown, time_to_target
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -15,7 +16,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_methods_take_turns_seed_by_seed_and_every_trial_is_timed(tiny_settings, tmp_path):
     settings = dataclasses.replace(tiny_settings, max_epochs=1)
     ended = []
-    studies = compare(settings, ["tpe+median", "random+median"], [0, 1], budget=2, workers=1, done=ended.append)
+    studies = compare(settings, ["tpe+median", "random+median"], [0, 1], budget=2, workers=1, done=ended.append,
+                      experiment=TINY)  # fmt: skip
     assert [(s["seed"], s["method"]) for s in studies] == [
         (0, "tpe+median"), (0, "random+median"), (1, "random+median"), (1, "tpe+median"),
     ]  # fmt: skip

@@ -18,7 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY_TEST, TINY_VAL, read_trials, tiny_images, wait_for
+from conftest import TINY_TEST, read_trials, wait_for
+from tiny import experiment as tiny
 from workbench.servers import (
     can_make_namespaces,
     mlflow_server,
@@ -78,11 +79,11 @@ def machines(run_script, tiny_data, tmp_path, request):
         database, tracking = servers
         home = tmp_path / name
         if not home.exists():
-            shutil.copytree(tiny_data[0], home / "data")
+            shutil.copytree(tiny_data, home / "data")
         host = namespace.gateway if namespace else "127.0.0.1"  # where the machine reaches the servers
         common = ["--storage", database.url("optuna", host=host), "--data-dir", "data"]
         common += ["--tracking-uri", tracking.url.replace("127.0.0.1", host)]
-        common += ["--study-name", study, "--experiment", study, "--val-size", str(TINY_VAL), "--accelerator", "cpu"]
+        common += ["--study-name", study, "--experiment", study, "--accelerator", "cpu"]
         return run_script("tune.py", *common, *args, background=True, cwd=home, hostname=name, namespace=namespace)
 
     start.study = study
@@ -146,7 +147,7 @@ def test_two_machines_started_together_share_one_study(machines, shared_servers,
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     mlflow.set_tracking_uri(tracking.url)
     model = mlflow.pytorch.load_model(f"models:/{parent.outputs.model_outputs[0].model_id}", dst_path=str(elsewhere))
-    images, labels = tiny_images(TINY_TEST, seed=1)
+    images, labels = tiny.pictures(TINY_TEST, seed=1, pattern=tiny.PATTERNS["blocks"])
     with torch.no_grad():
         predicted = model(torch.from_numpy(images).float().unsqueeze(1) / 255).argmax(dim=1).numpy()
     assert float(np.mean(predicted == labels)) == pytest.approx(parent.data.metrics["test_acc"], abs=1e-6)

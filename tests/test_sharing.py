@@ -22,14 +22,14 @@ def start_together(run_script, commands: list[list[str]]) -> list[tuple[int, str
 
 @pytest.mark.slow
 def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_run(run_script, tiny_data, tmp_path):
-    data_dir, _ = tiny_data
+    data_dir = tiny_data
     command = tune_args(data_dir, "--n-trials", "1", "--workers", "1", "--max-epochs", "1")
     for code, _, stderr in start_together(run_script, [command] * 3):
         assert code == 0 and "Traceback" not in stderr and "error" not in stderr, stderr
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert optuna.study.get_all_study_names(storage) == ["mnist-mlp"]
-    trials = optuna.load_study(study_name="mnist-mlp", storage=storage).trials
+    assert optuna.study.get_all_study_names(storage) == ["blocks-dense"]
+    trials = optuna.load_study(study_name="blocks-dense", storage=storage).trials
     assert sorted(t.number for t in trials) == [0, 1, 2] and {t.state.name for t in trials} == {"COMPLETE"}
     # Three processes at the same point of the same study: seeded alike, they proposed twins.
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3

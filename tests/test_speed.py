@@ -1,6 +1,7 @@
 """machinery.speed.SeveralPerStep: several minibatches per Lightning step make the same updates
-as Lightning's own loop and as a plain PyTorch loop, to float precision, for any module of
-Lightning's shape; it leaves the module as it was, and refuses what it cannot carry."""
+as Lightning's own loop, to float precision, for any module of Lightning's shape, gradient
+clipping and early stopping included; it leaves the module as it was, and steps aside, in one
+line, for what it cannot carry."""
 
 from __future__ import annotations
 
@@ -9,39 +10,47 @@ import dataclasses
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from experiment.model import LitClassifier
-from experiment.networks import MLP
-from experiment.search import build
+from conftest import TINY
+from machinery import speed
 from machinery.batches import InMemoryBatches
 from machinery.options import Options
-from machinery.speed import SeveralPerStep
+from machinery.speed import Chunks, SeveralPerStep
 from machinery.tracking import connect
 from machinery.training import fit
-from workbench.benchmark import train_plainly
+from tiny import experiment as tiny
 
 
-def curves_of(settings, minibatches_per_step: int, tracking_uri: str) -> tuple[dict, pl.LightningModule]:
+def curves_of(settings, minibatches_per_step: int, tracking_uri: str) -> tuple[dict, int]:
     tracker = connect(tracking_uri, "speed")
     options = Options(accelerator="cpu", minibatches_per_step=minibatches_per_step)
     with tracker.run(f"{minibatches_per_step} a step") as run_id:
-        model, data = build(settings)
-        result = fit(model, data, settings, options, tracker, run_id, evaluate_test=False, progress_bar=False)
+        model, data = tiny.build(settings)
+        result = fit(model, data, settings, options, tracker, run_id, trainer_arguments=TINY.trainer(settings),
+                     evaluate_test=False, progress_bar=False)  # fmt: skip
     names = ("train_loss", "val_loss", "val_acc")
-    return {name: tracker.metric_history(run_id, name) for name in names}, result.model
+    return {name: tracker.metric_history(run_id, name) for name in names}, result.epochs
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_several_minibatches_a_step_train_as_lightnings_own_loop_and_a_plain_loop(tiny_settings, tracking_uri, model):
-    # 25 minibatches an epoch: chunks of 16 and 9.
-    settings = dataclasses.replace(tiny_settings, model=model, hidden_dim=32, batch_size=20, lr=3e-3, max_epochs=3)
-    chunked, _ = curves_of(settings, 16, tracking_uri)
-    lightning, _ = curves_of(settings, 1, tracking_uri)
-    plain = train_plainly(settings)
-    for name, values in plain.items():
-        assert chunked[name] == pytest.approx(lightning[name], rel=1e-5), name
+@pytest.mark.parametrize(
+    ("model", "changes"),
+    [("dense", {}), ("conv", {}), ("dense", {"clip": 0.05}), ("dense", {"patience": 1, "lr": 1.0, "max_epochs": 20})],
+    ids=["dense", "conv", "clipped", "stopped-early"],
+)
+def test_several_minibatches_a_step_train_as_lightnings_own_loop(tiny_settings, tracking_uri, model, changes, capsys):
+    # 20 minibatches an epoch: chunks of 16 and 4.
+    settings = dataclasses.replace(tiny_settings, model=model, batch_size=20, **{"max_epochs": 3, **changes})
+    chunked, epochs = curves_of(settings, 16, tracking_uri)
+    lightning, lightning_epochs = curves_of(settings, 1, tracking_uri)
+    assert epochs == lightning_epochs and (epochs < 20 if "patience" in changes else epochs == 3)
+    for name, values in lightning.items():
         assert chunked[name] == pytest.approx(values, rel=1e-5), name
-    assert plain["val_loss"][-1] < plain["val_loss"][0]
+    assert "speed:" not in capsys.readouterr().out  # it carried them all itself
+    if "clip" in changes:  # and the clipping did clip: unclipped, the curves differ
+        unclipped, _ = curves_of(dataclasses.replace(settings, clip=None), 16, tracking_uri)
+        assert unclipped["train_loss"] != pytest.approx(chunked["train_loss"], rel=1e-3)
 
 
 class Listening(pl.Callback):
@@ -60,19 +69,42 @@ class Listening(pl.Callback):
         self.calls["on_before_optimizer_step"] += 1
 
 
-class StepScheduled(LitClassifier):
-    """Lightning's shape, with what the project's module does not use: a scheduler stepped per
-    update, and a per-step log beside the epoch mean."""
+class StepScheduled(pl.LightningModule):
+    """Lightning's shape, with a scheduler stepped per update and a per-step log beside the epoch
+    mean."""
+
+    def __init__(self, lr: float = 1e-2):
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.log("logit_mean", self(batch[0]).mean(), on_step=True, on_epoch=True)
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        self.log("logit_mean", self(x).mean(), on_step=True, on_epoch=True)
         return {"loss": loss}
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class ByHand(StepScheduled):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
 
 
 class Batches(pl.LightningDataModule):
@@ -84,23 +116,22 @@ class Batches(pl.LightningDataModule):
         return InMemoryBatches(self.x, self.y, self.batch_size)
 
 
-def fit_directly(size: int, callbacks=()) -> tuple[pl.Trainer, LitClassifier]:
+def fit_directly(size: int, model=None, callbacks=(), **trainer_args) -> tuple[pl.Trainer, pl.LightningModule]:
     torch.manual_seed(0)
-    x, y = torch.rand(100, 1, 28, 28), torch.randint(0, 10, (100,))
-    model = StepScheduled(MLP((1, 28, 28), 10, 16), lr=1e-2)
+    x, y = torch.rand(100, 1, 8, 8), torch.randint(0, 4, (100,))
+    model = model or StepScheduled()
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[SeveralPerStep(size), *callbacks],
+        enable_model_summary=False, callbacks=[SeveralPerStep(size), *callbacks], **trainer_args,
     )  # fmt: skip
     trainer.fit(model, datamodule=Batches(x, y, batch_size=10))
     return trainer, model
 
 
-@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_any_module_of_that_shape_gets_its_hooks_schedulers_and_logs_as_from_lightning():
     listening = [Listening(), Listening()]
     (lightning, plain_module), (chunked, chunked_module) = (
-        fit_directly(size, [cb]) for size, cb in zip((1, 4), listening, strict=True)
+        fit_directly(size, callbacks=[cb]) for size, cb in zip((1, 4), listening, strict=True)
     )
     assert chunked.global_step == lightning.global_step == 20  # one per minibatch, 10 an epoch
     assert listening[1].calls == listening[0].calls == dict.fromkeys(listening[0].calls, 20)
@@ -115,27 +146,23 @@ def test_any_module_of_that_shape_gets_its_hooks_schedulers_and_logs_as_from_lig
     assert "log" not in vars(chunked_module)
 
 
-class ByHand(LitClassifier):
-    def __init__(self, net):
-        super().__init__(net)
-        self.automatic_optimization = False
+def test_what_it_cannot_carry_it_leaves_to_lightnings_own_loop_and_says_so_once(capsys, monkeypatch):
+    monkeypatch.setattr(speed, "_said", set())
+    cases = [
+        ({"model": ByHand()}, "the module optimizes by hand"),
+        ({"accumulate_grad_batches": 2}, "gradients are accumulated"),
+        ({"gradient_clip_val": 0.5, "callbacks": [Listening()]}, "gradients are clipped where hooks"),
+    ]
+    for args, why in cases:
+        for _ in range(2):  # a study's every trial: said once
+            trainer, model = fit_directly(4, **args)
+            assert trainer.global_step > 0 and model.training_step.__func__ is type(model).training_step
+        out = capsys.readouterr().out
+        assert out.count("speed: ") == 1 and f"speed: {why}" in out, out
+        assert "Lightning's own loop trains instead" in out
 
 
-@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_what_it_cannot_carry_is_refused_in_one_line():
-    x, y = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
-    for model, trainer_args, data, why in (
-        (ByHand(MLP((1, 28, 28), 10, 8)), {}, {}, "the module optimizes by hand"),
-        (LitClassifier(MLP((1, 28, 28), 10, 8)), {"accumulate_grad_batches": 2}, {}, "gradients are accumulated"),
-        (
-            LitClassifier(MLP((1, 28, 28), 10, 8)),
-            {},
-            {"train_dataloaders": InMemoryBatches(x, y, 5)},
-            "its training data comes neither",
-        ),
-    ):
-        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, callbacks=[SeveralPerStep(4)], **trainer_args)  # fmt: skip
-        with pytest.raises(ValueError, match=f"4 minibatches per step: {why}.*use 1"):
-            trainer.fit(model, **(data or {"datamodule": Batches(x, y, 5)}))
-        assert model.training_step.__func__ is type(model).training_step  # left as it was
+def test_minibatches_go_to_lightning_in_chunks():
+    chunks = Chunks(list(range(35)), 16)
+    assert len(chunks) == 3 and [len(chunk) for chunk in chunks] == [16, 16, 3]
+    assert [item for chunk in chunks for item in chunk] == list(range(35))

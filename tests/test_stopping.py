@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import TINY_VAL, read_trials, tune_args, wait_for, worker_pids
+from conftest import read_trials, tune_args, wait_for, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def trials_with_runs(storage: str) -> list:
 def test_a_stop_from_outside_closes_every_trial_and_run_and_says_so(
     run_script, tiny_data, tmp_path, signum, whole_group, workers, reason
 ):
-    args = tune_args(tiny_data[0], "--n-trials", "4", "--workers", str(workers), "--max-epochs", "400", "--no-pruning")
+    args = tune_args(tiny_data, "--n-trials", "4", "--workers", str(workers), "--max-epochs", "400", "--no-pruning")
     process = run_script("tune.py", *args, background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     wait_for(lambda: len(trials_with_runs(storage)) == workers, what="every worker's trial", process=process)
@@ -64,8 +64,8 @@ def test_a_stop_from_outside_closes_every_trial_and_run_and_says_so(
     for noise in ("Traceback", "Exception ignored", "Trial 0 failed", "leaked", "resource_tracker"):
         assert noise not in stderr
     assert stdout.count(" FAIL ") == workers and stdout.count(f"  {reason}  ") == workers  # a line each
-    assert f"study 'mnist-mlp': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
-    trials = optuna.load_study(study_name="mnist-mlp", storage=storage).trials
+    assert f"study 'blocks-dense': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
+    trials = optuna.load_study(study_name="blocks-dense", storage=storage).trials
     assert {t.state for t in trials} == {TrialState.FAIL} and {t.user_attrs["fail_reason"] for t in trials} == {reason}
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert len(runs) == workers + 1 and {r.info.status for r in runs} == {"KILLED"}  # the study's own run too
@@ -74,7 +74,7 @@ def test_a_stop_from_outside_closes_every_trial_and_run_and_says_so(
 
 
 def test_workers_end_soon_after_their_tune_py_is_killed_outright(run_script, tiny_data, tmp_path):
-    args = tune_args(tiny_data[0], "--n-trials", "4", "--workers", "2", "--max-epochs", "150", "--no-pruning")
+    args = tune_args(tiny_data, "--n-trials", "4", "--workers", "2", "--max-epochs", "150", "--no-pruning")
     process = run_script("tune.py", *args, background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=process)
@@ -92,17 +92,17 @@ def test_workers_end_soon_after_their_tune_py_is_killed_outright(run_script, tin
     runs = {r.info.run_name: r.info.status for r in client.search_runs(["1"])}
     # What only tune.py could have closed, the study's own run, the next session closes
     # (test_random_kills_never_lose_a_trial_nor_leave_a_run_running, in test_faults.py).
-    assert runs == {"trial 0": "KILLED", "trial 1": "KILLED", "mnist-mlp": "RUNNING"}
+    assert runs == {"trial 0": "KILLED", "trial 1": "KILLED", "blocks-dense": "RUNNING"}
 
 
 def test_train_py_ends_its_run_and_exits_143_on_sigterm(run_script, tiny_data, tmp_path):
-    args = ["--data-dir", str(tiny_data[0]), "--val-size", str(TINY_VAL), "--max-epochs", "5000"]
+    args = ["--data-dir", str(tiny_data), "--max-epochs", "5000"]
     process = run_script("train.py", *args, background=True)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def training() -> bool:
         try:
-            [run] = client.search_runs([client.get_experiment_by_name("mnist-train").experiment_id])
+            [run] = client.search_runs([client.get_experiment_by_name("blocks-train").experiment_id])
             return bool(client.get_metric_history(run.info.run_id, "val_loss"))
         except Exception:  # noqa: BLE001 - no store, experiment or run yet
             return False
@@ -133,9 +133,7 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_gave_up(run
     has its trial failed by another process; when it goes on, it leaves that record as it is,
     says so in one line, and its tune.py ends well."""
     common = ("--max-epochs", "100", "--grace-period", "3", "--no-pruning")
-    first = run_script(
-        "tune.py", *tune_args(tiny_data[0], "--n-trials", "2", "--workers", "2", *common), background=True
-    )
+    first = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "2", *common), background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=first)
     worker = worker_pids(first.pid)[0]
@@ -150,7 +148,7 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_gave_up(run
     [paused] = [t for t in read_trials(storage) if t.user_attrs.get("worker", {}).get("pid") == worker]
     time.sleep(4)  # past the grace period
 
-    second = run_script("tune.py", *tune_args(tiny_data[0], "--n-trials", "1", "--workers", "1", *common))
+    second = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1", *common))
     assert second.returncode == 0, second.stderr
     assert f"trial {paused.number:>3} FAIL" in second.stdout and "its heartbeat stopped for over 3 s" in second.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

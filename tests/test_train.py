@@ -1,33 +1,35 @@
-"""scripts/train.py and the training function behind it."""
+"""train.py and the training function behind it: one run, tracked; the experiment's Trainer
+arguments; a run that stops early; a trial or a run trained again; a model registered."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from pytorch_lightning.callbacks import LearningRateMonitor
 
-from conftest import REAL_DATA_DIR, TINY_TEST, TINY_VAL, tiny_images
-from experiment.search import build
-from experiment.settings import Settings
-from machinery import files
+from conftest import TINY, TINY_TEST, TINY_VAL
 from machinery.options import Options
 from machinery.tracking import connect
 from machinery.training import fit, load_weights
+from tiny import experiment as tiny
+from tiny.settings import TinySettings
 
 EPOCHS = 3
 
 
+@pytest.mark.slow
 def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
-    data_dir, _ = tiny_data
     result = run_script(
-        "train.py", "--lr", "3e-3", "--hidden-dim", "32", "--batch-size", "50", "--max-epochs", str(EPOCHS),
-        "--val-size", str(TINY_VAL), "--data-dir", str(data_dir), "--experiment", "e2e",
+        "train.py", "--lr", "0.03", "--width", "12", "--batch-size", "50", "--max-epochs", str(EPOCHS),
+        "--data-dir", str(tiny_data), "--experiment", "e2e",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "mnist: using the files in" in result.stdout
+    assert "blocks: using the files in" in result.stdout
     assert "look at it: mlflow ui   then" in result.stdout  # the default store: no flags needed
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -35,8 +37,8 @@ def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.info.run_id in result.stdout
     params = run.data.params
-    assert {k: params[k] for k in ("dataset", "model", "lr", "hidden_dim", "batch_size", "max_epochs", "seed")} == {
-        "dataset": "mnist", "model": "mlp", "lr": "0.003", "hidden_dim": "32", "batch_size": "50",
+    assert {k: params[k] for k in ("dataset", "model", "lr", "width", "batch_size", "max_epochs", "seed")} == {
+        "dataset": "blocks", "model": "dense", "lr": "0.03", "width": "12", "batch_size": "50",
         "max_epochs": str(EPOCHS), "seed": "0",
     }  # fmt: skip
     assert params["val_size"] == str(TINY_VAL) and params["data_source"] == "existing files"
@@ -44,32 +46,34 @@ def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == list(range(EPOCHS)), name
     val_loss = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
-    assert run.data.metrics["best_val_loss"] == min(val_loss)
+    assert run.data.metrics["best_val_loss"] == min(val_loss) and run.data.metrics["epochs"] == EPOCHS
     assert val_loss[-1] < val_loss[0]  # it learned
     # The test metrics are those of the best epoch's weights, as logged in its checkpoint.
     checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.ckpt", str(tmp_path))
-    settings = Settings(lr=3e-3, hidden_dim=32, batch_size=50, max_epochs=EPOCHS, val_size=TINY_VAL)
-    model = load_weights(build(settings)[0], checkpoint).eval()
-    images, labels = tiny_images(TINY_TEST, seed=1)
+    settings = TinySettings(lr=0.03, width=12, batch_size=50, max_epochs=EPOCHS)
+    model = load_weights(tiny.build(settings)[0], checkpoint).eval()
+    images, labels = tiny.pictures(TINY_TEST, seed=1, pattern=tiny.PATTERNS["blocks"])
     with torch.no_grad():
         predicted = model(torch.from_numpy(images).float().unsqueeze(1) / 255).argmax(dim=1)
     accuracy = (predicted == torch.from_numpy(labels).long()).float().mean().item()
     assert run.data.metrics["test_acc"] == pytest.approx(accuracy, abs=1e-6)
-    assert accuracy > 0.3  # ten classes: chance is 0.1
+    assert accuracy > 0.5  # four classes: chance is 0.25
     assert f"test_acc {accuracy:.4f}" in result.stdout
     [checkpoints] = client.list_artifacts(run.info.run_id)
     assert [a.path for a in client.list_artifacts(run.info.run_id, checkpoints.path)] == ["checkpoints/best.ckpt"]
 
 
-def fit_here(settings, tracker, name: str = "run"):
+def fit_here(settings, tracker, name: str = "run", **more):
     with tracker.run(name) as run_id:
-        model, data = build(settings)
-        return fit(model, data, settings, Options(accelerator="cpu"), tracker, run_id, progress_bar=False)
+        model, data = tiny.build(settings)
+        arguments = more.pop("trainer_arguments", TINY.trainer(settings))
+        return fit(model, data, settings, Options(accelerator="cpu"), tracker, run_id, progress_bar=False,
+                   trainer_arguments=arguments, **more)  # fmt: skip
 
 
 def test_the_same_seed_gives_the_same_metrics(tiny_settings, tracking_uri):
     tracker = connect(tracking_uri, "seeds")
-    settings = dataclasses.replace(tiny_settings, lr=3e-3, hidden_dim=16, batch_size=32, seed=7)
+    settings = dataclasses.replace(tiny_settings, lr=0.03, width=16, batch_size=32, seed=7)
     first, second = fit_here(settings, tracker), fit_here(settings, tracker)
     assert (first.val_loss, first.val_acc, first.test_acc) == (second.val_loss, second.val_acc, second.test_acc)
     history = [tracker.metric_history(r.run_id, "train_loss") for r in (first, second)]
@@ -78,42 +82,29 @@ def test_the_same_seed_gives_the_same_metrics(tiny_settings, tracking_uri):
     assert other.val_loss != first.val_loss
 
 
-def test_the_cnn_and_mnists_kin_train_through_the_same_script(call_script, tiny_files, tmp_path):
-    for args in (["--model", "cnn"], ["--dataset", "fashion-mnist"], ["--dataset", "kmnist", "--model", "cnn"]):
-        result = call_script("train.py", *args, "--max-epochs", "4", "--lr", "3e-3", "--batch-size", "32",
-                             "--val-size", str(TINY_VAL), "--data-dir", str(tiny_files))  # fmt: skip
+def test_every_data_set_and_network_trains_through_the_same_script(call_script, tiny_data, tmp_path):
+    for args in (["--model", "conv"], ["--dataset", "stripes"], ["--dataset", "stripes", "--model", "conv"]):
+        result = call_script("train.py", *args, "--max-epochs", "3", "--lr", "0.05", "--data-dir", str(tiny_data))
         assert result.returncode == 0, result.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = {
         (r.data.params["dataset"], r.data.params["model"]): r
-        for name in ("mnist-train", "fashion-mnist-train", "kmnist-train")
+        for name in ("blocks-train", "stripes-train")
         for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])
     }
-    assert set(runs) == {("mnist", "cnn"), ("fashion-mnist", "mlp"), ("kmnist", "cnn")}
-    assert {run.info.status for run in runs.values()} == {"FINISHED"}, {
+    assert set(runs) == {("blocks", "conv"), ("stripes", "dense"), ("stripes", "conv")}
+    assert {run.info.status for run in runs.values()} == {"FINISHED"}
+    assert all(run.data.metrics["test_acc"] > 0.4 for run in runs.values()), {
         k: r.data.metrics["test_acc"] for k, r in runs.items()
     }
-    assert all(run.data.metrics["test_acc"] > 0.3 for run in runs.values()), {
-        k: r.data.metrics["test_acc"] for k, r in runs.items()
-    }
-
-
-@pytest.mark.slow
-def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, monkeypatch):
-    """Through the real prepare_data path: the files, or torchvision's mirrors, or the offline
-    fallback, verified against the official MD5s."""
-    monkeypatch.setattr(files, "_verified", {})  # verified here, whatever other tests did before
-    result = fit_here(Settings(max_epochs=1, data_dir=str(REAL_DATA_DIR)), connect(tracking_uri, "real"))
-    assert result.val_acc >= 0.95 and result.test_acc >= 0.95
-    assert "(MD5 verified)" in capsys.readouterr().out
-    run = MlflowClient(tracking_uri).get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.data.params["val_size"] == "5000"
+    # A network's own setting is a parameter of its runs, and of no other network's model.
+    assert runs[("blocks", "conv")].data.params["kernel"] == "3"
 
 
 def test_every_run_records_the_data_it_trained_validated_and_tested_on(tiny_settings, tracking_uri):
     tracker = connect(tracking_uri, "inputs")
     runs = [fit_here(dataclasses.replace(tiny_settings, val_size=size), tracker).run_id for size in (100, 100, 150)]
-    runs.append(fit_here(dataclasses.replace(tiny_settings, dataset="kmnist"), tracker).run_id)
+    runs.append(fit_here(dataclasses.replace(tiny_settings, dataset="stripes"), tracker).run_id)
     inputs = []
     for run_id in runs:
         recorded = MlflowClient(tracking_uri).get_run(run_id).inputs.dataset_inputs
@@ -127,8 +118,134 @@ def test_every_run_records_the_data_it_trained_validated_and_tested_on(tiny_sett
     assert digests[2]["test"] == digests[0]["test"]  # another split of the same files
     assert digests[2]["training"] != digests[0]["training"] and digests[2]["validation"] != digests[0]["validation"]
     assert not set(digests[3].values()) & set(digests[0].values())  # other files altogether
-    assert {d.name for d in same.values()} == {"mnist"} and {d.name for d in other_data.values()} == {"kmnist"}
+    assert {d.name for d in same.values()} == {"blocks"} and {d.name for d in other_data.values()} == {"stripes"}
     training = same["training"]
-    assert json.loads(training.source)["uri"].endswith("MNIST/raw") and training.source_type == "local"
+    assert json.loads(training.source)["uri"].endswith("blocks") and training.source_type == "local"
     assert json.loads(training.profile) == {"origin": "existing files"}
-    assert "[-1, 1, 28, 28]" in json.loads(training.schema)["mlflow_tensorspec"]["features"]
+    assert "[-1, 1, 16, 16]" in json.loads(training.schema)["mlflow_tensorspec"]["features"]
+
+
+def test_the_experiments_callbacks_train_beside_the_machinerys_and_log_to_its_run(tiny_settings, tracking_uri):
+    """A Lightning callback of the experiment's own that writes to the loggers itself, at the
+    start of every epoch (LearningRateMonitor): its values land in the run, one per epoch."""
+    tracker = connect(tracking_uri, "callbacks")
+    settings = dataclasses.replace(tiny_settings, max_epochs=EPOCHS)
+    arguments = {"callbacks": [LearningRateMonitor(logging_interval="epoch")]}
+    result = fit_here(settings, tracker, trainer_arguments=arguments)
+    history = tracker.client.get_metric_history(result.run_id, "lr-SGD")
+    assert [m.step for m in history] == list(range(EPOCHS)) and {m.value for m in history} == {settings.lr}
+    with pytest.raises(ValueError, match="the experiment's trainer\\(\\) sets max_epochs, logger, which"):
+        fit_here(settings, tracker, trainer_arguments={"max_epochs": 3, "logger": False})
+
+
+def test_a_run_that_stops_early_says_so_in_the_console_and_in_mlflow(call_script, tiny_data, tmp_path):
+    # A learning rate so high that val_loss stops improving at once: patience 1 stops it.
+    args = ["--lr", "1", "--max-epochs", "30", "--patience", "1", "--data-dir", str(tiny_data)]
+    result = call_script("train.py", *args)
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("blocks-train").experiment_id])
+    epochs, best = int(run.data.metrics["epochs"]), int(run.data.metrics["best_epoch"])
+    assert epochs < 30 and epochs == best + 2  # the best epoch, and one more without improvement
+    said = f"stopped early after {epochs} of 30 epochs (best epoch {best})"
+    assert run.data.tags["stopped_early"] == said and said in result.stdout.splitlines()
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == epochs
+
+
+def best_val_losses(tracking_uri: str, experiment: str) -> list[float]:
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], order_by=["start_time"])
+    return [run.data.metrics["best_val_loss"] for run in runs]
+
+
+def test_a_trial_trained_again_gives_its_val_loss_exactly(study_env, call_script, tmp_path):
+    session = study_env("again", n_trials=2, max_epochs=3)
+    trial = session.study.trials[1]
+    result = call_script("train.py", "--from-trial", "again:1", "--storage", study_env.storage)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("training trial again:1 again, as recorded and as the flags change it, with ")
+    for name, value in trial.params.items():
+        assert f"{name}={value!r}" in first  # every digit: the line can be typed back
+    assert f"seed={trial.number}" in first
+    [again] = best_val_losses(f"sqlite:///{tmp_path / 'mlflow.db'}", "blocks-train")
+    assert again == trial.value  # exactly: the same settings, seed, data and threads
+
+    # Any flag given changes that one setting only.
+    longer = call_script("train.py", "--from-trial", "again:1", "--storage", study_env.storage, "--max-epochs", "4")
+    assert longer.returncode == 0, longer.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("blocks-train").experiment_id], order_by=["start_time"])
+    params = [run.data.params for run in runs]
+    assert params[1]["max_epochs"] == "4" and {k: v for k, v in params[1].items() if k != "max_epochs"} == {
+        k: v for k, v in params[0].items() if k != "max_epochs"
+    }
+
+
+def test_a_run_trained_again_takes_its_logged_settings(call_script, tiny_data, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = call_script("train.py", "--lr", "0.0123456789", "--width", "9", "--seed", "5", "--data-dir", str(tiny_data))
+    assert first.returncode == 0, first.stderr
+    [run] = MlflowClient(tracking_uri).search_runs(["1"])
+    again = call_script("train.py", "--from-run", run.info.run_id)
+    assert again.returncode == 0, again.stderr
+    assert best_val_losses(tracking_uri, "blocks-train") == [run.data.metrics["best_val_loss"]] * 2
+    second = MlflowClient(tracking_uri).search_runs(["1"], order_by=["start_time DESC"])[0]
+    assert {k: second.data.params[k] for k in ("lr", "width", "seed")} == {"lr": "0.0123456789", "width": "9",
+                                                                           "seed": "5"}  # fmt: skip
+
+
+def test_what_cannot_be_trained_again_is_one_line(study_env, call_script, tmp_path):
+    session = study_env("refused", n_trials=1)
+    storage = ["--storage", study_env.storage]
+    cases = [
+        (("--from-trial", "refused"), "--from-trial", "'refused' is not STUDY:NUMBER"),
+        (("--from-trial", "nowhere:0", *storage), "--from-trial", "no study 'nowhere' in sqlite:///"),
+        (("--from-trial", "refused:7", *storage), "--from-trial", "study 'refused' has no trial 7 (1 trials)"),
+        (("--from-run", "0123456789abcdef", "--tracking-uri", study_env.tracker.tracking_uri), "--from-run",
+         "no run 0123456789abcdef in"),
+        (("--from-run", session.parent_run_id, "--tracking-uri", study_env.tracker.tracking_uri), "--from-run",
+         "is study 'refused''s own run: name one of its trials' runs, or --from-trial"),
+        (("--from-trial", "refused:0", "--from-run", session.parent_run_id, *storage), "--from-run", "not both"),
+    ]  # fmt: skip
+    for args, flag, said in cases:
+        result = call_script("train.py", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"train.py: error: argument {flag}: ") and said in line, line
+
+
+def test_train_registers_its_model_and_the_champion_moves_only_to_a_better_one(call_script, tiny_data, tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lines = []
+    for lr in ("0.005", "0.05", "0.003"):  # learns little in two epochs, then well, then little again
+        result = call_script("train.py", "--register", "--lr", lr, "--data-dir", str(tiny_data))
+        assert result.returncode == 0, result.stderr
+        lines.append(next(line for line in result.stdout.splitlines() if "blocks-classifier" in line))
+    champion = "models:/blocks-classifier@champion"
+    assert lines[0] == f"registered as blocks-classifier version 1: now {champion} (the best so far)"
+    assert lines[1] == f"registered as blocks-classifier version 2: now {champion} (the best so far, was version 1)"
+    assert lines[2].startswith(f"registered as blocks-classifier version 3; {champion} stays version 2, whose")
+    version = client.get_model_version_by_alias("blocks-classifier", "champion")
+    assert int(version.version) == 2 and version.tags["seed"] == "0" and version.tags["lr"] == "0.05"
+    run = client.get_run(version.tags["run_id"])
+    assert float(version.tags["val_loss"]) == run.data.metrics["best_val_loss"] and run.data.params["lr"] == "0.05"
+
+
+@pytest.mark.slow
+def test_a_model_reads_the_pictures_it_was_trained_on(run_script, tiny_data, tmp_path):
+    """predict.py with the tiny experiment's champion: each picture prepared by its data set's
+    picture(), the answer named by the class names the model was logged with."""
+    from PIL import Image
+
+    result = run_script("train.py", "--register", "--lr", "0.05", "--max-epochs", "4", "--data-dir", str(tiny_data))
+    assert result.returncode == 0, result.stderr
+    images, labels = tiny.pictures(10, seed=3, pattern=tiny.PATTERNS["blocks"])
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.kron(image, np.ones((4, 4), np.uint8))).convert("RGB").save(files[-1])  # bigger, in colour
+    read = run_script("predict.py", "--model", "models:/blocks-classifier@champion", *map(str, files))
+    assert read.returncode == 0, read.stderr
+    answers = [line.split(": ")[1].split(" (p=")[0] for line in read.stdout.strip().splitlines()]
+    assert sum(answer == tiny.CLASSES[label] for answer, label in zip(answers, labels, strict=True)) >= 8

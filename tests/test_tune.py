@@ -37,8 +37,8 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "COMPLETE"
-        assert {k: run.data.params[k] for k in ("batch_size", "hidden_dim")} == {
-            k: str(trial.params[k]) for k in ("batch_size", "hidden_dim")
+        assert {k: run.data.params[k] for k in ("batch_size", "width")} == {
+            k: str(trial.params[k]) for k in ("batch_size", "width")
         }
         # Each trial trained from a seed of its own, as the objective says, and records it.
         assert trial.user_attrs["settings"]["seed"] == trial.number and run.data.params["seed"] == str(trial.number)
@@ -55,7 +55,7 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
     best = min(study.trials, key=lambda t: t.value)
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value)
     assert parent.data.tags["best_trial"] == str(best.number)
-    assert parent.data.tags["best.hidden_dim"] == str(best.params["hidden_dim"])
+    assert parent.data.tags["best.width"] == str(best.params["width"])
     assert parent.data.metrics["test_acc"] == pytest.approx(session.test["test_acc"])
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
     artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
@@ -86,7 +86,7 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value")
 def test_a_diverging_trial_fails_and_the_study_goes_on(study_env, capsys):
     study = optuna.create_study(study_name="nan", storage=study_env.storage)
-    study.enqueue_trial({"batch_size": 32, "hidden_dim": 64, "lr": 1e6})  # NaN after one epoch
+    study.enqueue_trial({"batch_size": 32, "width": 16, "lr": 1e20})  # NaN after one epoch
     study_env("nan", n_trials=2)
     failed, complete = optuna.load_study(study_name="nan", storage=study_env.storage).trials
     assert failed.state == TrialState.FAIL and "val_loss is nan" in failed.user_attrs["fail_reason"]
@@ -128,3 +128,37 @@ def test_every_sampler_and_pruner_runs_a_study_and_is_recorded(study_env, sample
     assert definition == {"sampler": sampler, "pruner": pruner}
     parent = study_env.tracker.client.get_run(session.parent_run_id)
     assert (parent.data.params["sampler"], parent.data.params["pruner"]) == (sampler, pruner)
+
+
+def test_a_network_searches_its_own_hyperparameters_and_no_other_networks_study_sees_them(study_env):
+    """The conv network's kernel is searched in conv studies only: a dense study's definition,
+    trials and parent run never name it, and stays as it was when conv's space grows."""
+    dense = study_env("dense", n_trials=2)
+    conv = study_env("conv", n_trials=2, model="conv")
+    assert all(set(t.params) == {"batch_size", "lr", "width"} for t in dense.study.trials)
+    assert all(set(t.params) == {"batch_size", "lr", "width", "kernel"} for t in conv.study.trials)
+    assert "kernel" in conv.study.user_attrs["definition"]["space"]
+    assert "kernel" not in dense.study.user_attrs["definition"]["space"]
+    assert all(t.user_attrs["settings"]["kernel"] == t.params["kernel"] for t in conv.study.trials)  # trained with it
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr with value")
+def test_a_trial_stopped_early_says_so_on_its_line(study_env, capsys):
+    study = optuna.create_study(study_name="early", storage=study_env.storage)
+    study.enqueue_trial({"batch_size": 16, "width": 16, "lr": 1.0})  # no better after its first epoch
+    session = study_env("early", n_trials=1, max_epochs=20, patience=1, options={"pruning": False})
+    [trial] = session.study.trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["best_epoch"] < 18
+    said = trial.user_attrs["stopped_early"]
+    assert said.startswith("stopped early after ")
+    assert said.endswith(f"of 20 epochs (best epoch {trial.user_attrs['best_epoch']})")
+    assert f"val_acc {trial.user_attrs['val_acc']:.4f} {said}" in capsys.readouterr().out
+
+
+def test_the_summary_names_the_best_trial_exactly_and_how_to_train_it_again(study_env, capsys):
+    session = study_env("summary", n_trials=2)
+    best = min(session.study.trials, key=lambda t: t.value)
+    out = capsys.readouterr().out
+    params = ", ".join(f"{name}={value!r}" for name, value in best.params.items())
+    assert f"best: trial {best.number} ({params}; seed {best.number}): val_loss" in out
+    assert f"train it again: python scripts/train.py --from-trial summary:{best.number} --storage sqlite:///" in out

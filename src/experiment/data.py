@@ -1,43 +1,41 @@
-"""The data: MNIST's LightningDataModule, and its kin in the same file format.
+"""The data: MNIST's LightningDataModule and its kin, a folder of your own pictures, and DATASETS.
 
-The whole data set is parsed once per process into one float tensor per split, kept on the
-training device, and a batch is a single indexing operation: for networks this small, the
-original pipeline's per-image ToTensor through a DataLoader was most of an epoch. Images are
-served as pixels in [0, 1]; the network standardizes them (networks.Standardize), so a user's
-picture needs nothing more either.
+Each keeps its whole data set in memory on the training device, and a batch is a single
+indexing operation (machinery/in_memory.py): for networks this small, the original pipeline's
+per-image ToTensor through a DataLoader was most of an epoch. Images are served as pixels in
+[0, 1]; the network standardizes them (networks.Standardize), so a user's picture needs
+nothing more either.
 
-Another data set: subclass MNISTDataModule (files, statistics, classes; or override read()
-for data in another format) and add it to DATASETS, or from a file of your own,
-``DATASETS["name"] = YourDataModule``. docs/make-it-yours.md shows one.
+Your own pictures need no code: ``--dataset folder --data-dir PATH``, a folder in
+torchvision's ImageFolder layout (ImageFolderDataModule). Another data set in files: subclass
+MNISTDataModule (files, statistics, classes; or override read() for another format) and add
+it to DATASETS, or from a file of your own, ``DATASETS["name"] = YourDataModule``.
+docs/make-it-yours.md shows one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from torch import Tensor
 
 from experiment import mnist_from_pypi, pictures
 from experiment.settings import Settings
-from machinery.batches import InMemoryBatches
-from machinery.contract import DataSplit, SettingError
+from machinery import image_folders
+from machinery.contract import SettingError
 from machinery.files import FolderUnusable, ensure_files, torchvision_download
 from machinery.idx import read_idx
+from machinery.in_memory import InMemoryImages, digest, tenth
 
-# Fixed, and independent of the training seed: every run and every trial sees the same split.
-SPLIT_SEED = 0
-# Evaluation needs no small batches; a large one makes validation a handful of steps.
-EVAL_BATCH_SIZE = 1_000
+# Which pictures a folder without a test/ split holds out for the test: fixed, as the validation
+# split is, and independent of it.
+TEST_SPLIT_SEED = 1
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(InMemoryImages):
     """The 60,000 training images split into ``60,000 - val_size`` to train on and ``val_size``
-    to validate on (a fixed split, the same for every seed), and the 10,000 test images.
-    Training batches are reshuffled every epoch from ``seed``."""
+    (5,000 unless the settings say) to validate on, and the 10,000 test images."""
 
     name = "mnist"
     folder = "MNIST"  # under the data folder, in torchvision's layout: MNIST/raw/
@@ -54,46 +52,24 @@ class MNISTDataModule(pl.LightningDataModule):
     dims = (1, 28, 28)
     picture = staticmethod(pictures.digit)  # how predict.py prepares a photo of one
 
-    def __init__(
-        self,
-        data_dir: str = Settings.data_dir,
-        batch_size: int = Settings.batch_size,
-        val_size: int = Settings.val_size,
-        seed: int = Settings.seed,
-    ):
-        super().__init__()
-        self.data_dir, self.batch_size, self.val_size, self.seed = data_dir, batch_size, val_size, seed
-        self.source: str | None = None  # where prepare_data found the files
-        self.device = torch.device("cpu")
+    def __init__(self, settings: Settings):
+        val_size = 5_000 if settings.val_size is None else settings.val_size
+        super().__init__(settings.batch_size, val_size, settings.seed, held_out_by="val_size")
+        self.data_dir = settings.data_dir
 
     @property
     def raw(self) -> Path:
         return Path(self.data_dir) / self.folder / "raw"
 
     @property
+    def location(self) -> str:
+        return str(self.raw.resolve())
+
+    @property
     def fingerprint(self) -> str:
         """The data's identity: a digest of its name and its files' checksums (another folder
         with the same files is the same data). A study refuses to go on with other data."""
-        return _digest(self.name, sorted(self.files.items()))
-
-    def describe(self) -> list[DataSplit]:
-        """Each split, as a run records it in MLflow: the digest follows the files and the split."""
-        split = {"training": ("train", self.val_size, SPLIT_SEED), "validation": ("val", self.val_size, SPLIT_SEED)}
-        return [
-            DataSplit(
-                context,
-                self.name,
-                _digest(self.fingerprint, split.get(context, "test")),
-                str(self.raw.resolve()),
-                self.source,
-                self.dims,
-            )  # fmt: skip
-            for context in ("training", "validation", "test")
-        ]
-
-    @property
-    def largest_batch(self) -> int:
-        return max(self.batch_size, EVAL_BATCH_SIZE)
+        return digest(self.name, sorted(self.files.items()))
 
     def prepare_data(self) -> None:
         try:
@@ -101,36 +77,10 @@ class MNISTDataModule(pl.LightningDataModule):
         except FolderUnusable as error:
             raise SettingError("data_dir", str(error)) from None
 
-    def read(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Training images and labels, test images and labels: images as pixels in [0, 1],
-        float32 of shape (N, *dims); labels as int64 class indices."""
-        arrays = [torch.from_numpy(read_idx(self.raw / name)) for name in self.files]
-        train_x, train_y, test_x, test_y = arrays
-        return (
-            train_x.float().div(255).unsqueeze(1),
-            train_y.long(),
-            test_x.float().div(255).unsqueeze(1),
-            test_y.long(),
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            # Keep the data where the model is: no host-to-device copy per batch on a GPU.
-            self.device = self.trainer.strategy.root_device
-        self.splits = _splits(self, str(self.device))
-        self._shuffle = torch.Generator(device=self.device).manual_seed(self.seed)
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        return batch  # already there (setup); Lightning's generic move costs 90 µs a batch
-
-    def train_dataloader(self) -> InMemoryBatches:
-        return InMemoryBatches(*self.splits["train"], self.batch_size, self._shuffle)
-
-    def val_dataloader(self) -> InMemoryBatches:
-        return InMemoryBatches(*self.splits["val"], EVAL_BATCH_SIZE)
-
-    def test_dataloader(self) -> InMemoryBatches:
-        return InMemoryBatches(*self.splits["test"], EVAL_BATCH_SIZE)
+    def read(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The training and test images (uint8, N x 1 x 28 x 28) and labels, from the IDX files."""
+        train_x, train_y, test_x, test_y = (torch.from_numpy(read_idx(self.raw / name)) for name in self.files)
+        return {"train": (train_x.unsqueeze(1), train_y.long()), "test": (test_x.unsqueeze(1), test_y.long())}
 
 
 class FashionMNISTDataModule(MNISTDataModule):
@@ -167,36 +117,85 @@ class KMNISTDataModule(MNISTDataModule):
     picture = None
 
 
-DATASETS: dict[str, type[MNISTDataModule]] = {
+class ImageFolderDataModule(InMemoryImages):
+    """Your own pictures: the folder --data-dir in torchvision's ImageFolder layout, one subfolder
+    per class (``PATH/cat/1.jpg``), or the same under ``train/``, ``val/`` and ``test/``. A split
+    it does not have is held out of what it has, seeded: a tenth for the test, ``val_size``
+    (a tenth) of the rest to validate on. Every picture is resized to one size (--image-size,
+    or the most common one) and converted to grey or colour (--channels, or colour if any
+    picture has it), decoded once and kept decoded beside the folder; the mean and std of each
+    channel are the training pixels'."""
+
+    picture = staticmethod(pictures.resized)
+
+    def __init__(self, settings: Settings):
+        self.listing = _listing(str(Path(settings.data_dir).resolve()))
+        self.name, self.classes = settings.task, self.listing.classes
+        self.size = (settings.image_size,) * 2 if settings.image_size else self.listing.usual_size()
+        self.channels = settings.channels or self.listing.usual_channels()
+        self.dims = (self.channels, self.size[1], self.size[0])
+        self.parts = _parts(self.listing)
+        if "val" in self.parts and settings.val_size is not None:
+            raise SettingError("val_size", f"{settings.data_dir} has a val/ folder: its pictures are the validation")
+        if "val" in self.parts:
+            val_size = len(self.parts["val"])
+        else:
+            val_size = settings.val_size or tenth(len(self.parts["train"]))
+        super().__init__(settings.batch_size, val_size, settings.seed, held_out_by="val_size")
+
+    @property
+    def location(self) -> str:
+        return str(self.listing.root.resolve())
+
+    @property
+    def fingerprint(self) -> str:
+        return self.listing.fingerprint
+
+    @property
+    def in_memory_bytes(self) -> int:
+        return image_folders.nbytes(self.listing, self.size, self.channels)
+
+    def identity(self) -> tuple:
+        return (*super().identity(), self.size, self.channels)
+
+    def prepare_data(self) -> None:
+        self.source = f"{len(self.listing.pictures)} pictures, decoded"
+
+    def read(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            images, labels = image_folders.decode(self.listing, self.size, self.channels)
+        except MemoryError as error:
+            raise SettingError("image_size", f"{error}: a smaller --image-size fits") from None
+        except image_folders.FolderUnreadable as error:
+            raise SettingError("data_dir", str(error)) from None
+        return {split: (images[at], labels[at]) for split, at in self.parts.items()}
+
+
+DATASETS: dict[str, type[InMemoryImages]] = {
     "mnist": MNISTDataModule,
     "fashion-mnist": FashionMNISTDataModule,
     "kmnist": KMNISTDataModule,
+    "folder": ImageFolderDataModule,
 }
 
 
-# Each data set as read and split, by what identifies it: once per process, so that every trial
-# after the first reuses it.
-_split_cache: dict[tuple, dict[str, tuple[Tensor, Tensor]]] = {}
+@functools.cache
+def _listing(data_dir: str) -> image_folders.Listing:
+    """A folder's pictures, listed once per process."""
+    try:
+        return image_folders.scan(data_dir)
+    except image_folders.FolderUnreadable as error:
+        raise SettingError("data_dir", str(error)) from None
 
 
-def _splits(data: MNISTDataModule, device: str) -> dict[str, tuple[Tensor, Tensor]]:
-    key = (type(data), data.raw.resolve(), tuple(data.files.items()), data.val_size, device)
-    if key not in _split_cache:
-        if device != "cpu":
-            _split_cache[key] = {
-                name: tuple(t.to(device) for t in split) for name, split in _splits(data, "cpu").items()
-            }
-        else:
-            train_x, train_y, test_x, test_y = data.read()
-            n = len(train_y)
-            if not 0 < data.val_size < n:
-                raise SettingError("val_size", f"{data.val_size} of {n} images to validate on leaves none to train")
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-            val, fit = order[: data.val_size], order[data.val_size :]
-            _split_cache[key] = {"train": (train_x[fit], train_y[fit]), "val": (train_x[val], train_y[val]),
-                                 "test": (test_x, test_y)}  # fmt: skip
-    return _split_cache[key]
-
-
-def _digest(*parts) -> str:
-    return hashlib.md5(json.dumps(parts).encode()).hexdigest()[:12]
+def _parts(listing: image_folders.Listing) -> dict[str, torch.Tensor]:
+    """The pictures of each split, by index: the folder's own splits, and a seeded tenth of the
+    rest as the test split where it has none."""
+    splits = [picture.split or "train" for picture in listing.pictures]
+    parts = {name: torch.tensor([i for i, s in enumerate(splits) if s == name], device="cpu") for name in set(splits)}
+    if "test" not in parts:
+        pool = parts["train"]
+        order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(TEST_SPLIT_SEED), device="cpu")]
+        held = tenth(len(pool))
+        parts["test"], parts["train"] = order[:held].sort().values, order[held:].sort().values
+    return parts

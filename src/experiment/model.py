@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-# Lightning 2.6 builds torch pytree specs in a way torch 2.14 deprecates, and says so once per
-# process; nothing for a user of this repository to act on.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class LitClassifier(pl.LightningModule):
@@ -28,8 +22,8 @@ class LitClassifier(pl.LightningModule):
         return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        # The Trainer (machinery/training.py) may run several of these per Lightning step
-        # (machinery/speed.py; --minibatches-per-step 1 turns that off): log per epoch.
+        # The Trainer (trainer.py, and machinery/training.py) may run several of these per
+        # Lightning step (machinery/speed.py; --minibatches-per-step 1 turns that off): log per epoch.
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True)

@@ -1,20 +1,28 @@
 """The networks: plain torch modules that map a batch of images to class scores (logits).
 
-Each is built as ``Net(input_shape, num_classes, hidden_dim)``, so that the search space applies
-to all of them, and registered in NETWORKS under the name ``--model`` takes. Yours: write the
-class, add one line to NETWORKS (or, from a file of your own, ``NETWORKS["name"] = Net``).
+Each is built as ``Net(input_shape, num_classes, **hyperparameters)``: build() passes it the
+settings its constructor names (hidden_dim, say), and a study searches the ranges in its
+``search_space`` beside the training's own (search.py): a hyperparameter of one network is
+searched in its studies only. Yours: write the class (a setting it takes that does not exist
+yet needs a field in settings.py), and add one line to NETWORKS (or, from a file of your own,
+``NETWORKS["name"] = Net``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import torch
+from optuna.distributions import BaseDistribution, IntDistribution
 from torch import Tensor, nn
 
 
 class MLP(nn.Sequential):
     """The original pipeline's network: Flatten -> Linear(pixels, hidden_dim) -> ReLU ->
     Linear(hidden_dim, classes)."""
+
+    search_space: dict[str, BaseDistribution] = {"hidden_dim": IntDistribution(32, 512)}
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int):
         super().__init__(
@@ -28,6 +36,8 @@ class MLP(nn.Sequential):
 class CNN(nn.Sequential):
     """LeNet-5's shape: two 5x5 convolutions (6 and 16 channels), each followed by ReLU and 2x2
     max pooling, then a fully connected layer of hidden_dim units and the classifier."""
+
+    search_space: dict[str, BaseDistribution] = {"hidden_dim": IntDistribution(32, 512)}
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int):
         channels, height, width = input_shape
@@ -49,12 +59,15 @@ NETWORKS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
 
 
 class Standardize(nn.Module):
-    """(x - mean) / std: put in front of a network, it takes pixels in [0, 1] as they are, and so
-    does the model that MLflow logs: a user's picture needs no other preprocessing."""
+    """(x - mean) / std, per channel: put in front of a network, it takes pixels in [0, 1] as
+    they are, and so does the model that MLflow logs: a user's picture needs no other
+    preprocessing. The statistics come with the data (they are not weights to learn or save)."""
 
-    def __init__(self, mean: float, std: float):
+    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float]):
         super().__init__()
-        self.mean, self.std = mean, std
+        shape = (1, -1, 1, 1)  # one value per channel of an (N, C, H, W) batch
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(shape), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

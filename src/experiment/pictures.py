@@ -1,11 +1,15 @@
-"""A user's picture of one thing, prepared as a data set's images were, for scripts/predict.py:
-28x28, the thing light on a dark background, pixels in [0, 1].
+"""A user's picture of one thing, prepared as a data set's images were, for scripts/predict.py.
+
+Each function takes a Pillow image and the shape of one of the data set's images (channels,
+height, width), and returns a float32 array of that shape, pixels in [0, 1]:
 
 - digit: as LeCun describes MNIST, each digit "size normalized to fit in a 20x20 pixel box
   while preserving [its] aspect ratio" and "centered in a 28x28 image by computing the center
-  of mass of the pixels";
+  of mass of the pixels": the digit light on a dark background;
 - garment: as Zalando describes Fashion-MNIST, each product photo trimmed, its longest edge
-  resized to 28, the rest filled, and its colours negated (a light garment on black).
+  resized to 28, the rest filled, and its colours negated (a light garment on black);
+- resized: as a folder's pictures were read, resized to the size and converted to the
+  channels (machinery/image_folders.py).
 """
 
 from __future__ import annotations
@@ -13,18 +17,25 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from machinery.image_folders import to_array
+
 SIDE, DIGIT_BOX = 28, 20
 # Ink below this share of the darkest-to-lightest range is paper: grain, shadows, JPEG noise.
 PAPER = 0.2
 
 
-def digit(image: Image.Image) -> np.ndarray:
+def digit(image: Image.Image, dims: tuple[int, ...] = (1, SIDE, SIDE)) -> np.ndarray:
     thing = _thing(image, "no digit stands out from the background")
-    return _center_of_mass_to_middle(_fit(thing, DIGIT_BOX))
+    return _center_of_mass_to_middle(_fit(thing, DIGIT_BOX))[None]
 
 
-def garment(image: Image.Image) -> np.ndarray:
-    return _fit(_thing(image, "no garment stands out from the background"), SIDE)
+def garment(image: Image.Image, dims: tuple[int, ...] = (1, SIDE, SIDE)) -> np.ndarray:
+    return _fit(_thing(image, "no garment stands out from the background"), SIDE)[None]
+
+
+def resized(image: Image.Image, dims: tuple[int, ...]) -> np.ndarray:
+    channels, height, width = dims
+    return to_array(image, (width, height), channels).astype(np.float32) / 255
 
 
 def _thing(image: Image.Image, nothing: str) -> np.ndarray:

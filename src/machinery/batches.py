@@ -11,7 +11,8 @@ from torch import Tensor
 
 class InMemoryBatches:
     """Batches sliced out of tensors that hold a whole split: reshuffled at the start of every
-    pass (every epoch) with a generator, served in order without one."""
+    pass (every epoch) with a generator, served in order without one. Images kept as bytes
+    (uint8, a quarter of float32's memory) are served as pixels in [0, 1], a batch at a time."""
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, generator: torch.Generator | None = None):
         self.images, self.labels, self.batch_size, self.generator = images, labels, batch_size, generator
@@ -23,8 +24,13 @@ class InMemoryBatches:
         n, size = len(self.labels), self.batch_size
         if self.generator is None:
             for start in range(0, n, size):
-                yield self.images[start : start + size], self.labels[start : start + size]
+                yield pixels(self.images[start : start + size]), self.labels[start : start + size]
             return
         order = torch.randperm(n, generator=self.generator, device=self.generator.device)
         for start in range(0, n, size):
-            yield self.images[order[start : start + size]], self.labels[order[start : start + size]]
+            yield pixels(self.images[order[start : start + size]]), self.labels[order[start : start + size]]
+
+
+def pixels(images: Tensor) -> Tensor:
+    """Images as float32 pixels in [0, 1]: bytes divided by 255, floats as they are."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images

@@ -81,7 +81,11 @@ def _number_type(field: dataclasses.Field, integer: bool) -> Callable[[str], flo
     return _number(int if integer else float, minimum, inclusive, what, maximum)
 
 
-def _add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_flags(parser: argparse.ArgumentParser, cls: type, list_registries: bool = False) -> None:
+    """A flag for every field of ``cls``. No flag has a default of argparse's: what the command
+    line does not name is absent, so that a run's recorded settings (train.py --from-trial)
+    can stand where no flag says otherwise. With ``list_registries``, a registry's names are
+    imported and shown (for --help)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
@@ -90,10 +94,11 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             name = flag(field) if not field.default else f"--no-{field.name.replace('_', '-')}"
             action = "store_false" if field.default else "store_true"
-            parser.add_argument(name, dest=field.name, action=action, help=help_)
+            parser.add_argument(name, dest=field.name, action=action, default=argparse.SUPPRESS, help=help_)
             continue
         if typing.get_origin(kind) is tuple:
-            parser.add_argument(flag(field), dest=field.name, action="append", default=[], metavar="FILE", help=help_)
+            parser.add_argument(flag(field), dest=field.name, action="append", default=argparse.SUPPRESS,
+                                metavar="FILE", help=help_)  # fmt: skip
             continue
         if kinds <= {int, float}:
             parse = _number_type(field, integer=int in kinds)
@@ -101,9 +106,12 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parse = _text
         choices = field.metadata.get("choices")
         listed = choices if isinstance(choices, (tuple, list)) else None
-        default = "" if field.default is None else " (default: %(default)s)"
-        parser.add_argument(flag(field), dest=field.name, type=parse, choices=listed, default=field.default,
-                            help=help_ + default)  # fmt: skip
+        metavar = None
+        if isinstance(choices, str) and list_registries:
+            metavar = "{" + ",".join(_registry(choices)) + "}"
+        default = "" if field.default is None else f" (default: {field.default})"
+        parser.add_argument(flag(field), dest=field.name, type=parse, choices=listed, default=argparse.SUPPRESS,
+                            metavar=metavar, help=help_ + default)  # fmt: skip
 
 
 def parse(
@@ -112,34 +120,54 @@ def parse(
     options_class: type,
     argv: list[str] | None = None,
     on_parsed: Callable[[typing.Any], None] | None = None,
+    recorded: Callable[[argparse.ArgumentParser, typing.Any], dict] | None = None,
 ):
     """The experiment's settings and the options, from the command line: ``(parser, settings,
     options)``, the options' defaults that follow the settings filled in. Every flag is checked
-    here; a registry's choices only after the files of --import are imported. ``on_parsed``, if
-    given, is called with the options as soon as the flags parse, before the experiment (and
-    torch) is imported: tune.py starts its workers' imports there, beside its own (should a
-    later check refuse a flag, that server finishes its imports, sees tune.py gone and ends)."""
+    here; a registry's choices only after the files of --import are imported (and, for --help,
+    before: it lists them). ``on_parsed``, if given, is called with the options as soon as the
+    flags parse, before the experiment (and torch) is imported: tune.py starts its workers'
+    imports there, beside its own (should a later check refuse a flag, that server finishes its
+    imports, sees tune.py gone and ends). ``recorded(parser, options)``, if given, returns
+    settings recorded elsewhere (a trial's) that stand where the command line names no other
+    value."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    list_registries = "-h" in argv or "--help" in argv
+    if list_registries:  # what --import registers is listed too
+        imports = argparse.ArgumentParser(add_help=False)
+        imports.add_argument("--import", dest="imports", action="append", default=[])
+        import_files(None, tuple(imports.parse_known_args(argv)[0].imports))
     parser = Parser(doc)
-    _add_flags(parser, settings_class)
-    _add_flags(parser, options_class)
-    args = parser.parse_args(argv)
-    values = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
-    options = options_class(**{f.name: values[f.name] for f in dataclasses.fields(options_class)})
+    _add_flags(parser, settings_class, list_registries)
+    _add_flags(parser, options_class, list_registries)
+    given = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
+    options = options_class(**{f.name: given[f.name] for f in dataclasses.fields(options_class) if f.name in given})
     if on_parsed is not None:
         on_parsed(options)
     import_files(parser, options.imports)
-    settings = settings_class(**{f.name: values[f.name] for f in dataclasses.fields(settings_class)})
+    base = recorded(parser, options) if recorded is not None else {}
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    settings = settings_class(**{name: value for name, value in {**base, **given}.items() if name in names})
     for obj in (settings, options):
         _check_registries(parser, obj)
     return parser, settings, options.resolved(settings)
+
+
+def load(path: str):
+    """What "module:NAME" names: an experiment, a registry."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _registry(choices: str) -> list[str]:
+    return list(load(choices))
 
 
 def _check_registries(parser: argparse.ArgumentParser, obj) -> None:
     for field in dataclasses.fields(obj):
         choices = field.metadata.get("choices")
         if isinstance(choices, str):
-            module, _, name = choices.partition(":")
-            names = list(getattr(importlib.import_module(module), name))
+            names = _registry(choices)
             if getattr(obj, field.name) not in names:
                 parser.error(
                     f"argument {flag(field)}: invalid choice: {getattr(obj, field.name)!r} "
@@ -226,7 +254,10 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
     from machinery.workers import available_cores, default_workers
 
     wanted = min(options.workers or default_workers(), options.n_trials)
-    each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings))
+    try:
+        each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings))
+    except SettingError as error:
+        setting_error(parser, settings, error)
     available = memory.available_bytes()
     fit = wanted if available is None else (available - memory.PROCESS_BYTES) // each
     if fit < 1:
@@ -256,9 +287,9 @@ def prepare_data(parser: argparse.ArgumentParser, experiment, settings) -> str:
 
     from machinery.files import DataUnavailable
 
-    with torch.device("meta"):  # the data module is what is wanted here: no weights drawn for nothing
-        _, data = experiment.build(settings)
     try:
+        with torch.device("meta"):  # the data module is what is wanted here: no weights drawn for nothing
+            _, data = experiment.build(settings)
         data.prepare_data()
         data.setup("fit")  # a split these settings cannot make fails here, not in every trial
     except SettingError as error:
@@ -286,11 +317,10 @@ def fail(prog: str, message: str, code: int = 1):
 
 def add_picture_flags(parser: argparse.ArgumentParser, default_study: str) -> None:
     """The flags of the scripts that picture a finished study: which one, and where to write."""
-    from machinery.options import TuneOptions
+    from machinery.options import DEFAULT_STORAGE
 
-    storage = next(f.default for f in dataclasses.fields(TuneOptions) if f.name == "storage")
     parser.add_argument("--study-name", default=default_study, help="the study (default: %(default)s)")
-    parser.add_argument("--storage", default=storage, help="its Optuna storage (default: %(default)s)")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="its Optuna storage (default: %(default)s)")
     parser.add_argument("--tracking-uri", default=None, help="its MLflow store (default: as tune.py's)")
     parser.add_argument("--out", default="img", help="where the pictures go (default: %(default)s)")
 

@@ -19,13 +19,22 @@ batch_idx)`` returns the loss, so that machinery.speed can carry several batches
 **The LightningDataModule**: batches are ``(inputs, targets)``; ``prepare_data`` makes the data
 present and verified and sets ``source`` (where it came from, in a few words); ``name`` names
 the data set, ``fingerprint`` identifies its files (a study refuses other data),
-``largest_batch`` is the most examples one step holds (the memory check sizes by it), and
-``describe()`` returns a :class:`DataSplit` for each split, which every run records as its
-MLflow dataset inputs.
+``largest_batch`` is the most examples one step holds (the memory check sizes by it; an
+``in_memory_bytes``, where it has one, is added to it), ``describe()`` returns a
+:class:`DataSplit` for each split, which every run records as its MLflow dataset inputs, and
+``classes`` names the classes, as the logged model's metadata says them. For predict.py, the
+data set's class in ``Experiment.datasets`` may have a ``picture(image, shape)`` that prepares
+a Pillow image as one input of that shape (a float32 array).
+
+**The Trainer**: ``Experiment.trainer(settings)`` returns keyword arguments of
+``pytorch_lightning.Trainer`` (its ``callbacks`` are added to the machinery's own); the
+machinery sets the accelerator, the devices, the logger, ``max_epochs`` and checkpointing
+itself, and refuses an experiment that sets them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +42,23 @@ from typing import Any
 from optuna.distributions import BaseDistribution
 
 
+def _lightning_defaults(settings) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Experiment:
     settings: type  # the settings' class: Settings() is the default run
     # settings -> (LightningModule, LightningDataModule), the initial weights drawn from settings.seed
     build: Callable[[Any], tuple[Any, Any]]
-    search_space: Mapping[str, BaseDistribution]  # the searched settings, by name
+    # settings -> the searched settings, by name: what a study of these settings searches
+    search_space: Callable[[Any], Mapping[str, BaseDistribution]]
     # (trial, settings, fit) -> the value a study minimizes; fit(model, data, settings) trains and tracks
     objective: Callable[..., float]
+    # settings -> the Trainer's keyword arguments of a run: callbacks, gradient clipping, precision, ...
+    trainer: Callable[[Any], dict] = _lightning_defaults
+    # the data sets by name (the settings' dataset), for predict.py: how a picture is prepared for one
+    datasets: Mapping[str, type] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

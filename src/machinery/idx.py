@@ -23,6 +23,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """``array`` (unsigned bytes) as an IDX file, gzip-compressed when the name ends in .gz."""
+    path.write_bytes(idx_bytes(array, compressed=path.suffix == ".gz"))
+
+
+def idx_bytes(array: np.ndarray, compressed: bool = False) -> bytes:
+    """``array`` (unsigned bytes) in the IDX format, as a file holds it."""
     header = struct.pack(f">BBBB{array.ndim}I", 0, 0, 0x08, array.ndim, *array.shape)
     content = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    path.write_bytes(gzip.compress(content, mtime=0) if path.suffix == ".gz" else content)
+    return gzip.compress(content, mtime=0) if compressed else content

@@ -38,7 +38,8 @@ def bytes_to_train(experiment, settings) -> int:
         model(batch)
     for hook in hooks:
         hook.remove()
-    return PROCESS_BYTES + FLOAT_BYTES * 5 * parameters + FLOAT_BYTES * 2 * sum(outputs)
+    data_bytes = getattr(data, "in_memory_bytes", 0)  # beyond the process's own: a folder's decoded pictures
+    return PROCESS_BYTES + data_bytes + FLOAT_BYTES * 5 * parameters + FLOAT_BYTES * 2 * sum(outputs)
 
 
 def to_blame(experiment, settings, available: int) -> dataclasses.Field:
@@ -63,7 +64,7 @@ def _smallest(field: dataclasses.Field) -> int:
 def most_demanding(experiment, settings):
     """``settings`` at the point of the search space that needs the most memory: every number at
     its highest, and each choice the one that needs most."""
-    space = experiment.search_space
+    space = experiment.search_space(settings)
     point = dataclasses.replace(
         settings,
         **{name: d.choices[0] if isinstance(d, CategoricalDistribution) else d.high for name, d in space.items()},

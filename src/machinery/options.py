@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from machinery.samplers import PRUNERS, SAMPLERS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+DEFAULT_STORAGE = "sqlite:///optuna.db"
 
 
 def option(default, help: str, **more):
@@ -28,7 +29,9 @@ def flag(field: dataclasses.Field) -> str:
 
 @dataclass(frozen=True)
 class Options:
-    """train.py's options, which tune.py shares."""
+    """The options train.py and tune.py share."""
+
+    verb = "train"  # names the MLflow experiment of the command's runs: TASK-train
 
     experiment: str | None = option(None, "MLflow experiment (default: TASK-train, TASK-tune for tune.py)")
     tracking_uri: str | None = option(
@@ -41,15 +44,42 @@ class Options:
     imports: tuple[str, ...] = option(
         (), "a Python file to import first, with a data set or network of your own registered in it", flag="--import"
     )
+    storage: str = option(DEFAULT_STORAGE, "Optuna storage URL")
+    registered_model: str | None = option(
+        None,
+        "the Model Registry's model that a study's tested best (or train.py --register's model) is registered as; "
+        "its alias champion moves to it when it is the better model (default: TASK-classifier, the settings' task)",
+    )
 
     def resolved(self, settings) -> Options:
         """These options with each default that follows the settings filled in."""
-        return dataclasses.replace(self, experiment=self.experiment or f"{settings.task}-train")
+        return dataclasses.replace(
+            self,
+            experiment=self.experiment or f"{settings.task}-{self.verb}",
+            registered_model=self.registered_model or registered_name(settings.task),
+        )
+
+
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """train.py's options."""
+
+    from_trial: str | None = option(
+        None, "train a trial of a study again, its settings and seed, and these flags over them: STUDY:NUMBER "
+        "(of --storage)",
+    )  # fmt: skip
+    from_run: str | None = option(
+        None, "train an MLflow run of train.py or of a trial again, its settings and seed, and these flags over them "
+        "(of --tracking-uri)",
+    )  # fmt: skip
+    register: bool = option(False, "register the model as --registered-model; @champion moves to it if it is better")
 
 
 @dataclass(frozen=True)
 class TuneOptions(Options):
     """tune.py's options."""
+
+    verb = "tune"
 
     n_trials: int = option(50, "trials to add to the study")
     timeout: float | None = option(
@@ -58,7 +88,6 @@ class TuneOptions(Options):
         "each worker's first, and the running ones finish",
     )
     study_name: str | None = option(None, "Optuna study to create or continue (default: the settings' study)")
-    storage: str = option("sqlite:///optuna.db", "Optuna storage URL")
     workers: int | None = option(
         None, "worker processes (default: one per core, at most 8, and no more than fit in memory)"
     )
@@ -66,11 +95,6 @@ class TuneOptions(Options):
     pruner: str = option("median", "how poor trials are stopped early", choices=PRUNERS)
     pruning: bool = option(True, "train every trial for all its epochs")
     verbose: bool = option(False, "show Lightning's progress bars inside trials, and tracebacks")
-    registered_model: str | None = option(
-        None,
-        "the Model Registry's model the tested best trial is registered as; its alias champion moves to it "
-        "when it is better than the champion (default: TASK-classifier, the settings' task)",
-    )
     grace_period: int = option(
         60,
         "seconds a running trial may go without a heartbeat before it counts as dead, its machine gone, and "
@@ -81,12 +105,7 @@ class TuneOptions(Options):
     )
 
     def resolved(self, settings) -> TuneOptions:
-        return dataclasses.replace(
-            self,
-            experiment=self.experiment or f"{settings.task}-tune",
-            study_name=self.study_name or settings.study,
-            registered_model=self.registered_model or registered_name(settings.task),
-        )
+        return dataclasses.replace(super().resolved(settings), study_name=self.study_name or settings.study)
 
 
 def registered_name(task: str) -> str:

@@ -15,6 +15,7 @@ says which task it was trained for (its ``task``), so that a reader can prepare 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,10 +40,12 @@ class _CpuPinnedPyTorch:
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def log_model(tracker: Tracker, run_id: str, model, data, task: str) -> str:
+def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: Mapping[str, type]) -> str:
     """Log ``model`` (its forward, on the CPU) as the model of the run ``run_id``, in the run's
     experiment, with the first five inputs of ``data``'s test split as its example; return its
-    model id, so that ``models:/<id>`` loads it."""
+    model id, so that ``models:/<id>`` loads it. Its metadata says what it was trained for: the
+    task, the data set's name in ``datasets`` (how predict.py prepares a picture for it), and
+    the classes its outputs score."""
     import mlflow
     import torch
     from mlflow.models import Model, infer_signature
@@ -67,16 +70,42 @@ def log_model(tracker: Tracker, run_id: str, model, data, task: str) -> str:
         serialization_format="pt2",
         # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        metadata={"task": task},
+        metadata={
+            "task": task,
+            "dataset": next((name for name, kind in datasets.items() if type(data) is kind), None),
+            "classes": [str(name) for name in data.classes],
+        },
     )
     return info.model_id
 
 
-def task_of(model_uri: str) -> str | None:
-    """The task a logged or registered model was trained for, as log_model recorded it."""
+@dataclass(frozen=True)
+class ModelCard:
+    """What a logged model was trained for, as log_model recorded it, and one input's shape."""
+
+    task: str | None
+    dataset: str | None
+    classes: tuple[str, ...] | None
+    input_shape: tuple[int, ...] | None  # one input's, without the batch
+
+
+def card_of(model_uri: str) -> ModelCard:
     import mlflow
 
-    return (mlflow.models.get_model_info(model_uri).metadata or {}).get("task")
+    info = mlflow.models.get_model_info(model_uri)
+    metadata = info.metadata or {}
+    inputs = info.signature.inputs.inputs if info.signature is not None else []
+    shape = tuple(inputs[0].shape[1:]) if inputs and getattr(inputs[0], "shape", None) else None
+    classes = metadata.get("classes")
+    return ModelCard(metadata.get("task"), metadata.get("dataset"), classes and tuple(classes), shape)
+
+
+def version_tags(settings: Mapping[str, object], splits, **facts) -> dict[str, object]:
+    """What a registered version says of itself: ``facts`` (its study and trial, or its run; its
+    scores), the digests of the data it was trained, validated and tested on, and every setting
+    it trained with, its seed included, each as text that reads back as the same value."""
+    data = {f"{split.context}_data": f"{split.name} {split.digest}" for split in splits}
+    return {**facts, **data, **settings}
 
 
 @dataclass(frozen=True)
@@ -139,7 +168,7 @@ def register(
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version_tags = {**{k: str(v) for k, v in tags.items()}, "val_loss": repr(val_loss)}
+    version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, "val_loss": repr(val_loss)}
 
     def data_of(tags_of_a_version: dict[str, str]) -> str | None:
         return tags_of_a_version.get(validated_on) if validated_on else None

@@ -7,6 +7,7 @@ search space holds.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,8 @@ def top_trials_table(study: optuna.Study, n: int = 10) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in [header, *rows])
 
 
-def describe_params(trial: FrozenTrial) -> str:
-    return ", ".join(f"{name}={format_value(value)}" for name, value in trial.params.items())
+def describe_params(trial: FrozenTrial, exact: bool = False) -> str:
+    return ", ".join(f"{name}={format_value(value, exact)}" for name, value in trial.params.items())
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def evaluate_best_trial(
     if best is None:
         return None
     run_id = best.user_attrs[RUN_ATTR]
-    settings = experiment.settings(**best.user_attrs[SETTINGS_ATTR])
+    settings = settings_of(experiment.settings, best.user_attrs[SETTINGS_ATTR])
     model, data = experiment.build(settings)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -110,8 +111,15 @@ def evaluate_best_trial(
     tracker.log_datasets(parent_run_id, [split for split in data.describe() if split.context == "test"])
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
-    model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task)
+    model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task, experiment.datasets)
     return Tested(best, test, model_id, data.describe())
+
+
+def settings_of(settings_class: type, recorded: dict):
+    """The settings a trial recorded, as ``settings_class``: a field it did not know takes its
+    default, and one that is gone is left out."""
+    names = {field.name for field in dataclasses.fields(settings_class)}
+    return settings_class(**{name: value for name, value in recorded.items() if name in names})
 
 
 def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:

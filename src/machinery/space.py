@@ -24,9 +24,12 @@ def _suggest(trial: optuna.Trial, name: str, d: BaseDistribution):
     raise TypeError(f"{name}: no suggest_* call for {type(d).__name__}")
 
 
-def format_value(value) -> str:
-    """A parameter's value as tables and console lines show it."""
-    return f"{value:.2e}" if isinstance(value, float) else str(value)
+def format_value(value, exact: bool = False) -> str:
+    """A parameter's value as tables and console lines show it: a float in three figures, or,
+    ``exact``, in as many as read back as the same float."""
+    if isinstance(value, float):
+        return repr(value) if exact else f"{value:.2e}"
+    return str(value)
 
 
 def width(distribution: BaseDistribution | None) -> int:

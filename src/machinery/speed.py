@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 # lightning_fabric sets this on import so that DataLoader workers may fork before CUDA starts.
 # With it set, torch.cuda.is_available() loads NVML through ctypes on every call, and PyTorch's
-# optimizers call it on every step. tune's workers are spawned, not forked.
+# optimizers call it on every step. tune's workers are forked from a server that never starts
+# CUDA (machinery/forking.py), and no DataLoader here has workers.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 
@@ -68,10 +69,14 @@ class SeveralPerStep(pl.Callback):
     automatic optimization makes (the step, zero_grad, backward, the optimizer's step), steps
     the learning-rate schedulers when Lightning would, and gathers what training_step logs as
     epoch means (``on_epoch=True, on_step=False``) on the device, to log them once at the
-    epoch's end; any other log goes to Lightning as it is. The module is as it was after fit.
-    It refuses what it would not do as Lightning does (several optimizers, gradient
-    accumulation or clipping, ReduceLROnPlateau, a module's own optimizer_step): for those,
-    ``size`` 1 leaves Lightning's own loop in place.
+    epoch's end; any other log goes to Lightning as it is. Gradient clipping (the Trainer's
+    ``gradient_clip_val``) is made between the backward pass and the optimizer's step, as
+    automatic optimization makes it; callbacks that stop a run (EarlyStopping) stop it as
+    ever. The module is as it was after fit.
+
+    What it would not do as Lightning does (several optimizers, gradient accumulation,
+    ReduceLROnPlateau, a module's own optimizer_step, clipping where hooks or a precision
+    plugin wrap the step) it leaves to Lightning's own loop, and says so once, in one line.
     """
 
     def __init__(self, size: int):
@@ -82,12 +87,15 @@ class SeveralPerStep(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.size == 1:
             return
-        why = _unsupported(trainer, module)
+        lean = _nobody_listens(trainer, module)
+        why = _unsupported(trainer, module, lean)
         if why:
-            raise ValueError(f"{self.size} minibatches per step: {why}; use 1 (Lightning's own loop)")
+            _step_aside(why)
+            return
         source = trainer.datamodule if trainer.datamodule is not None else module
         loader, training_step, log = source.train_dataloader, module.training_step, module.log
-        lean = _nobody_listens(trainer, module)
+        clip = {"gradient_clip_val": trainer.gradient_clip_val,
+                "gradient_clip_algorithm": trainer.gradient_clip_algorithm}  # fmt: skip
         schedulers = trainer.lr_scheduler_configs
         per_step = [c for c in schedulers if c.interval == "step"]
         per_epoch = [c for c in schedulers if c.interval == "epoch"]
@@ -108,8 +116,11 @@ class SeveralPerStep(pl.Callback):
                     if lean:
                         # What manual_backward and optimizer.step come to when no hook listens and
                         # nothing scales the loss, without the ~50 µs of hook dispatch: the backward
-                        # pass, and the step counted as Lightning counts it (global_step).
+                        # pass, the clipping automatic optimization would make, and the step
+                        # counted as Lightning counts it (global_step).
                         loss.backward()
+                        if clip["gradient_clip_val"]:
+                            module.clip_gradients(optimizer, **clip)
                         optimizer._on_before_step()
                         optimizer.optimizer.step()
                         optimizer._on_after_step()
@@ -209,13 +220,30 @@ def _nobody_listens(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
     return not any(is_overridden(hook, obj, parent) for obj, parent in listeners for hook in _STEP_HOOKS)
 
 
-def _unsupported(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
+# The reasons this process has stepped aside for, each said once: a study's every trial would
+# say it again.
+_said: set[str] = set()
+
+
+def _step_aside(why: str) -> None:
+    if why not in _said:
+        _said.add(why)
+        print(
+            f"speed: {why}, which several minibatches per step would not do as Lightning does: Lightning's own "
+            "loop trains instead (an epoch of a small network takes about twice as long; docs/performance.md)",
+            flush=True,
+        )
+
+
+def _unsupported(trainer: pl.Trainer, module: pl.LightningModule, lean: bool) -> str | None:
     if not module.automatic_optimization:
         return "the module optimizes by hand"
     if len(trainer.optimizers) != 1:
         return f"the module has {len(trainer.optimizers)} optimizers"
-    if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
-        return "gradients are accumulated or clipped"
+    if trainer.accumulate_grad_batches != 1:
+        return "gradients are accumulated"
+    if trainer.gradient_clip_val and not lean:
+        return "gradients are clipped where hooks or a precision plugin wrap the optimizer's step"
     if any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs):
         return "ReduceLROnPlateau steps on a metric"
     if overridden := [hook for hook in _OPTIMIZATION_HOOKS if is_overridden(hook, module, pl.LightningModule)]:

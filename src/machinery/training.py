@@ -15,27 +15,39 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import Logger
 
 from machinery import interrupts
+from machinery.retraining import THREADS
 from machinery.speed import NoProfiler, SeveralPerStep
 from machinery.tracking import Tracker
 
 # Lightning advertises its cloud services in the log of every run; the rest of its log stays.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
+# Lightning 2.6 builds torch pytree specs in a way torch 2.14 deprecates, and says so once per
+# process; nothing for a user of this repository to act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # Where each run keeps its best epoch's weights (a Lightning checkpoint), among its artifacts.
 CHECKPOINT_ARTIFACT = PurePosixPath("checkpoints/best.ckpt")
 
 # A bar redraw costs about as much as a training step; every 20 steps it is still live.
 PROGRESS_BAR_REFRESH_STEPS = 20
+
+
+# What the machinery sets on every Trainer itself: an experiment's trainer() may not.
+OWN_TRAINER_ARGUMENTS = ("accelerator", "devices", "strategy", "max_epochs", "logger", "enable_checkpointing",
+                         "enable_progress_bar", "enable_model_summary", "profiler", "num_sanity_val_steps",
+                         "log_every_n_steps")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -46,8 +58,17 @@ class FitResult:
     val_loss: float  # at the best epoch (the lowest val_loss)
     val_acc: float  # at the best epoch
     seconds: float
+    epochs: int  # trained: fewer than max_epochs when a callback stopped the run early
+    max_epochs: int
     test_loss: float | None = None
     test_acc: float | None = None
+
+    @property
+    def stopped_early(self) -> str | None:
+        """How the run stopped early, as the console and MLflow say it; None if it did not."""
+        if self.epochs >= self.max_epochs:
+            return None
+        return f"stopped early after {self.epochs} of {self.max_epochs} epochs (best epoch {self.best_epoch})"
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,6 +124,7 @@ class EpochMetricsLogger(Logger):
         super().__init__()
         self.tracker, self.run_id = tracker, run_id
         self._epoch, self._metrics = None, {}
+        self.trainer: pl.Trainer | None = None  # set once the Trainer exists
 
     @property
     def name(self) -> str:
@@ -117,7 +139,9 @@ class EpochMetricsLogger(Logger):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = dict(metrics)
-        epoch = int(metrics.pop("epoch"))
+        # Lightning adds the epoch to what the module logs; a callback that writes to the
+        # loggers itself (LearningRateMonitor, say) logs in the epoch under way.
+        epoch = int(metrics.pop("epoch")) if "epoch" in metrics else self.trainer.current_epoch
         if epoch != self._epoch:
             self._flush()
             self._epoch = epoch
@@ -144,6 +168,7 @@ def fit(
     tracker: Tracker,
     run_id: str,
     *,
+    trainer_arguments: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     evaluate_test: bool = True,
     progress_bar: bool = True,
@@ -151,10 +176,15 @@ def fit(
     """Train ``model`` on ``data`` for ``settings.max_epochs`` epochs, logging every setting, the
     per-epoch curves and the best epoch's checkpoint to the MLflow run ``run_id``; with
     ``evaluate_test``, also the test metrics of the best epoch's weights. ``options`` say where
-    to train and how many minibatches a Lightning step carries (speed.SeveralPerStep).
+    to train and how many minibatches a Lightning step carries (speed.SeveralPerStep);
+    ``trainer_arguments`` are the experiment's own (its callbacks, gradient clipping, ...).
 
     The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).
     """
+    arguments = dict(trainer_arguments or {})
+    if owned := [name for name in OWN_TRAINER_ARGUMENTS if name in arguments]:
+        raise ValueError(f"the experiment's trainer() sets {', '.join(owned)}, which the machinery sets itself")
+    own_callbacks = list(arguments.pop("callbacks", None) or [])
     started = time.perf_counter()
     data.prepare_data()
     tracker.log_datasets(run_id, [split for split in data.describe() if evaluate_test or split.context != "test"])
@@ -165,18 +195,21 @@ def fit(
             "data_source": data.source,
             "accelerator": options.accelerator,
             "minibatches_per_step": options.minibatches_per_step,
+            THREADS: torch.get_num_threads(),  # the order of a CPU's sums: train.py --from-run trains with as many
         },
     )
     best = _BestEpoch()
+    logger = EpochMetricsLogger(tracker, run_id)
     trainer = pl.Trainer(
         accelerator=options.accelerator,
         devices=1,
         max_epochs=settings.max_epochs,
-        logger=EpochMetricsLogger(tracker, run_id),
+        logger=logger,
         callbacks=[
             SeveralPerStep(options.minibatches_per_step),
             best,
             _CtrlC(),
+            *own_callbacks,
             *callbacks,
             *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
         ],
@@ -186,27 +219,35 @@ def fit(
         profiler=NoProfiler(),
         num_sanity_val_steps=0,  # validation runs after every epoch anyway
         log_every_n_steps=0,  # every curve is per epoch: no step-level logging work at all
+        **arguments,
     )
+    logger.trainer = trainer
     _interruptible(trainer.fit, model, datamodule=data)
 
     model.load_state_dict(best.weights)
-    summary = {"best_epoch": best.epoch, **{f"best_{name}": value for name, value in best.metrics.items()}}
+    epochs = trainer.current_epoch  # the epochs completed
+    summary = {"best_epoch": best.epoch, "epochs": epochs, **{f"best_{k}": v for k, v in best.metrics.items()}}
     test = evaluate_on_test(model, data, options.accelerator) if evaluate_test else {}
     tracker.log_metrics(run_id, {**summary, **test})
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
         path = Path(tmp) / CHECKPOINT_ARTIFACT.name
         trainer.save_checkpoint(path, weights_only=True)
         tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
-    return FitResult(
+    result = FitResult(
         run_id=run_id,
         model=model,
         best_epoch=best.epoch,
         val_loss=best.metrics["val_loss"],
         val_acc=best.metrics["val_acc"],
         seconds=time.perf_counter() - started,
+        epochs=epochs,
+        max_epochs=settings.max_epochs,
         test_loss=test.get("test_loss"),
         test_acc=test.get("test_acc"),
     )
+    if result.stopped_early:
+        tracker.set_tags(run_id, {"stopped_early": result.stopped_early})
+    return result
 
 
 def evaluate_on_test(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str) -> dict[str, float]:

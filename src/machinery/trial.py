@@ -11,12 +11,14 @@ from typing import Any
 
 import optuna
 import pytorch_lightning as pl
+import torch
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
 from machinery import interrupts, studies
 from machinery.contract import Experiment
+from machinery.retraining import THREADS
 from machinery.space import format_value, width
 from machinery.stores import ServerUnavailable
 from machinery.tracking import Tracker
@@ -91,6 +93,7 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
         def fit_in_this_run(model: pl.LightningModule, data: pl.LightningDataModule, settings) -> FitResult:
             with interrupts.held():
                 trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
+                trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
             fitted.append(
                 fit(
                     model,
@@ -99,6 +102,7 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
                     session.options,
                     tracker,
                     run_id,
+                    trainer_arguments=session.experiment.trainer(settings),
                     callbacks=[ReportToTrial(trial)],
                     evaluate_test=False,
                     progress_bar=session.options.verbose,
@@ -124,6 +128,8 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
             if fitted:  # the last writes to the trial, just before its run is closed
                 trial.set_user_attr("val_acc", fitted[-1].val_acc)
                 trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
+                if fitted[-1].stopped_early:
+                    trial.set_user_attr("stopped_early", fitted[-1].stopped_early)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None
         tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
@@ -182,7 +188,8 @@ class TrialReport:
     @classmethod
     def of(cls, trial: FrozenTrial, note: str = "") -> TrialReport:
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
-        note = note or trial.user_attrs.get("pruned") or trial.user_attrs.get("fail_reason", "")
+        attrs = trial.user_attrs
+        note = note or attrs.get("pruned") or attrs.get("fail_reason") or attrs.get("stopped_early", "")
         return cls(
             trial.number,
             trial.state.name,
@@ -200,7 +207,7 @@ class TrialReport:
             for name, value in self.params.items()
         )
         scores = (
-            f"val_loss {self.value:.4f} val_acc {self.val_acc:.4f}"
+            " ".join(filter(None, [f"val_loss {self.value:.4f} val_acc {self.val_acc:.4f}", self.note]))
             if self.state == TrialState.COMPLETE.name
             else self.note
         )

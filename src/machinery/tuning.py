@@ -4,6 +4,7 @@ results in the Optuna storage and in MLflow."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from tqdm import tqdm
 
 from machinery import interrupts, registry, results, studies
 from machinery.contract import Experiment
+from machinery.options import DEFAULT_STORAGE
 from machinery.stores import public
 from machinery.tracking import Tracker
 from machinery.trial import SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG, Session, TrialReport, close_run
@@ -50,7 +52,7 @@ def tune(
     name, grace = options.study_name, options.grace_period
     with interrupts.handling():
         storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
-        wanted = studies.definition(settings, experiment.search_space, options, data.fingerprint)
+        wanted = studies.definition(settings, experiment.search_space(settings), options, data.fingerprint)
         study, created = studies.open_study(storage, name, wanted)
         tracker = open_tracker()  # only now: a continuation that is refused creates no experiment
         uid = studies.uid(study)
@@ -91,30 +93,21 @@ def tune(
                 except results.NotEvaluated as why:
                     notes.append(f"test evaluation skipped: {why}")
             if tested and options.registered_model:
-                registered = _register(tracker, study.study_name, uid, tested, options.registered_model, settings)
+                registered = _register(tracker, study.study_name, uid, tested, options.registered_model)
                 notes.append(registered.line())
             notes += _still_running_elsewhere(study, grace)
             test = tested.metrics if tested else None
-            _print_summary(study, tracker, parent_run_id, options.storage, test, notes)
+            _print_summary(study, tracker, parent_run_id, options, test, notes)
             if interrupts.requested():  # during the trials, or while the best was tested and logged
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
     return SessionResult(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
 
 
-def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str, settings):
+def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str):
     """Register the tested best trial's model, with what it is on the version."""
     trial = tested.trial
-    compared = {field.name for field in dataclasses.fields(settings) if field.metadata.get("compared", True)}
-    tags = {
-        "study": study_name,
-        "study_uid": uid,
-        "trial": trial.number,
-        "val_acc": trial.user_attrs["val_acc"],
-        **tested.metrics,
-        **{f"{split.context}_data": f"{split.name} {split.digest}" for split in tested.data},
-        **{key: value for key, value in trial.user_attrs[SETTINGS_ATTR].items() if key in compared},
-        **trial.params,
-    }
+    facts = {"study": study_name, "study_uid": uid, "trial": trial.number, "val_acc": trial.user_attrs["val_acc"]}
+    tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **tested.metrics)
     return registry.register(
         tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"), validated_on="validation_data"
     )
@@ -189,7 +182,7 @@ def _still_running_elsewhere(study: optuna.Study, grace: int) -> list[str]:
     ]
 
 
-def _print_summary(study, tracker, parent_run_id, storage_url, test, notes) -> None:
+def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
     counts = results.counts(study)
     print(
         f"\nstudy {study.study_name!r}: {len(study.trials)} trials, {counts['COMPLETE']} complete, "
@@ -201,8 +194,9 @@ def _print_summary(study, tracker, parent_run_id, storage_url, test, notes) -> N
         print("no trial has completed yet")
     else:
         print(results.top_trials_table(study, n=5))
+        seed = best.user_attrs.get(SETTINGS_ATTR, {}).get("seed")
         print(
-            f"best: trial {best.number} ({results.describe_params(best)}): "
+            f"best: trial {best.number} ({results.describe_params(best, exact=True)}; seed {seed}): "
             f"val_loss {best.value:.4f}, val_acc {best.user_attrs['val_acc']:.4f}"
         )
         if test:
@@ -210,7 +204,12 @@ def _print_summary(study, tracker, parent_run_id, storage_url, test, notes) -> N
             print(f"test (the best trial's weights, evaluated once): {scores}")
     for note in notes:
         print(note)
+    if best is not None:
+        again = f"python scripts/train.py --from-trial {shlex.quote(f'{study.study_name}:{best.number}')}"
+        if options.storage != DEFAULT_STORAGE:
+            again += f" --storage {shlex.quote(public(options.storage))}"
+        print(f"train it again: {again}")
     print(
         f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
-        f"the study: {public(storage_url)}, study {study.study_name!r}; the same command continues it"
+        f"the study: {public(options.storage)}, study {study.study_name!r}; the same command continues it"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import queue
 import threading
 import time
@@ -124,7 +125,18 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     processes = [
         context.Process(
             target=_worker_main,
-            args=(session, i, threads, budget, reports, files.verified(), os.getpid()),
+            # Pickled here and read back once the worker has imported the files of --import: the
+            # session holds the experiment, whose registries may hold what those files define.
+            args=(
+                pickle.dumps(session),
+                session.options.imports,
+                i,
+                threads,
+                budget,
+                reports,
+                files.verified(),
+                os.getpid(),
+            ),  # fmt: skip
             name=f"tune-worker-{i}",
         )
         for i in range(workers)
@@ -223,11 +235,13 @@ def _one_line(error: BaseException, session: Session) -> str:
 
 
 def _worker_main(
-    session: Session, index: int, threads: int, budget: _Budget, reports, verified: dict, tune_py: int
-) -> None:
+    pickled: bytes, imports: tuple[str, ...], index: int, threads: int, budget: _Budget, reports, verified: dict,
+    tune_py: int,
+) -> None:  # fmt: skip
+    import_files(None, imports)  # what they register, this worker needs too: before the session is read
+    session: Session = pickle.loads(pickled)
     _prepare_worker(threads, session.options.verbose)
     files.trust(verified)  # tune.py checked the data before it started the workers
-    import_files(None, session.options.imports)  # what they register, this worker needs too
     with interrupts.handling():
         interrupts.end_with(tune_py)  # however tune.py ends, this worker does not outlive it
         try:

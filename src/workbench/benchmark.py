@@ -97,7 +97,8 @@ def time_original(settings: Settings, device: str) -> list[float]:
     mean, std = MNISTDataModule.mean, MNISTDataModule.std
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     full = datasets.MNIST(settings.data_dir, train=True, download=False, transform=transform)
-    sizes = [len(full) - settings.val_size, settings.val_size]
+    held_out = MNISTDataModule(settings).held_out
+    sizes = [len(full) - held_out, held_out]
     train, val = random_split(full, sizes, generator=torch.Generator().manual_seed(0))
     clock = _EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,9 +239,9 @@ def time_startup(settings: Settings) -> dict[str, float]:
     with contextlib.redirect_stdout(io.StringIO()):
         data.prepare_data()
     timings["MD5 check of the files"] = time.perf_counter() - started
-    from experiment import data as data_module
+    from machinery import in_memory
 
-    data_module._split_cache.clear()
+    in_memory._split_cache.clear()
     started = time.perf_counter()
     data.setup("fit")
     timings["parse and split the data set"] = time.perf_counter() - started

@@ -41,7 +41,7 @@ METHODS = {
 BASELINE = "random+median"
 
 
-def run_study(settings, method: str, seed: int, budget: float, workers: int) -> dict:
+def run_study(settings, method: str, seed: int, budget: float, workers: int, experiment=EXPERIMENT) -> dict:
     """One study of ``method`` from ``seed`` for ``budget`` seconds on throwaway stores: every
     trial's state, value, val_acc and finish time (seconds from the start)."""
     sampler, pruner = METHODS[method]
@@ -55,7 +55,7 @@ def run_study(settings, method: str, seed: int, budget: float, workers: int) -> 
         started = time.time()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             session = tune(
-                EXPERIMENT,
+                experiment,
                 settings,
                 options,
                 lambda: connect(f"sqlite:///{folder}/mlflow.db", "search"),
@@ -82,14 +82,16 @@ def compare(
     budget: float,
     workers: int,
     done: Callable[[dict], None] = lambda study: None,
+    experiment=EXPERIMENT,
 ) -> list[dict]:
     """Every method's study for every seed, seed by seed, each seed's methods in an order rotated
-    by one from the last seed's; ``done`` is handed each study as it ends."""
+    by one from the last seed's; ``done`` is handed each study as it ends. The experiment is
+    the repository's unless another is given."""
     studies = []
     for i, seed in enumerate(seeds):
         order = list(methods[i % len(methods) :]) + list(methods[: i % len(methods)])
         for position, method in enumerate(order):
-            study = {**run_study(settings, method, seed, budget, workers), "position": position}
+            study = {**run_study(settings, method, seed, budget, workers, experiment), "position": position}
             studies.append(study)
             done(study)
     return studies

@@ -1,0 +1,92 @@
+"""A run's settings, read back from where they were recorded, so that train.py can train it
+again: a trial of a study (``--from-trial STUDY:N``: the settings the trial trained with, as
+it recorded them on itself, its seed included), or any MLflow run of train.py or of a trial
+(``--from-run RUN_ID``: the settings it logged as its params). Values come back exactly: a
+trial's as JSON numbers, a run's as the shortest text that reads back as the same float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+# Where a trial or run records the torch threads it trained with: a CPU's sums of floats come
+# out the same only in the same order, which the number of threads changes.
+THREADS = "threads"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    settings: dict
+    threads: int | None  # None: not recorded
+
+
+class NotRecorded(ValueError):
+    """The trial or run named cannot be read, or recorded no settings; ``flag`` says which flag."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+def from_trial(storage: str, spec: str) -> Recorded:
+    """The settings that the trial ``spec`` ("STUDY:NUMBER") of ``storage`` trained with."""
+    import optuna
+
+    from machinery.stores import public, reason
+    from machinery.trial import SETTINGS_ATTR
+
+    study_name, _, number = spec.rpartition(":")
+    if not study_name or not number.isdigit():
+        raise NotRecorded("--from-trial", f"{spec!r} is not STUDY:NUMBER (a study's name, a trial's number)")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise NotRecorded("--from-trial", f"no study {study_name!r} in {public(storage)} (--storage)") from None
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
+        raise NotRecorded("--storage", f"cannot open {public(storage)}: {reason(error, storage)}") from None
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == int(number)), None)
+    if trial is None:
+        raise NotRecorded("--from-trial", f"study {study_name!r} has no trial {number} ({len(study.trials)} trials)")
+    if SETTINGS_ATTR not in trial.user_attrs:
+        raise NotRecorded("--from-trial", f"trial {number} of study {study_name!r} ended before it began to train")
+    return Recorded(dict(trial.user_attrs[SETTINGS_ATTR]), trial.user_attrs.get(THREADS))
+
+
+def from_run(tracking_uri: str, run_id: str, settings_class: type) -> Recorded:
+    """The settings that the MLflow run ``run_id`` logged, as ``settings_class``'s fields' types."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from machinery.stores import public, reason
+    from machinery.trial import STUDY_UID_TAG
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as error:
+        raise NotRecorded("--from-run", f"no run {run_id} in {public(tracking_uri)}: {reason(error)}") from None
+    tags, params = run.data.tags, run.data.params
+    if STUDY_UID_TAG in tags and "mlflow.parentRunId" not in tags:
+        study = tags.get("optuna.study", "?")
+        raise NotRecorded(
+            "--from-run", f"run {run_id} is study {study!r}'s own run: name one of its trials' runs, or --from-trial"
+        )
+    hints = typing.get_type_hints(settings_class)
+    fields = [field for field in dataclasses.fields(settings_class) if field.name in params]
+    if not fields:
+        raise NotRecorded("--from-run", f"run {run_id} logged none of the settings: no run of train.py or a trial")
+    settings = {field.name: _value(params[field.name], hints[field.name]) for field in fields}
+    return Recorded(settings, int(params[THREADS]) if THREADS in params else None)
+
+
+def _value(text: str, kind) -> object:
+    """A param's text as the value of a field of type ``kind`` (MLflow keeps params as text)."""
+    kinds = [k for k in typing.get_args(kind) or (kind,) if k is not type(None)]
+    if text == "None" and len(kinds) < len(typing.get_args(kind) or (kind,)):
+        return None
+    kind = kinds[0]
+    if kind is bool:
+        return text == "True"
+    return kind(text) if kind in (int, float) else text

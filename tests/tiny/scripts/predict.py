@@ -1,0 +1,11 @@
+"""predict.py of the tests' own experiment (tests/tiny): scripts/predict.py's command, handed that experiment."""
+
+import sys
+
+from machinery import collector
+from machinery.commands import predict
+from tiny.settings import TinySettings
+
+if __name__ == "__main__":
+    collector.pause()
+    sys.exit(predict.main(__doc__, TinySettings, "tiny.experiment:EXPERIMENT"))

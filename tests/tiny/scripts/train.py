@@ -1,0 +1,11 @@
+"""train.py of the tests' own experiment (tests/tiny): scripts/train.py's command, handed that experiment."""
+
+import sys
+
+from machinery import collector
+from machinery.commands import train
+from tiny.settings import TinySettings
+
+if __name__ == "__main__":
+    collector.pause()
+    sys.exit(train.main(__doc__, TinySettings, "tiny.experiment:EXPERIMENT"))
