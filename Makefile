@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DATA ?= mnist
 
 .PHONY: help taste tune train test test-fast ui dashboard serve servers benchmark compare clean
 
@@ -32,9 +33,9 @@ dashboard: $(VENV)/installed  ## optuna-dashboard on http://127.0.0.1:8080: the 
 	$(VENV)/bin/optuna-dashboard sqlite:///optuna.db
 
 # mlflow models serve starts uvicorn from PATH: this environment's.
-serve: $(VENV)/installed  ## serve models:/mnist-classifier@champion over HTTP on port 5001
+serve: $(VENV)/installed  ## serve the champion of DATA (default: mnist) over HTTP on port 5001: make serve DATA=flowers
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow models serve \
-		-m models:/mnist-classifier@champion --env-manager local --port 5001
+		-m "models:/$(DATA)-classifier@champion" --env-manager local --port 5001
 
 servers: $(VENV)/installed  ## PostgreSQL and an mlflow server in servers/, to try many machines on one
 	$(PY) scripts/servers.py

@@ -181,6 +181,9 @@ def test_mnist_and_its_kin_are_read_from_their_files_as_bytes(tiny_mnist, datase
     assert {name: len(split[1]) for name, split in data.splits.items()} == {"train": 80, "val": 20, "test": 40}
     assert data.splits["test"][0].dtype == torch.uint8
     assert data.fingerprint != MNISTDataModule(Settings(data_dir=str(tiny_mnist))).fingerprint or dataset == "mnist"
+    with pytest.raises(SettingError, match="it is for --dataset folder") as error:
+        DATASETS[dataset](Settings(dataset=dataset, image_size=32))
+    assert error.value.setting == "image_size"
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])

@@ -28,6 +28,8 @@ from machinery.files import FolderUnusable, ensure_files, torchvision_download
 from machinery.idx import read_idx
 from machinery.in_memory import InMemoryImages, digest, tenth
 
+# The settings of a folder of pictures alone.
+FOLDER_SETTINGS = ("image_size", "channels", "data_name")
 # Which pictures a folder without a test/ split holds out for the test: fixed, as the validation
 # split is, and independent of it.
 TEST_SPLIT_SEED = 1
@@ -53,6 +55,9 @@ class MNISTDataModule(InMemoryImages):
     picture = staticmethod(pictures.digit)  # how predict.py prepares a photo of one
 
     def __init__(self, settings: Settings):
+        for name in FOLDER_SETTINGS:  # a folder's, which these files, of one size and kind, have no use for
+            if getattr(settings, name) is not None:
+                raise SettingError(name, f"{self.name}'s pictures are as they are: it is for --dataset folder")
         val_size = 5_000 if settings.val_size is None else settings.val_size
         super().__init__(settings.batch_size, val_size, settings.seed, held_out_by="val_size")
         self.data_dir = settings.data_dir
