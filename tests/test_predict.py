@@ -30,13 +30,12 @@ from experiment.pictures import digit
 from experiment.search import build
 from experiment.settings import Settings
 from machinery import registry
+from machinery.commands.predict import answer
 from machinery.options import Options
 from machinery.tracking import connect
 from machinery.training import fit
-from workbench.photos import digit_pictures
+from workbench.photos import digit_pictures, paper_photos
 from workbench.servers import free_port
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +66,7 @@ def run_predict(folder, *args):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REAL_DATA_DIR.parent)
 
 
+@pytest.mark.slow
 def test_prepare_makes_a_picture_of_an_mnist_digit_into_that_digit(champion):
     _, _, digits = champion
     for pixels, _ in digits:
@@ -80,6 +80,7 @@ def test_prepare_makes_a_picture_of_an_mnist_digit_into_that_digit(champion):
             assert abs((cols * prepared).sum() / prepared.sum() - 14) <= 0.5
 
 
+@pytest.mark.slow
 def test_predict_reads_pictures_of_real_digits(champion, tmp_path):
     _, folder, digits = champion
     pictures = digit_pictures(digits, tmp_path)  # scans, photos and pages, PNG and JPEG
@@ -89,6 +90,25 @@ def test_predict_reads_pictures_of_real_digits(champion, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line[: len(e)] for line, e in zip(lines, expected, strict=True)] == expected
+
+
+def test_an_unlikely_answer_is_said_to_be_uncertain():
+    assert answer("seven.jpg", "7", 0.912) == "seven.jpg: 7 (p=0.912)"
+    assert answer("smudge.jpg", "9", 0.336) == "smudge.jpg: 9 (p=0.336, uncertain)"
+
+
+@pytest.mark.slow
+def test_predict_reads_photos_of_paper_in_a_shadow_and_on_a_dark_desk(champion, tmp_path):
+    """Photos of paper as they come: a shadow across the page, the desk dark along two edges.
+    The paper's brightness is judged around each point, and the digit is the largest stroke
+    away from the edges."""
+    _, folder, digits = champion
+    photos = paper_photos(digits, tmp_path)
+    result = run_predict(folder, *(path for path, _ in photos))
+    assert result.returncode == 0, result.stderr
+    read = [line.split(": ")[1].split(" (p=")[0] for line in result.stdout.strip().splitlines()]
+    right = [str(label) == said for (_, label), said in zip(photos, read, strict=True)]
+    assert sum(right) >= 18, list(zip(photos, read, strict=True))  # of 20
 
 
 def png_header_only(path, width: int, height: int) -> None:
@@ -102,6 +122,7 @@ def png_header_only(path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow
 def test_predict_gives_every_picture_a_line_of_its_own_as_people_make_them(champion, tmp_path):
     _, folder, digits = champion
     good = tmp_path / "good.png"
@@ -180,6 +201,7 @@ def serving(model_uri: str, tracking_uri: str):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_a_post_of_digits_with_their_scores(champion):
     _, folder, digits = champion
     with serving("models:/mnist-classifier@champion", f"sqlite:///{folder / 'mlflow.db'}") as post:
@@ -219,6 +241,7 @@ def run_repository_script(name: str, *args, cwd: Path):
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_folder_of_colour_pictures_is_tuned_registered_read_and_served(tmp_path):
     pictures = a_folder(tmp_path / "my pictures", per_class=40, sizes=[(32, 32)], mode="RGB", suffix=".png")
     tuned = run_repository_script("tune.py", "--dataset", "folder", "--data-dir", pictures, "--n-trials", "4",
@@ -249,6 +272,7 @@ def test_a_folder_of_colour_pictures_is_tuned_registered_read_and_served(tmp_pat
     assert scores.shape == (5, 5) and [sorted(COLOURS)[i] for i in scores.argmax(axis=1)] == list(COLOURS)
 
 
+@pytest.mark.slow
 def test_a_folder_of_grey_jpegs_of_mixed_sizes_is_read_as_one_size(tmp_path):
     sizes = [(40, 30), (28, 28), (60, 45), (28, 28)]
     pictures = a_folder(tmp_path / "scans", per_class=24, sizes=sizes, mode="L", suffix=".jpg")

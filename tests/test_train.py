@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -230,22 +229,3 @@ def test_train_registers_its_model_and_the_champion_moves_only_to_a_better_one(c
     assert int(version.version) == 2 and version.tags["seed"] == "0" and version.tags["lr"] == "0.05"
     run = client.get_run(version.tags["run_id"])
     assert float(version.tags["val_loss"]) == run.data.metrics["best_val_loss"] and run.data.params["lr"] == "0.05"
-
-
-@pytest.mark.slow
-def test_a_model_reads_the_pictures_it_was_trained_on(run_script, tiny_data, tmp_path):
-    """predict.py with the tiny experiment's champion: each picture prepared by its data set's
-    picture(), the answer named by the class names the model was logged with."""
-    from PIL import Image
-
-    result = run_script("train.py", "--register", "--lr", "0.05", "--max-epochs", "4", "--data-dir", str(tiny_data))
-    assert result.returncode == 0, result.stderr
-    images, labels = tiny.pictures(10, seed=3, pattern=tiny.PATTERNS["blocks"])
-    files = []
-    for i, image in enumerate(images):
-        files.append(tmp_path / f"{i}.png")
-        Image.fromarray(np.kron(image, np.ones((4, 4), np.uint8))).convert("RGB").save(files[-1])  # bigger, in colour
-    read = run_script("predict.py", "--model", "models:/blocks-classifier@champion", *map(str, files))
-    assert read.returncode == 0, read.stderr
-    answers = [line.split(": ")[1].split(" (p=")[0] for line in read.stdout.strip().splitlines()]
-    assert sum(answer == tiny.CLASSES[label] for answer, label in zip(answers, labels, strict=True)) >= 8

@@ -16,21 +16,29 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from machinery.image_folders import to_array
 
 SIDE, DIGIT_BOX = 28, 20
-# Ink below this share of the darkest-to-lightest range is paper: grain, shadows, JPEG noise.
+# Ink below this share of the strongest is paper: grain, JPEG noise.
 PAPER = 0.2
+# Ink above this share of the strongest is a stroke; strokes of at least NEAR_ITS_SIZE of the
+# largest one's area belong to the thing (a 5's flag, a 7's bar).
+STROKE, NEAR_ITS_SIZE = 0.35, 0.2
+# Around each point, more of the picture is paper than ink.
+BACKGROUND_PERCENTILE = 70
 
 
 def digit(image: Image.Image, dims: tuple[int, ...] = (1, SIDE, SIDE)) -> np.ndarray:
-    thing = _thing(image, "no digit stands out from the background")
+    # A digit's strokes cover little of its picture: most of it is the ground, whatever the edges.
+    thing = _thing(image, "no digit stands out from the background", ground=np.median)
     return _center_of_mass_to_middle(_fit(thing, DIGIT_BOX))[None]
 
 
 def garment(image: Image.Image, dims: tuple[int, ...] = (1, SIDE, SIDE)) -> np.ndarray:
-    return _fit(_thing(image, "no garment stands out from the background"), SIDE)[None]
+    # A garment may fill most of its photo: the photo's edges are the ground.
+    return _fit(_thing(image, "no garment stands out from the background", ground=_edges_median), SIDE)[None]
 
 
 def resized(image: Image.Image, dims: tuple[int, ...]) -> np.ndarray:
@@ -38,18 +46,47 @@ def resized(image: Image.Image, dims: tuple[int, ...]) -> np.ndarray:
     return to_array(image, (width, height), channels).astype(np.float32) / 255
 
 
-def _thing(image: Image.Image, nothing: str) -> np.ndarray:
-    """The picture in gray, the thing light on a dark background, cropped to the thing."""
+def _thing(image: Image.Image, nothing: str, ground) -> np.ndarray:
+    """How strongly each point of the picture is ink, in [0, 1], cropped to the thing.
+
+    A photo of paper is lit unevenly: a shadow across the page, a dark desk at its edges. So the
+    paper's own brightness is estimated around every point (BACKGROUND_PERCENTILE of a quarter of
+    the picture around it: more paper than ink), and ink is how much darker than that a point
+    is. The thing is the largest stroke that does not touch the picture's edge (a desk, a
+    shadow's border, a page's corner do), with the strokes near its size: every dark pixel at
+    the border is not the thing."""
     gray = _gray(image)
-    if np.median(_border(gray)) > 0.5:  # dark on light paper: make it light on dark
+    if ground(gray) < 0.5:  # light strokes on a dark ground (a scan, a screen): as ink on paper
         gray = 1 - gray
-    background, ink = np.median(_border(gray)), gray.max()
-    if ink - background < 0.1:
+    ink = np.clip(1 - gray / np.maximum(_paper(gray), 1e-3), 0, 1)
+    if ink.max() < 0.1:
         raise ValueError(nothing)
-    level = np.clip((gray - background) / (ink - background), 0, 1)
-    level[level < PAPER] = 0
+    level = ink / ink.max()
+    strokes, count = ndimage.label(level > STROKE)
+    sizes = ndimage.sum(level > STROKE, strokes, range(1, count + 1))
+    edge = set(np.concatenate([strokes[0], strokes[-1], strokes[:, 0], strokes[:, -1]]).tolist()) - {0}
+    candidates = [i for i in range(1, count + 1) if i not in edge] or list(range(1, count + 1))
+    largest = max(sizes[i - 1] for i in candidates)
+    kept = [i for i in candidates if sizes[i - 1] >= NEAR_ITS_SIZE * largest]
+    near = ndimage.binary_dilation(np.isin(strokes, kept), iterations=2)  # the strokes' soft edges with them
+    level = np.where(near & (level >= PAPER), level, 0)
     rows, cols = np.nonzero(level)
     return level[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def _edges_median(gray: np.ndarray) -> float:
+    return float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+
+
+def _paper(gray: np.ndarray, side: int = 48) -> np.ndarray:
+    """The paper's brightness around every point, from a small copy of the picture."""
+    height, width = gray.shape
+    scale = side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(gray).resize(size, Image.Resampling.BOX), dtype=np.float32)
+    paper = ndimage.percentile_filter(small, BACKGROUND_PERCENTILE, size=side // 4 + 1, mode="nearest")
+    paper = ndimage.uniform_filter(paper, 3, mode="nearest")
+    return np.asarray(Image.fromarray(paper).resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _gray(image: Image.Image) -> np.ndarray:
@@ -75,11 +112,6 @@ def _fit(thing: np.ndarray, box: int) -> np.ndarray:
     top, left = (SIDE - small.shape[0]) // 2, (SIDE - small.shape[1]) // 2
     canvas[top : top + small.shape[0], left : left + small.shape[1]] = small
     return canvas
-
-
-def _border(pixels: np.ndarray) -> np.ndarray:
-    """The outermost rows and columns: the paper, in a picture of one thing."""
-    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
 
 
 def _center_of_mass_to_middle(canvas: np.ndarray) -> np.ndarray:

@@ -9,6 +9,9 @@ import sys
 from machinery import cli, collector
 from machinery.options import registered_name
 
+# An answer less likely than this is said to be uncertain: the picture may not show one thing
+# of the classes clearly.
+UNSURE = 0.5
 # Larger pictures are refused before they are decoded: Pillow's own guard against
 # decompression bombs, replaced by a line that says so. Decoded, they are shrunk first.
 MAX_PIXELS, WORKING_SIDE = 200_000_000, 2048
@@ -68,8 +71,13 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     for name, p in zip(names, probabilities, strict=True):
-        print(f"{name}: {classes[p.argmax()]} (p={p.max():.3f})")
+        print(answer(name, classes[p.argmax()], float(p.max())))
     return 1 if failed else 0
+
+
+def answer(name: str, label: str, p: float) -> str:
+    """One picture's line: what it shows, and how likely; an unlikely answer says so."""
+    return f"{name}: {label} (p={p:.3f}{', uncertain' if p < UNSURE else ''})"
 
 
 def _read(name: str, prepare, shape: tuple[int, ...]):
