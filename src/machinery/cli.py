@@ -11,13 +11,15 @@ another name for the flag. A switch that is on by default gets a ``--no-`` flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import math
 import os
 import sys
+import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from machinery.contract import SettingError
 from machinery.imports import import_files
@@ -88,6 +90,8 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type, list_registries: bool
     imported and shown (for --help)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if "flag" in field.metadata and field.metadata["flag"] is None:
+            continue  # set by the command from other flags
         kind = hints[field.name]
         kinds = set(typing.get_args(kind)) - {type(None)} or {kind}
         help_ = field.metadata["help"]
@@ -150,6 +154,7 @@ def parse(
     settings = settings_class(**{name: value for name, value in {**base, **given}.items() if name in names})
     for obj in (settings, options):
         _check_registries(parser, obj)
+    parser.named = frozenset(name for name in given if name in names)  # the settings the command line names
     return parser, settings, options.resolved(settings)
 
 
@@ -197,17 +202,19 @@ def check_accelerator(parser: argparse.ArgumentParser, accelerator: str) -> None
         parser.error(f"argument --accelerator: {accelerator!r} is not available on this machine")
 
 
-def check_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None) -> str:
+def check_tracking(
+    parser: argparse.ArgumentParser, tracking_uri: str | None, read_only: bool = False, hint: str = ""
+) -> str:
     """The tracking URI to use (the flag's, MLFLOW_TRACKING_URI, or MLflow's default), checked
-    without creating anything."""
+    without creating anything (``read_only``: a store to read from, which must be there)."""
     from machinery.stores import StoreUnusable, check_tracking_uri
     from machinery.tracking import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     try:
-        check_tracking_uri(uri)
+        check_tracking_uri(uri, read_only)
     except StoreUnusable as error:
-        parser.error(f"{_tracking_source(tracking_uri)}: {error}")
+        parser.error(f"{_tracking_source(tracking_uri)}: {error}" + (f": {hint}" if hint else ""))
     return uri
 
 
@@ -228,15 +235,13 @@ def check_storage(parser: argparse.ArgumentParser, url: str) -> None:
         parser.error(f"argument --storage: {error}")
 
 
-def check_memory(parser: argparse.ArgumentParser, experiment, settings) -> None:
+def check_memory(parser: argparse.ArgumentParser, experiment, settings, verbose: bool = False) -> None:
     """Refuse settings whose training cannot fit in this machine's memory, naming the setting
     whose smallest value would make it fit."""
     from machinery import memory
 
-    try:
+    with experiments_own_errors(parser, settings, verbose):
         available, needed = memory.available_bytes(), memory.bytes_to_train(experiment, settings)
-    except SettingError as error:
-        setting_error(parser, settings, error)
     if available is None or needed <= available:
         return
     field = memory.to_blame(experiment, settings, available)
@@ -254,10 +259,8 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
     from machinery.workers import available_cores, default_workers
 
     wanted = min(options.workers or default_workers(), options.n_trials)
-    try:
+    with experiments_own_errors(parser, settings, options.verbose):
         each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings))
-    except SettingError as error:
-        setting_error(parser, settings, error)
     available = memory.available_bytes()
     fit = wanted if available is None else (available - memory.PROCESS_BYTES) // each
     if fit < 1:
@@ -278,24 +281,50 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
     return wanted
 
 
-def prepare_data(parser: argparse.ArgumentParser, experiment, settings) -> str:
+@contextlib.contextmanager
+def experiments_own_errors(parser: argparse.ArgumentParser, settings, verbose: bool) -> Iterator[None]:
+    """Run the experiment's code (build, a network's forward): a SettingError is the one line that
+    names its flag, data that cannot be had the line that says why; any other error is the one
+    line that names the experiment's file and line where it was raised, and what it said (its
+    traceback first, with --verbose)."""
+    from machinery.files import DataUnavailable
+
+    try:
+        yield
+    except SettingError as error:
+        setting_error(parser, settings, error)
+    except DataUnavailable as error:
+        fail(parser.prog, str(error))
+    except Exception as error:  # noqa: BLE001 - whatever the experiment's code raises
+        if verbose:
+            traceback.print_exception(error)
+        fail(parser.prog, f"{raised_where(error)}: {type(error).__name__}: {error}")
+
+
+def raised_where(error: BaseException) -> str:
+    """The file and line, outside this package and the libraries, where ``error`` was raised: a
+    user's network, data module or file of --import; the innermost such frame."""
+    machinery = os.path.dirname(os.path.abspath(__file__))
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if "site-packages" not in frame.filename and not frame.filename.startswith((machinery, "<"))]  # fmt: skip
+    if not frames:
+        return "the experiment"
+    frame = frames[-1]
+    return f"{os.path.relpath(frame.filename)}:{frame.lineno}"
+
+
+def prepare_data(parser: argparse.ArgumentParser, experiment, settings, verbose: bool = False) -> str:
     """Make the data present and verified (fetched on first use), and read it once as the
     settings split it, before any store is touched; return where it came from. Unusable data,
     or settings it cannot be split by (a --val-size larger than the data), end the command in
     one line, before a study has a trial to fail."""
     import torch
 
-    from machinery.files import DataUnavailable
-
-    try:
+    with experiments_own_errors(parser, settings, verbose):
         with torch.device("meta"):  # the data module is what is wanted here: no weights drawn for nothing
             _, data = experiment.build(settings)
         data.prepare_data()
         data.setup("fit")  # a split these settings cannot make fails here, not in every trial
-    except SettingError as error:
-        setting_error(parser, settings, error)
-    except DataUnavailable as error:
-        fail(parser.prog, str(error))
     return data.source
 
 
@@ -340,6 +369,47 @@ def load_study(parser: argparse.ArgumentParser, storage: str, study_name: str):
     if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         parser.error(f"argument --study-name: study {study_name!r} has no complete trial yet")
     return study
+
+
+def fix_searched(parser: argparse.ArgumentParser, experiment, settings) -> tuple[str, ...]:
+    """The searched settings that the command line names (tune.py --batch-size 64): a study
+    fixes them and searches the others. A value the space does not hold is refused."""
+    space = experiment.search_space(settings)
+    fixed = tuple(name for name in space if name in parser.named)
+    for name in fixed:
+        distribution, value = space[name], getattr(settings, name)
+        try:
+            inside = distribution._contains(distribution.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if not inside:
+            field = next(f for f in dataclasses.fields(settings) if f.name == name)
+            parser.error(f"argument {flag(field)}: {value} is outside the space a study searches ({distribution})")
+    return fixed
+
+
+def studies_to_show(parser: argparse.ArgumentParser, url: str):
+    """An Optuna storage that holds a study, opened to read; else one line naming --storage, and
+    nothing created (an empty SQLite file included)."""
+    import optuna
+
+    from machinery.stores import StoreUnusable, check_database, public, reason, sqlite_path
+
+    first = "make taste or make tune first"
+    try:
+        check_database(url, read_only=True)
+        path = sqlite_path(url)
+        names = []
+        if path is None or path.stat().st_size:  # an empty file is a SQLite database with no tables
+            storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+            names = [study.study_name for study in storage.get_all_studies()]
+    except StoreUnusable as error:
+        parser.error(f"argument --storage: {error}: {first}")
+    except Exception as error:  # noqa: BLE001 - tables of another program's, a server that refuses, ...
+        parser.error(f"argument --storage: {public(url)} is no Optuna storage ({reason(error, url)})")
+    if not names:
+        parser.error(f"argument --storage: {public(url)} holds no study yet: {first}")
+    return storage
 
 
 def check_registered_model(parser: argparse.ArgumentParser, name: str) -> None:

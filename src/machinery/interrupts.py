@@ -28,6 +28,7 @@ REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SI
 
 class _State:
     signum: int | None = None  # the first request's signal
+    orphaned: int | None = None  # the pid of the tune.py whose end this worker stops for, unasked
     interruptible = False  # inside a block that may stop at once
 
 
@@ -49,7 +50,7 @@ def handling() -> Iterator[None]:
     """Install :func:`handler` for the block, starting with no request, and restore the old
     handlers after it; after a request, the signals stay ignored instead, so that another one
     cannot cut into the libraries' clean-up as the process exits."""
-    _State.signum, _State.interruptible = None, False
+    _State.signum, _State.interruptible, _State.orphaned = None, False, None
     hook, sys.unraisablehook = sys.unraisablehook, _unraisable  # a request a callback swallowed: see check()
     previous = {each: signal.signal(each, handler) for each in SIGNALS}
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # what held_back() kept from a worker comes now
@@ -106,7 +107,10 @@ def requested() -> int | None:
 
 
 def reason() -> str:
-    """How a trial or a run that a request stopped is described: "interrupted", "terminated"."""
+    """How a trial or a run that a request stopped is described: "interrupted", "terminated", or,
+    for a worker whose tune.py ended without asking it to stop (killed outright), that."""
+    if _State.orphaned is not None:
+        return f"its tune.py (pid {_State.orphaned}) ended without a word: killed, or its machine stopped"
     return REASONS.get(_State.signum, "interrupted")
 
 
@@ -117,6 +121,8 @@ def exit_code() -> int:
 
 def describe() -> str:
     """The request, as the last line says it: "interrupted (SIGINT)", "terminated (SIGTERM)"."""
+    if _State.orphaned is not None:
+        return reason()
     return f"{reason()} ({signal.Signals(_State.signum or signal.SIGINT).name})"
 
 
@@ -149,6 +155,8 @@ def end_with(process: int, every: float = 0.5) -> None:
             handle = None
         if handle is not None:
             select.select([handle], [], [])  # readable once the process has ended
+        if _State.signum is None:  # tune.py did not pass a request on before it ended
+            _State.orphaned = process
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="tune-watch", daemon=True).start()

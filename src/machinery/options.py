@@ -45,6 +45,7 @@ class Options:
         (), "a Python file to import first, with a data set or network of your own registered in it", flag="--import"
     )
     storage: str = option(DEFAULT_STORAGE, "Optuna storage URL")
+    verbose: bool = option(False, "show tracebacks, and Lightning's progress bars inside trials")
     registered_model: str | None = option(
         None,
         "the Model Registry's model that a study's tested best (or train.py --register's model) is registered as; "
@@ -94,7 +95,6 @@ class TuneOptions(Options):
     sampler: str = option("tpe", "how trials are proposed (docs/search.md compares them)", choices=tuple(SAMPLERS))
     pruner: str = option("median", "how poor trials are stopped early", choices=PRUNERS)
     pruning: bool = option(True, "train every trial for all its epochs")
-    verbose: bool = option(False, "show Lightning's progress bars inside trials, and tracebacks")
     grace_period: int = option(
         60,
         "seconds a running trial may go without a heartbeat before it counts as dead, its machine gone, and "
@@ -103,6 +103,9 @@ class TuneOptions(Options):
     server_patience: float = option(
         120, "seconds to keep retrying a database or tracking server that does not answer, before the study stops"
     )
+    # The searched settings that the command line fixed (tune.py --batch-size 64): the study
+    # searches the others. Not a flag: each setting's own flag fixes it.
+    fixed: tuple[str, ...] = option((), "searched settings fixed by their flags", flag=None)
 
     def resolved(self, settings) -> TuneOptions:
         return dataclasses.replace(super().resolved(settings), study_name=self.study_name or settings.study)

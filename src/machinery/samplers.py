@@ -44,8 +44,11 @@ def make_pruner(name: str, pruning: bool, max_epochs: int) -> optuna.pruners.Bas
     raise ValueError(f"no pruner {name!r}")
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    return SeededPerTrial(SAMPLERS[name], seed)
+def make_sampler(name: str, seed: int, fixed: dict | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler ``name``, seeded per trial; the settings of ``fixed`` are proposed as they are
+    (Optuna's PartialFixedSampler), and the others searched."""
+    sampler = SeededPerTrial(SAMPLERS[name], seed)
+    return optuna.samplers.PartialFixedSampler(fixed, sampler) if fixed else sampler
 
 
 class SeededPerTrial(optuna.samplers.BaseSampler):

@@ -75,15 +75,20 @@ def scheme(url: str) -> str:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """The file of a ``sqlite:///...`` URL; None for another kind of store or an in-memory one."""
+    """The file of a ``sqlite:///...`` URL; None for another kind of store or an in-memory one.
+    Its path may be percent-encoded, as MLflow's default URI is where a folder's name has a
+    space or a letter outside ASCII (``sqlite:////home/me/My%20Projects/mlflow.db``): it is
+    decoded as SQLAlchemy decodes it."""
     if scheme(url) != "sqlite":
         return None
     path = url.split(":///", 1)[1] if ":///" in url else ""
-    return Path(path.split("?", 1)[0]) if path and path != ":memory:" else None
+    path = urllib.parse.unquote(path.split("?", 1)[0])
+    return Path(path) if path and path != ":memory:" else None
 
 
-def check_database(url: str) -> None:
-    """A database URL that can be opened and written, checked without creating anything."""
+def check_database(url: str, read_only: bool = False) -> None:
+    """A database URL that can be opened and written (or, ``read_only``, read), checked without
+    creating anything."""
     kind = scheme(url)
     if kind not in DATABASE_SCHEMES:
         raise StoreUnusable(
@@ -91,7 +96,7 @@ def check_database(url: str) -> None:
         )
     path = sqlite_path(url)
     if path is not None:
-        _check_sqlite_file(path)
+        _check_sqlite_file(path, read_only)
         return
     try:
         import sqlalchemy
@@ -104,8 +109,9 @@ def check_database(url: str) -> None:
         raise StoreUnusable(f"cannot open {public(url)!r}: {reason(error, url)}") from None
 
 
-def check_tracking_uri(uri: str) -> None:
-    """An MLflow tracking URI that can be used, checked without creating anything."""
+def check_tracking_uri(uri: str, read_only: bool = False) -> None:
+    """An MLflow tracking URI that can be used, checked without creating anything; with
+    ``read_only``, one to read from (a SQLite file must be there, and need not be writable)."""
     kind = scheme(uri) or "file"
     if kind not in TRACKING_SCHEMES:
         raise StoreUnusable(
@@ -125,13 +131,19 @@ def check_tracking_uri(uri: str) -> None:
                 f"{public(uri)!r} is a folder, and MLflow 3 refuses folder stores: use a database such as "
                 "sqlite:///mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"
             )
-        folder = Path(urllib.parse.urlsplit(uri).path if uri.startswith("file:") else uri)
+        folder = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if uri.startswith("file:") else uri)
         _check_writable_place(folder)
     else:
-        check_database(uri)
+        check_database(uri, read_only)
 
 
-def _check_sqlite_file(path: Path) -> None:
+def _check_sqlite_file(path: Path, read_only: bool = False) -> None:
+    if read_only and not path.is_file():
+        raise StoreUnusable(f"there is no store {str(path)!r} here")
+    if read_only:
+        if not os.access(path, os.R_OK):
+            raise StoreUnusable(f"{str(path)!r} cannot be read")
+        return
     if path.exists():
         if path.is_dir():
             raise StoreUnusable(f"{str(path)!r} is a folder, not a database file")

@@ -179,7 +179,11 @@ def definition(session_settings, space: dict[str, BaseDistribution], options, da
         "flags": flags,
         "data": data,
         "space": {name: distribution_to_json(d) for name, d in space.items()},
-        "search": {"sampler": options.sampler, "pruner": options.pruner if options.pruning else "none"},
+        "search": {
+            "sampler": options.sampler,
+            "pruner": options.pruner if options.pruning else "none",
+            **({"fixed": {name: getattr(session_settings, name) for name in options.fixed}} if options.fixed else {}),
+        },
     }
 
 
@@ -251,15 +255,26 @@ def _check_definition(name: str, recorded: dict, wanted: dict) -> None:
             f"study {name!r} searched another space than the experiment's now ({', '.join(dict(changed))} "
             "differ); start another study with a new --study-name",
         )
+    fixed = recorded.get("search", {}).get("fixed", {}), wanted["search"].get("fixed", {})
+    if fixed[0] != fixed[1]:
+        raise StudyMismatch(
+            "--study-name",
+            f"study {name!r} fixes {_values(fixed[0]) or 'nothing'} and searches the rest, not "
+            f"{_values(fixed[1]) or 'nothing'}: continue it with the same flags, or start another with --study-name",
+        )
     for key, value in wanted["search"].items():
         was = recorded.get("search", {}).get(key, value)
-        if was != value:
+        if key != "fixed" and was != value:
             flag_ = "--no-pruning" if "none" in (was, value) and key == "pruner" else f"--{key}"
             raise StudyMismatch(
                 flag_,
                 f"study {name!r} searches with the {key} {was}, not {value}: continue it with the same, or start "
                 "another study with a new --study-name",
             )
+
+
+def _values(chosen: dict) -> str:
+    return ", ".join(f"{name}={value}" for name, value in chosen.items())
 
 
 def worker_id() -> dict[str, object]:

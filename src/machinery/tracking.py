@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,12 +27,15 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from machinery import interrupts
+from machinery import interrupts, moved_store
 from machinery.contract import DataSplit
-from machinery.stores import ServerUnavailable, create_once, public, reason
+from machinery.stores import ServerUnavailable, create_once, public, reason, sqlite_path
 
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
+# MLflow logs, traceback and all, every call that SQLite's busy timeout ends; RetryingClient makes
+# the call again, and says once that it waits.
+logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: "database is locked" not in record.getMessage())
 
 
 class TrackingUnavailable(RuntimeError):
@@ -51,6 +55,7 @@ class RetryingClient:
     """
 
     ATTEMPTS = 20
+    _said_locked = False  # once a process: that it waits for another writer
     # Why each tracking server was given up on, in this process: every client of it fails at
     # once from then on (a single worker runs in tune.py's process; the study is stopping, and
     # each further client would otherwise wait out the whole --server-patience again).
@@ -80,6 +85,10 @@ class RetryingClient:
                         raise ServerUnavailable(down) from None
                     if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
                         raise
+                    if not RetryingClient._said_locked:
+                        RetryingClient._said_locked = True
+                        print(f"{public(self._uri)} is locked by another writer: waiting for it", file=sys.stderr,
+                              flush=True)  # fmt: skip
                     time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
 
         return call
@@ -314,10 +323,19 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
     for chatty in ("mlflow.store.db.utils", "mlflow.store.model_registry.abstract_store"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        follow_a_moved_folder(uri)
         client, experiment_id = create_once(uri, lambda: _open(uri, experiment))
         return Tracker(client, uri, experiment_id, is_default)
     except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the URI is unusable
         raise TrackingUnavailable(f"cannot use the MLflow store {public(uri)!r}: {reason(error, uri)}") from error
+
+
+def follow_a_moved_folder(uri: str) -> None:
+    """A SQLite store in a folder that moved: its artifact locations follow it (see
+    machinery.moved_store), and one line says so."""
+    path = sqlite_path(uri)
+    if path is not None and os.access(path, os.W_OK) and (note := moved_store.follow(path)):
+        print(note, flush=True)
 
 
 def _open(uri: str, experiment: str) -> tuple[RetryingClient, str]:
@@ -337,4 +355,5 @@ def _experiment_id(client: RetryingClient, name: str) -> str:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+        print(f"the MLflow experiment {name!r} was deleted: it is restored, with its runs", flush=True)
     return experiment.experiment_id

@@ -3,7 +3,9 @@ results in the Optuna storage and in MLflow."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,10 +17,14 @@ from tqdm import tqdm
 from machinery import interrupts, registry, results, studies
 from machinery.contract import Experiment
 from machinery.options import DEFAULT_STORAGE
-from machinery.stores import public
-from machinery.tracking import Tracker
+from machinery.stores import public, sqlite_path
+from machinery.tracking import Tracker, connect, default_tracking_uri
 from machinery.trial import SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG, Session, TrialReport, close_run
 from machinery.workers import quiet_libraries, run_workers
+
+
+class _EndedOnAnError(Exception):
+    """The study stopped on an error: its parent run ends FAILED, and the session returns."""
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,18 @@ def tune(
         storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
         wanted = studies.definition(settings, experiment.search_space(settings), options, data.fingerprint)
         study, created = studies.open_study(storage, name, wanted)
-        tracker = open_tracker()  # only now: a continuation that is refused creates no experiment
+        # Only now: a continuation that is refused creates no store or experiment.
+        store = _the_studys_own_store(study, options, wait=not created)
+        tracker = connect(store, options.experiment) if store else open_tracker()
         uid = studies.uid(study)
         _close_what_dead_workers_left(tracker, storage, name, uid, grace)
         before = len(study.trials)
         where = f"{public(options.storage)}, study {name!r}"
         print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
+        if options.fixed:
+            searched = [name for name in wanted["space"] if name not in options.fixed]
+            fixed = ", ".join(f"{name}={getattr(settings, name)}" for name in options.fixed)
+            print(f"searching {', '.join(searched) or 'nothing'}; fixed by the command line: {fixed}", flush=True)
         notes: list[str] = []
         params = {
             "study_name": name,
@@ -79,7 +91,7 @@ def tune(
             bar.update()
 
         problems, tested, registered = [], None, None
-        with tracker.closing(parent_run_id):
+        with contextlib.suppress(_EndedOnAnError), tracker.closing(parent_run_id):
             try:
                 problems = run_workers(session, options.n_trials, options.workers, report)
             finally:
@@ -100,7 +112,26 @@ def tune(
             _print_summary(study, tracker, parent_run_id, options, test, notes)
             if interrupts.requested():  # during the trials, or while the best was tested and logged
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
+            if problems:
+                raise _EndedOnAnError("; ".join(problems))  # the parent run ends FAILED, and says why
     return SessionResult(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
+
+
+def _the_studys_own_store(study: optuna.Study, options, wait: bool) -> str | None:
+    """The MLflow store that a continued study keeps its runs in, where the command named none and
+    MLflow's default here is another (it was run from another folder): the study's, if it is a
+    file that is there; else None, for the store the command would use. A store named by
+    --tracking-uri or MLFLOW_TRACKING_URI is the one used."""
+    if options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    recorded = studies.recorded_parent_runs(study, wait=wait)
+    if not recorded or public(default_tracking_uri()) in recorded:
+        return None
+    theirs = [uri for uri in recorded if (path := sqlite_path(uri)) is not None and path.is_file()]
+    if theirs:
+        print(f"study {study.study_name!r} keeps its MLflow runs in {theirs[0]}: so does this session "
+              "(--tracking-uri chooses another store)", flush=True)  # fmt: skip
+    return theirs[0] if theirs else None
 
 
 def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str):

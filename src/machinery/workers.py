@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from machinery import collector, files, forking, interrupts, studies
+from machinery import collector, console, files, forking, interrupts, studies
 from machinery.forking import available_cores
 from machinery.imports import import_files
 from machinery.samplers import make_pruner, make_sampler
@@ -65,7 +65,9 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
     study = optuna.load_study(
         study_name=options.study_name,
         storage=storage,
-        sampler=make_sampler(options.sampler, session.settings.seed),
+        sampler=make_sampler(
+            options.sampler, session.settings.seed, {name: getattr(session.settings, name) for name in options.fixed}
+        ),
         pruner=make_pruner(options.pruner, options.pruning, session.settings.max_epochs),
     )
     running: list[int] = []  # the id of the trial this worker runs now
@@ -222,6 +224,7 @@ def quiet_libraries(verbose: bool) -> None:
 
 def _prepare_worker(threads: int, verbose: bool) -> None:
     collector.freeze_imports()  # a fork of the server, which imported it all with the collector paused
+    console.forgive()  # a worker's lines (a library's warning, say) share tune.py's stdout and stderr
     torch.set_num_threads(threads)
     quiet_libraries(verbose)
 

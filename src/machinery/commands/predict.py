@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from machinery import cli, collector
+from machinery import cli, collector, console
 from machinery.options import registered_name
 
 # An answer less likely than this is said to be uncertain: the picture may not show one thing
@@ -18,6 +18,7 @@ MAX_PIXELS, WORKING_SIDE = 200_000_000, 2048
 
 
 def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] | None = None) -> int:
+    console.forgive()
     default_model = f"models:/{registered_name(settings_class().task)}@champion"
     parser = cli.Parser(doc)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="pictures of one thing each (PNG or JPEG)")
@@ -40,7 +41,8 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     experiment = cli.load(experiment_path)
     collector.freeze_imports()  # torch and Lightning, with the experiment
 
-    model_uri, tracking_uri = args.model, cli.check_tracking(parser, args.tracking_uri)
+    model_uri = args.model
+    tracking_uri = cli.check_tracking(parser, args.tracking_uri, read_only=True, hint="a study registers a model there")
     card = _card(parser, model_uri, tracking_uri, default_model)
     kind = experiment.datasets.get(card.dataset or card.task)
     prepare = getattr(kind, "picture", None)
@@ -109,7 +111,9 @@ def _card(parser, model_uri: str, tracking_uri: str, default_model: str):
 
     from machinery.registry import card_of
     from machinery.stores import public, reason
+    from machinery.tracking import follow_a_moved_folder
 
+    follow_a_moved_folder(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         return card_of(model_uri)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from machinery import cli, collector
+from machinery import cli, collector, console
 from machinery.options import TrainOptions
 
 
 def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] | None = None) -> int:
     # Every flag, store address and size is checked before any data is fetched or any store or
     # run is created.
+    console.forgive()  # output that goes nowhere costs lines, never the run
     found = []  # the trial or run that --from-trial or --from-run names, once read
 
     def recorded(parser, options: TrainOptions) -> dict:
@@ -34,8 +35,8 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
 
     experiment = cli.load(experiment_path)
     collector.freeze_imports()
-    cli.check_memory(parser, experiment, settings)
-    cli.prepare_data(parser, experiment, settings)
+    cli.check_memory(parser, experiment, settings, options.verbose)
+    cli.prepare_data(parser, experiment, settings, options.verbose)
     tracker = cli.connect_tracking(parser, options.tracking_uri, options.experiment)
     if found:
         what = f"trial {options.from_trial}" if options.from_trial else f"run {options.from_run}"

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import time
 
-from machinery import cli, collector
+from machinery import cli, collector, console
 from machinery.options import TuneOptions
 
 
@@ -15,6 +15,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
          started: float | None = None) -> int:  # fmt: skip
     """``started`` (a time.time()) is when the command began: --timeout counts from there."""
     started = time.time() if started is None else started
+    console.forgive()  # output that goes nowhere costs lines, never the study
 
     def start_workers_imports(options: TuneOptions) -> None:
         """With several workers, start the server they are forked from as soon as the flags parse:
@@ -40,8 +41,9 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
 
     experiment = cli.load(experiment_path)
     collector.freeze_imports()
+    options = dataclasses.replace(options, fixed=cli.fix_searched(parser, experiment, settings))
     options = dataclasses.replace(options, workers=cli.check_workers(parser, experiment, settings, options))
-    cli.prepare_data(parser, experiment, settings)  # here, once, before any worker starts
+    cli.prepare_data(parser, experiment, settings, options.verbose)  # here, once, before any worker starts
     http_patience(options.server_patience)
     deadline = None if options.timeout is None else started + options.timeout
     try:
