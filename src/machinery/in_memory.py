@@ -171,6 +171,12 @@ def _read_and_split(data: InMemoryImages) -> dict[str, Split]:
         n = len(labels)
         if not 0 < data.held_out < n:
             raise SettingError(data.held_out_by, f"{data.held_out} of {n} images to validate on leaves none to train")
+        if n - data.held_out < tenth(n):  # a model of a few images, validated on a lucky few hundred
+            raise SettingError(
+                data.held_out_by,
+                f"{data.held_out} of {n} images to validate on leaves {n - data.held_out} to train: fewer than a "
+                f"tenth; hold out at most {n - tenth(n)}",
+            )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
         val, fit = order[: data.held_out], order[data.held_out :]
         splits = {**splits, "train": (images[fit], labels[fit]), "val": (images[val], labels[val])}

@@ -14,8 +14,10 @@ says which task it was trained for (its ``task``), so that a reader can prepare 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,25 +60,48 @@ def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: M
     # log_model works through MLflow's fluent API: its store, and the experiment the logged
     # model belongs to (without this, MLflow's Default experiment, 0, not the run's).
     mlflow.set_tracking_uri(tracker.tracking_uri)
-    mlflow.set_experiment(experiment_id=tracker.experiment_of(run_id))
-    info = Model.log(
-        artifact_path=None,  # MLflow 3 names a logged model instead
-        name=MODEL_NAME,
-        flavor=_CpuPinnedPyTorch,
-        run_id=run_id,
-        pytorch_model=module,
-        signature=infer_signature(example, output),
-        input_example=example,
-        serialization_format="pt2",
-        # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        metadata={
-            "task": task,
-            "dataset": next((name for name, kind in datasets.items() if type(data) is kind), None),
-            "classes": [str(name) for name in data.classes],
-        },
-    )
+    experiment_id = tracker.experiment_of(run_id)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    with _discarded_if_cut_off(tracker, experiment_id, run_id):
+        info = Model.log(
+            artifact_path=None,  # MLflow 3 names a logged model instead
+            name=MODEL_NAME,
+            flavor=_CpuPinnedPyTorch,
+            run_id=run_id,
+            pytorch_model=module,
+            signature=infer_signature(example, output),
+            input_example=example,
+            serialization_format="pt2",
+            # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={
+                "task": task,
+                "dataset": next((name for name, kind in datasets.items() if type(data) is kind), None),
+                "classes": [str(name) for name in data.classes],
+            },
+        )
     return info.model_id
+
+
+@contextlib.contextmanager
+def _discarded_if_cut_off(tracker: Tracker, experiment_id: str, run_id: str):
+    """Logging a model writes its files, then marks it READY: cut off in between (a full disk),
+    it would stay PENDING with half its files. Its files are deleted instead (freeing what they
+    took), and it is marked FAILED where the store still takes a write."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            pending = tracker.client.search_logged_models(
+                [experiment_id], filter_string=f"source_run_id = '{run_id}' AND status = 'PENDING'"
+            )
+            for model in pending:
+                location = model.artifact_location.removeprefix("file://")
+                if os.path.isabs(location):
+                    shutil.rmtree(location, ignore_errors=True)
+                with contextlib.suppress(Exception):
+                    tracker.client.finalize_logged_model(model.model_id, "FAILED")
+        raise
 
 
 @dataclass(frozen=True)
@@ -117,7 +142,9 @@ class Registered:
     champion: int
     previous_champion: int | None
     champion_val_loss: float
-    comparable: bool = True  # validated on the same data as the champion
+    comparable: bool = True  # validated on the same data as the champion, or measured on this one's
+    judged_here: bool = False  # the champion's val_loss was measured on this version's validation data
+    rival_val_loss: float | None = None  # the former champion's, measured so, where this one took the alias
 
     def line(self) -> str:
         where = f"models:/{self.name}@{ALIAS}"
@@ -126,6 +153,16 @@ class Registered:
                 f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, "
                 "validated on other data, whose val_loss says nothing of this one's (--registered-model NAME "
                 "starts a registered model of its own)"
+            )
+        if self.judged_here:
+            return (
+                f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, whose "
+                f"val_loss on this one's validation data, {self.champion_val_loss:.4f}, is no higher"
+            )
+        if self.rival_val_loss is not None and self.champion == self.version:
+            return (
+                f"registered as {self.name} version {self.version}: now {where} (version {self.previous_champion}, "
+                f"validated on other data, has a val_loss of {self.rival_val_loss:.4f} on this one's)"
             )
         if self.champion == self.version == self.previous_champion:  # a study's best, registered before
             return f"{self.name} version {self.version} is this best model, as registered before: still {where}"
@@ -146,14 +183,16 @@ def register(
     val_loss: float,
     same: tuple[str, ...] = (),
     validated_on: str | None = None,
+    judge: Callable[[dict[str, str]], float | None] | None = None,
 ) -> Registered:
     """Add the logged model ``model_id`` to the registered model ``name`` (created on first use),
     with ``tags`` and its ``val_loss`` on the version, and point the alias at the version with
     the lowest val_loss, which is this one when it is better than the champion. A version whose
     ``same`` tags equal these (the same trial of the same study, registered by an earlier
-    session) is taken instead of a new one. Only versions whose tag ``validated_on`` (the
-    validation data) equals this one's are compared: a val_loss measured on other data says
-    nothing of this one's, so a champion validated on other data stays.
+    session) is taken instead of a new one. Versions whose tag ``validated_on`` (the validation
+    data) equals this one's are compared by their val_loss. A champion validated on other data
+    is compared on this one's: ``judge(its tags)`` measures its val_loss there (a lucky split of
+    a few images keeps the alias no longer), and where it cannot, the champion stays.
 
     Judged over every version rather than against the champion alone, so that two studies that
     register at the same moment agree on the result.
@@ -184,7 +223,7 @@ def register(
     # the alias overwrites whatever another study set after we read, and the first setting of a
     # new alias refuses the second as a duplicate key: so read again after every write, until a
     # reading finds the alias on the best version registered.
-    before = None
+    before, judged, rival = None, {}, None
     for attempt in range(5):
         versions = client.search_model_versions(f"name = '{name}'")
         try:
@@ -194,10 +233,17 @@ def register(
         if attempt == 0:
             before = previous  # what this study found: its line says what it changed
         ours = [v for v in versions if "val_loss" in v.tags and data_of(v.tags) == data_of(version_tags)]
+        # On a tie, the newest: a model trained again to stand for a damaged one takes its place.
+        best = min(ours, key=lambda v: (float(v.tags["val_loss"]), -int(v.version)))
         champion_version = next((v for v in versions if int(v.version) == previous), None)
         if champion_version is not None and data_of(champion_version.tags) != data_of(version_tags):
-            return Registered(name, version, previous, before, float(champion_version.tags["val_loss"]), False)
-        best = min(ours, key=lambda v: (float(v.tags["val_loss"]), int(v.version)))
+            if previous not in judged:  # its val_loss on this version's validation data
+                judged[previous] = judge(dict(champion_version.tags)) if judge else None
+            if judged[previous] is None:
+                return Registered(name, version, previous, before, float(champion_version.tags["val_loss"]), False)
+            if judged[previous] <= float(best.tags["val_loss"]):
+                return Registered(name, version, previous, before, judged[previous], judged_here=True)
+            rival = judged[previous]
         champion = int(best.version)
         if champion == previous:
             break
@@ -206,4 +252,4 @@ def register(
         except MlflowException as error:
             if attempt == 4 or not lost_a_race(error):
                 raise
-    return Registered(name, version, champion, before, float(best.tags["val_loss"]))
+    return Registered(name, version, champion, before, float(best.tags["val_loss"]), rival_val_loss=rival)

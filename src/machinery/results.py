@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -83,6 +85,7 @@ class Tested:
     metrics: dict[str, float]
     model_id: str
     data: list  # its data's splits (contract.DataSplit): what it was trained, validated and tested on
+    datamodule: Any  # that data, to measure a champion validated on other data by (see judge_on)
 
 
 def evaluate_best_trial(
@@ -112,7 +115,30 @@ def evaluate_best_trial(
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
     model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task, experiment.datasets)
-    return Tested(best, test, model_id, data.describe())
+    return Tested(best, test, model_id, data.describe(), data)
+
+
+def judge_on(experiment, data, accelerator: str, tracker: Tracker) -> Callable[[dict[str, str]], float | None]:
+    """How a registered version does on ``data``'s validation split: its val_loss, measured by the
+    experiment's own module, built from the settings its tags hold and given the weights of the
+    checkpoint of the run its tags name. None where that cannot be had: a version registered
+    without them, a run whose artifacts are gone, a model for inputs of another shape."""
+    from machinery.retraining import typed
+    from machinery.training import CHECKPOINT_ARTIFACT, evaluate, load_weights
+
+    def judge(tags: dict[str, str]) -> float | None:
+        settings = typed(experiment.settings, tags)
+        if "run_id" not in tags or not settings:
+            return None
+        try:
+            model, _ = experiment.build(settings_of(experiment.settings, settings))
+            with tempfile.TemporaryDirectory() as tmp:
+                load_weights(model, tracker.download_artifact(tags["run_id"], str(CHECKPOINT_ARTIFACT), tmp))
+            return evaluate(model, data, accelerator, "val")["val_loss"]
+        except Exception:  # noqa: BLE001 - whatever stands in the way, the version cannot be measured here
+            return None
+
+    return judge
 
 
 def settings_of(settings_class: type, recorded: dict):

@@ -73,12 +73,18 @@ def from_run(tracking_uri: str, run_id: str, settings_class: type) -> Recorded:
         raise NotRecorded(
             "--from-run", f"run {run_id} is study {study!r}'s own run: name one of its trials' runs, or --from-trial"
         )
-    hints = typing.get_type_hints(settings_class)
-    fields = [field for field in dataclasses.fields(settings_class) if field.name in params]
-    if not fields:
+    settings = typed(settings_class, params)
+    if not settings:
         raise NotRecorded("--from-run", f"run {run_id} logged none of the settings: no run of train.py or a trial")
-    settings = {field.name: _value(params[field.name], hints[field.name]) for field in fields}
     return Recorded(settings, int(params[THREADS]) if THREADS in params else None)
+
+
+def typed(settings_class: type, texts: dict[str, str]) -> dict:
+    """The settings among ``texts`` (a run's params, a registered version's tags), each read back
+    as its field's type."""
+    hints = typing.get_type_hints(settings_class)
+    fields = [field for field in dataclasses.fields(settings_class) if field.name in texts]
+    return {field.name: _value(texts[field.name], hints[field.name]) for field in fields}
 
 
 def _value(text: str, kind) -> object:

@@ -5,6 +5,7 @@ processes start on an empty store at the same moment."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
@@ -34,14 +35,19 @@ class ServerUnavailable(RuntimeError):
     without its password."""
 
 
-def create_once(url: str, create: Callable[[], T]) -> T:
+def create_once(url: str, create: Callable[[], T], make_tables: Callable[[str], None] | None = None) -> T:
     """``create()`` opens the store at ``url``, making its tables on first use.
 
     Two processes making the tables of one empty store at the same moment fail each other
     (seen with two tune.py in an empty folder: "table datasets already exists", or an Alembic
-    migration that found its row gone). On SQLite, an exclusive flock on the database file
+    migration that found its row gone). On SQLite, an exclusive flock on the database's folder
     makes them take turns; a server database gets a few tries instead, since the loser's
     transaction is rolled back whole and on its next try finds the tables made.
+
+    A new SQLite store is made whole or not at all: ``make_tables(url)`` makes its tables in a
+    file beside it, which takes its name only once they are all there. A store whose first
+    making was cut off (a full disk: "database or disk is full") once refused every later run
+    ("table _alembic_tmp_tags already exists"); now it is simply not there.
     """
     path = sqlite_path(url)
     if path is None:
@@ -52,12 +58,26 @@ def create_once(url: str, create: Callable[[], T]) -> T:
                 if attempt == 4:
                     raise
                 time.sleep(random.uniform(0.2, 1.0))
-    # An empty file is a valid new SQLite database. The flock is not one of SQLite's own
-    # (POSIX) locks; closing it drops those of this process on the file, which holds none
-    # outside a transaction, and none is open once create() returns.
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    # The flock is not one of SQLite's own (POSIX) locks, and is on the folder, not the file:
+    # the file may not be there yet.
+    folder = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if make_tables is not None and (not path.exists() or path.stat().st_size == 0):  # empty: a new store
+            _made_whole(path, make_tables)
         return create()
+    finally:
+        os.close(folder)
+
+
+def _made_whole(path: Path, make_tables: Callable[[str], None]) -> None:
+    new = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        make_tables("sqlite:///" + urllib.parse.quote(str(new)))
+        os.replace(new, path)
+    finally:
+        for leftover in (new, *(new.with_name(new.name + end) for end in ("-journal", "-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)
 
 
 def public(url: str) -> str:
@@ -169,6 +189,24 @@ def _check_writable_place(folder: Path) -> None:
 
 def _connect_timeout(kind: str) -> dict:
     return {"connect_timeout": 10} if kind in ("postgresql", "mysql") else {}
+
+
+# What a command says when a disk filled under it.
+DISK_FULL = "the disk is full: free some space and run the same command again (what finished is kept)"
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or what caused it, says that a disk is full: an OSError's ENOSPC, or
+    SQLite's "database or disk is full" however it was passed on."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(error) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def reason(error: BaseException, *urls: str) -> str:

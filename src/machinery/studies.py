@@ -78,7 +78,7 @@ def open_storage(
                 patience=patience,
             )
 
-    return stores.create_once(url, create)
+    return stores.create_once(url, create, lambda new: RDBStorage(new, engine_kwargs=engine_kwargs).engine.dispose())
 
 
 class PatientStorage(RDBStorage):

@@ -29,13 +29,16 @@ from mlflow.tracking import MlflowClient
 
 from machinery import interrupts, moved_store
 from machinery.contract import DataSplit
-from machinery.stores import ServerUnavailable, create_once, public, reason, sqlite_path
+from machinery.stores import ServerUnavailable, create_once, disk_full, public, reason, sqlite_path
 
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
-# MLflow logs, traceback and all, every call that SQLite's busy timeout ends; RetryingClient makes
-# the call again, and says once that it waits.
-logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: "database is locked" not in record.getMessage())
+# MLflow logs, traceback and all, every call that its database refuses (SQLite's busy timeout, a
+# full disk), and then raises it: RetryingClient makes a locked call again, and says once that it
+# waits; the rest is said in one line by whoever stops on it.
+logging.getLogger("mlflow.store.db.utils").addFilter(
+    lambda record: not record.getMessage().startswith("SQLAlchemy database error")
+)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -176,8 +179,11 @@ class Tracker:
                 self.end_run(run_id, "KILLED", {"error": why})
             raise
         except BaseException as error:
-            with contextlib.suppress(ServerUnavailable):
+            try:
                 self.end_run(run_id, "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]})
+            except Exception as closing:  # noqa: BLE001 - a server gone, a disk full: the block's error says it
+                if not (isinstance(closing, ServerUnavailable) or disk_full(closing)):
+                    raise
             raise
         else:
             self.end_run(run_id, "FINISHED")
@@ -324,10 +330,16 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         follow_a_moved_folder(uri)
-        client, experiment_id = create_once(uri, lambda: _open(uri, experiment))
+        client, experiment_id = create_once(uri, lambda: _open(uri, experiment), _make_tables)
         return Tracker(client, uri, experiment_id, is_default)
     except Exception as error:  # noqa: BLE001 - whatever MLflow raises, the URI is unusable
-        raise TrackingUnavailable(f"cannot use the MLflow store {public(uri)!r}: {reason(error, uri)}") from error
+        why = reason(error, uri)
+        if disk_full(error):
+            why += ": free some space on its disk, and run again"
+        elif "already exists" in why and sqlite_path(uri) is not None:
+            why += (": it was left half-made when it was first made (by an older version of this project, on a "
+                    "full disk, say); if it holds no runs, delete it and run again")  # fmt: skip
+        raise TrackingUnavailable(f"cannot use the MLflow store {public(uri)!r}: {why}") from error
 
 
 def follow_a_moved_folder(uri: str) -> None:
@@ -336,6 +348,13 @@ def follow_a_moved_folder(uri: str) -> None:
     path = sqlite_path(uri)
     if path is not None and os.access(path, os.W_OK) and (note := moved_store.follow(path)):
         print(note, flush=True)
+
+
+def _make_tables(uri: str) -> None:
+    """A new store's tables, as MLflow makes them on its first use, and nothing else."""
+    client = MlflowClient(uri)
+    client.search_experiments()
+    client._tracking_client.store.engine.dispose()  # the file is about to take another name
 
 
 def _open(uri: str, experiment: str) -> tuple[RetryingClient, str]:

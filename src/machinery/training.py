@@ -252,6 +252,11 @@ def fit(
 
 def evaluate_on_test(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str) -> dict[str, float]:
     """test_loss and test_acc of ``model`` on ``data``'s test split."""
+    return evaluate(model, data, accelerator, "test")
+
+
+def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str, split: str) -> dict[str, float]:
+    """``split``_loss and ``split``_acc of ``model`` on ``data``'s "test" or "val" split."""
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -260,8 +265,9 @@ def evaluate_on_test(model: pl.LightningModule, data: pl.LightningDataModule, ac
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    _interruptible(trainer.test, model, datamodule=data, verbose=False)
-    return {name: float(trainer.callback_metrics[name]) for name in ("test_loss", "test_acc")}
+    run = trainer.test if split == "test" else trainer.validate
+    _interruptible(run, model, datamodule=data, verbose=False)
+    return {name: float(trainer.callback_metrics[name]) for name in (f"{split}_loss", f"{split}_acc")}
 
 
 def load_weights(model: pl.LightningModule, checkpoint: str) -> pl.LightningModule:

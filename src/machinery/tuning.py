@@ -19,7 +19,7 @@ from machinery.contract import Experiment
 from machinery.options import DEFAULT_STORAGE
 from machinery.stores import public, sqlite_path
 from machinery.tracking import Tracker, connect, default_tracking_uri
-from machinery.trial import SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG, Session, TrialReport, close_run
+from machinery.trial import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG, Session, TrialReport, close_run
 from machinery.workers import quiet_libraries, run_workers
 
 
@@ -105,7 +105,8 @@ def tune(
                 except results.NotEvaluated as why:
                     notes.append(f"test evaluation skipped: {why}")
             if tested and options.registered_model:
-                registered = _register(tracker, study.study_name, uid, tested, options.registered_model)
+                judge = results.judge_on(experiment, tested.datamodule, options.accelerator, tracker)
+                registered = _register(tracker, study.study_name, uid, tested, options.registered_model, judge)
                 notes.append(registered.line())
             notes += _still_running_elsewhere(study, grace)
             test = tested.metrics if tested else None
@@ -134,14 +135,15 @@ def _the_studys_own_store(study: optuna.Study, options, wait: bool) -> str | Non
     return theirs[0] if theirs else None
 
 
-def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str):
-    """Register the tested best trial's model, with what it is on the version."""
+def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str, judge):
+    """Register the tested best trial's model, with what it is on the version (the trial's run:
+    its checkpoint, for a later study validated on other data to measure it by)."""
     trial = tested.trial
-    facts = {"study": study_name, "study_uid": uid, "trial": trial.number, "val_acc": trial.user_attrs["val_acc"]}
+    facts = {"study": study_name, "study_uid": uid, "trial": trial.number, "run_id": trial.user_attrs[RUN_ATTR],
+             "val_acc": trial.user_attrs["val_acc"]}  # fmt: skip
     tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **tested.metrics)
-    return registry.register(
-        tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"), validated_on="validation_data"
-    )
+    return registry.register(tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"),
+                             validated_on="validation_data", judge=judge)  # fmt: skip
 
 
 def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:

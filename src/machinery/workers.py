@@ -26,7 +26,7 @@ from machinery import collector, console, files, forking, interrupts, studies
 from machinery.forking import available_cores
 from machinery.imports import import_files
 from machinery.samplers import make_pruner, make_sampler
-from machinery.stores import reason
+from machinery.stores import DISK_FULL, disk_full, reason
 from machinery.tracking import RetryingClient, Tracker
 from machinery.training import TrainingDiverged
 from machinery.trial import Session, TrialReport, close_run, objective
@@ -234,6 +234,8 @@ def _one_line(error: BaseException, session: Session) -> str:
     its traceback on stderr first)."""
     if session.options.verbose:
         traceback.print_exception(error)
+    if disk_full(error):
+        return DISK_FULL
     return f"{type(error).__name__}: {reason(error, session.options.storage, session.tracking_uri)}"
 
 

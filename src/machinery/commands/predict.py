@@ -67,9 +67,18 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     if not pixels:
         return 1
 
+    import logging
+
     import mlflow
 
-    scores = mlflow.pyfunc.load_model(model_uri).predict(batch)
+    # torch.export logs, traceback and all, a model file it cannot read before it raises; the
+    # one line below says what is wrong.
+    logging.getLogger("torch.export").setLevel(logging.CRITICAL)
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except Exception as error:  # noqa: BLE001 - a file missing, truncated, garbled: each its own exception
+        cli.fail(parser.prog, damaged(model_uri, error))
+    scores = model.predict(batch)
     probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     for name, p in zip(names, probabilities, strict=True):
@@ -118,6 +127,42 @@ def _card(parser, model_uri: str, tracking_uri: str, default_model: str):
     try:
         return card_of(model_uri)
     except (MlflowException, OSError) as error:
-        hint = "; a study registers it: python scripts/tune.py" if model_uri == default_model else ""
-        why = reason(error, tracking_uri)
-        parser.error(f"argument --model: cannot load {model_uri} from {public(tracking_uri)}: {why}{hint}")
+        if isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            hint = "; a study registers it: python scripts/tune.py" if model_uri == default_model else ""
+            why = reason(error, tracking_uri)
+            parser.error(f"argument --model: cannot load {model_uri} from {public(tracking_uri)}: {why}{hint}")
+        cli.fail(parser.prog, damaged(model_uri, error))
+    except Exception as error:  # noqa: BLE001 - its description (MLmodel) is not what MLflow reads
+        cli.fail(parser.prog, damaged(model_uri, error))
+
+
+def damaged(model_uri: str, error: BaseException) -> str:
+    """A model that is registered but cannot be loaded, as one line: which version, what is wrong,
+    and what brings a good one back."""
+    import mlflow
+
+    from machinery.stores import reason
+
+    said = f"{model_uri} cannot be loaded: its files are damaged ({type(error).__name__}: {reason(error)})"
+    name, _, rest = model_uri.removeprefix("models:/").partition("@")
+    try:
+        client = mlflow.tracking.MlflowClient()
+        version = client.get_model_version_by_alias(name, rest) if rest else None
+    except Exception:  # noqa: BLE001 - no registry, no such alias: only the model's own URI to go by
+        version = None
+    if version is None:
+        return said
+    tags = version.tags
+    again = (
+        f"python scripts/train.py --from-trial {tags['study']}:{tags['trial']} --register"
+        if "study" in tags and "trial" in tags
+        else f"python scripts/train.py --from-run {tags['run_id']} --register"
+        if "run_id" in tags
+        else None
+    )  # fmt: skip
+    others = f"--model models:/{name}/VERSION for another version"
+    return (
+        f"{said}: it is version {version.version} of {name}; "
+        + (f"train it again: {again}, or " if again else "")
+        + others
+    )

@@ -27,10 +27,10 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
 
     import torch
 
-    from machinery import interrupts, registry
+    from machinery import interrupts, registry, results
     from machinery.contract import SettingError
     from machinery.space import format_value
-    from machinery.stores import public
+    from machinery.stores import DISK_FULL, disk_full, public
     from machinery.training import TrainingDiverged, fit
 
     experiment = cli.load(experiment_path)
@@ -61,14 +61,21 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
                 facts = {"run_id": run_id, "val_acc": result.val_acc, "test_acc": result.test_acc,
                          "test_loss": result.test_loss}  # fmt: skip
                 tags = registry.version_tags(dataclasses.asdict(settings), data.describe(), **facts)
-                registered = registry.register(tracker, model_id, options.registered_model, tags, result.val_loss,
-                                               same=("run_id",), validated_on="validation_data")  # fmt: skip
+                judge = results.judge_on(experiment, data, options.accelerator, tracker)
+                registered = registry.register(
+                    tracker, model_id, options.registered_model, tags, result.val_loss, same=("run_id",),
+                    validated_on="validation_data", judge=judge,
+                )  # fmt: skip
     except SettingError as error:
         cli.setting_error(parser, settings, error)
     except TrainingDiverged as error:
         cli.fail(parser.prog, str(error))
     except KeyboardInterrupt:
         cli.fail(parser.prog, f"{interrupts.describe()}; the MLflow run is marked KILLED", interrupts.exit_code())
+    except Exception as error:  # noqa: BLE001 - a disk that filled is said in one line; anything else as ever
+        if not disk_full(error):
+            raise
+        cli.fail(parser.prog, DISK_FULL)
     if interrupts.requested():  # while the model was logged: the run is complete, and says so
         cli.fail(parser.prog, f"{interrupts.describe()} after the run was complete", interrupts.exit_code())
 

@@ -34,7 +34,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     cli.check_tracking(parser, options.tracking_uri)
 
     from machinery import interrupts
-    from machinery.stores import ServerUnavailable
+    from machinery.stores import DISK_FULL, ServerUnavailable, disk_full
     from machinery.studies import StudyMismatch
     from machinery.tracking import http_patience
     from machinery.tuning import tune
@@ -58,6 +58,10 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         parser.error(f"argument {error.flag}: {error}")
     except ServerUnavailable as error:
         cli.fail(parser.prog, f"{error}; the study stopped, and what could be closed was")
+    except Exception as error:  # noqa: BLE001 - a disk that filled is said in one line; anything else as ever
+        if not disk_full(error):
+            raise
+        cli.fail(parser.prog, DISK_FULL)
     except KeyboardInterrupt:
         what = "finished trials are kept, the others and their MLflow runs are closed"
         cli.fail(parser.prog, f"{interrupts.describe()}; {what}", interrupts.exit_code())
