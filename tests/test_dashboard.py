@@ -4,6 +4,7 @@ it with "database is locked", optuna-dashboard issue 545)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,10 +15,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from conftest import read_trials, tune_args, wait_for
+from conftest import ROOT, read_trials, tune_args, wait_for
 from workbench.servers import free_port
-
-pytestmark = pytest.mark.slow
 
 DASHBOARD = Path(sys.executable).parent / "optuna-dashboard"
 
@@ -27,6 +26,7 @@ def api(port: int, path: str) -> dict:
         return json.load(response)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DASHBOARD.exists(), reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'")
 def test_the_dashboard_follows_a_live_study_and_the_study_ends_well(run_script, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -64,3 +64,22 @@ def _studies(port: int) -> list[dict]:
         return api(port, "/api/studies")["study_summaries"]
     except OSError:
         return []
+
+
+@pytest.mark.parametrize("before", ["no file", "an empty file"])
+def test_make_dashboard_before_the_first_study_is_one_line_and_creates_nothing(tmp_path, before, capsys, monkeypatch):
+    """make dashboard runs scripts/dashboard.py: optuna-dashboard itself made an empty optuna.db
+    and failed on it with an 88-line traceback."""
+    spec = importlib.util.spec_from_file_location("dashboard_script", ROOT / "scripts" / "dashboard.py")
+    dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dashboard)
+    if before == "an empty file":
+        (tmp_path / "optuna.db").touch()
+    monkeypatch.setattr(sys, "argv", ["dashboard.py"])  # argparse names the script after it
+    with pytest.raises(SystemExit) as exit_:
+        dashboard.main([])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and line.startswith("dashboard.py: error: argument --storage: ")
+    assert line.endswith(": make taste or make tune first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if before == "no file" else ["optuna.db"])
+    assert not (tmp_path / "optuna.db").exists() or (tmp_path / "optuna.db").stat().st_size == 0

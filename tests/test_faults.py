@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 import weakref
 
@@ -243,12 +244,89 @@ def test_an_error_of_a_trials_own_code_is_said_as_it_is_and_ends_the_study(
     assert "trial   0 FAIL" in result.stdout and "given up by another process" not in result.stdout
     [trial] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")  # the first trial ended the study
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "a shape this network cannot take"
-    [run] = [
-        r
-        for r in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
-        if "optuna.trial" in r.data.tags
-    ]
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    [run] = [r for r in runs if "optuna.trial" in r.data.tags]
+    [parent] = [r for r in runs if "optuna.trial" not in r.data.tags]
     assert run.info.status == "FAILED"
+    assert parent.info.status == "FAILED" and "a shape this network cannot take" in parent.data.tags["error"]
+
+
+NETWORK_OF_ONES_OWN = """from tiny.experiment import NETWORKS, Dense
+
+
+class Unbuilt(Dense):
+    def __init__(self, input_shape, num_classes, width):
+        super().__init__(input_shape, num_classes, width)
+        raise RuntimeError("a layer I have not written yet")
+
+
+class Misshapen(Dense):
+    def forward(self, x):
+        return super().forward(x[:, :, :3])
+
+
+NETWORKS["unbuilt"], NETWORKS["misshapen"] = Unbuilt, Misshapen
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "line", "said"),
+    [("unbuilt", 7, "RuntimeError: a layer I have not written yet"), ("misshapen", 12, "RuntimeError: a and b must")],
+)
+@pytest.mark.parametrize("script", ["train.py", "tune.py"])
+def test_a_network_of_ones_own_that_raises_is_one_line_naming_its_file(
+    call_script, tiny_data, tmp_path, monkeypatch, script, model, line, said
+):
+    (tmp_path / "mine.py").write_text(NETWORK_OF_ONES_OWN)
+    # What --import registers, and the module it imports once a process, are taken out after the test.
+    monkeypatch.setitem(tiny.NETWORKS, "unbuilt", None)
+    monkeypatch.setitem(tiny.NETWORKS, "misshapen", None)
+    monkeypatch.delitem(sys.modules, "imported_mine", raising=False)
+    result = call_script(script, "--import", "mine.py", "--model", model, "--data-dir", str(tiny_data))
+    [error] = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and error.startswith(f"{script}: error: mine.py:{line}: {said}"), result.stderr
+    assert not [name for name in STORES if (tmp_path / name).exists()]
+    shown = call_script(script, "--import", "mine.py", "--model", model, "--data-dir", str(tiny_data), "--verbose")
+    assert "Traceback" in shown.stderr and shown.stderr.strip().splitlines()[-1] == error
+
+
+def test_a_searched_setting_named_on_the_command_line_is_fixed_and_the_rest_searched(call_script, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = call_script("tune.py", *tune_args(tiny_data, "--batch-size", "64", "--n-trials", "3", "--workers", "1"))
+    assert result.returncode == 0, result.stderr
+    assert "searching lr, width; fixed by the command line: batch_size=64" in result.stdout
+    study = optuna.load_study(study_name="blocks-dense", storage=storage)
+    assert [t.params["batch_size"] for t in study.trials] == [64] * 3
+    assert len({(t.params["lr"], t.params["width"]) for t in study.trials}) == 3  # the others searched
+    assert study.user_attrs["definition"]["search"]["fixed"] == {"batch_size": 64}
+
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1"))  # the study fixes it: so must this
+    assert_flag_error(again, "tune.py", "--study-name")
+    assert "fixes batch_size=64 and searches the rest, not nothing" in again.stderr
+    outside = call_script("tune.py", *tune_args(tiny_data, "--batch-size", "7", "--study-name", "other"))
+    assert_flag_error(outside, "tune.py", "--batch-size")
+    assert "7 is outside the space a study searches" in outside.stderr and len(study.trials) == 3
+
+
+def test_a_split_that_leaves_almost_nothing_to_train_on_is_refused(call_script, tiny_data, tmp_path):
+    for script in ("train.py", "tune.py"):
+        result = call_script(script, "--data-dir", str(tiny_data), "--val-size", "460")
+        assert_flag_error(result, script, "--val-size")
+        assert "460 of 500 images to validate on leaves 40 to train: fewer than a tenth; hold out at most 450" in (
+            result.stderr
+        )
+        assert not [name for name in STORES if (tmp_path / name).exists()]
+
+
+def test_a_deleted_mlflow_experiment_that_a_study_continues_in_is_restored_and_said(call_script, tiny_data, tmp_path):
+    first = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1"))
+    assert first.returncode == 0, first.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_experiment(client.get_experiment_by_name("blocks-tune").experiment_id)
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1"))
+    assert again.returncode == 0, again.stderr
+    assert "the MLflow experiment 'blocks-tune' was deleted: it is restored, with its runs" in again.stdout
+    assert client.get_experiment_by_name("blocks-tune").lifecycle_stage == "active"
 
 
 def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_data, tmp_path):

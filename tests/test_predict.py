@@ -92,6 +92,89 @@ def test_predict_reads_pictures_of_real_digits(champion, tmp_path):
     assert [line[: len(e)] for line, e in zip(lines, expected, strict=True)] == expected
 
 
+# predict.py's own faults, with the tiny experiment's champion.
+
+
+@pytest.fixture
+def tiny_champion(call_script, tiny_data, tmp_path):
+    """The tiny experiment's model, registered as blocks-classifier@champion in this folder's
+    store, and a picture of a block to read; returns the picture."""
+    trained = call_script("train.py", "--register", "--data-dir", str(tiny_data))
+    assert trained.returncode == 0, trained.stderr
+    picture = tmp_path / "block.png"
+    Image.new("RGB", (40, 40), (200, 200, 200)).save(picture)
+    return picture
+
+
+def model_files(folder) -> dict[str, Path]:
+    [model] = folder.glob("mlruns/*/models/*/artifacts")
+    return {"model.pt2": model / "data" / "model.pt2", "MLmodel": model / "MLmodel"}
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("deleted", "FileNotFoundError"),
+        ("truncated", "BadZipFile"),
+        ("garbage", "BadZipFile"),
+        ("bad MLmodel", "ParserError"),
+    ],
+)
+def test_a_damaged_champion_is_one_line_naming_its_version_and_how_to_have_it_again(
+    call_script, tiny_champion, tmp_path, damage, said
+):
+    files = model_files(tmp_path)
+    model, description = files["model.pt2"], files["MLmodel"]
+    if damage == "deleted":
+        model.unlink()
+    elif damage == "truncated":
+        model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    elif damage == "garbage":
+        model.write_bytes(b"not a model at all")
+    else:
+        description.write_text("flavors: [python_function\n")
+    result = call_script("predict.py", "--model", "models:/blocks-classifier@champion", str(tiny_champion))
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr and not result.stdout
+    assert line.startswith(f"predict.py: error: models:/blocks-classifier@champion cannot be loaded: its files are "
+                           f"damaged ({said}")  # fmt: skip
+    [run] = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert line.endswith(
+        f": it is version 1 of blocks-classifier; train it again: python scripts/train.py --from-run "
+        f"{run.info.run_id} --register, or --model models:/blocks-classifier/VERSION for another version"
+    )
+    # The advice works: trained again and registered, its twin takes the alias, and reads.
+    again = call_script("train.py", "--from-run", run.info.run_id, "--register")
+    assert "now models:/blocks-classifier@champion" in again.stdout, again.stdout
+    read = call_script("predict.py", "--model", "models:/blocks-classifier@champion", str(tiny_champion))
+    assert read.returncode == 0 and read.stdout.startswith(f"{tiny_champion}: "), read.stderr
+
+
+def test_predict_reads_a_read_only_store_and_creates_none_where_there_is_none(call_script, tiny_champion, tmp_path):
+    store = tmp_path / "mlflow.db"
+    store.chmod(0o444)
+    if os.geteuid() == 0:  # root writes anywhere the file system lets it
+        subprocess.run(["chattr", "+i", str(store)], check=True)
+    try:
+        read = call_script("predict.py", "--model", "models:/blocks-classifier@champion", str(tiny_champion))
+        assert read.returncode == 0 and read.stdout.startswith(f"{tiny_champion}: "), read.stderr
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(store)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)  # the test's folder is restored after it (conftest)
+    mlflow.set_tracking_uri(None)  # as in a process of its own: MLflow's default, here
+    nowhere = call_script("predict.py", str(tiny_champion))
+    [line] = nowhere.stderr.strip().splitlines()
+    assert nowhere.returncode == 2 and "Traceback" not in nowhere.stderr
+    assert line == (
+        f"predict.py: error: argument --tracking-uri: there is no store '{elsewhere / 'mlflow.db'}' here: a study "
+        "registers a model there"
+    )
+    assert list(elsewhere.iterdir()) == []  # no store made, no MLflow INFO lines said
+
+
 def test_an_unlikely_answer_is_said_to_be_uncertain():
     assert answer("seven.jpg", "7", 0.912) == "seven.jpg: 7 (p=0.912)"
     assert answer("smudge.jpg", "9", 0.336) == "smudge.jpg: 9 (p=0.336, uncertain)"

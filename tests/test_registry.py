@@ -13,13 +13,16 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import TINY_TEST
 from machinery import registry
 from machinery.options import Options
+from machinery.retraining import typed
 from machinery.tracking import connect
-from machinery.training import fit
+from machinery.training import fit, load_weights
 from tiny import experiment as tiny
+from tiny.settings import TinySettings
 
 
 def test_the_best_model_is_in_its_studys_experiment_and_loads_both_ways(study_env):
@@ -71,9 +74,10 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
     assert len(tracker.client.search_model_versions("name = 'digits'")) == 3
 
 
-def test_a_version_validated_on_other_data_never_takes_the_alias(tiny_settings, tracking_uri):
+def test_a_champion_validated_on_other_data_that_cannot_be_measured_keeps_the_alias(tiny_settings, tracking_uri):
     """A val_loss measured on another validation split (another --val-size) says nothing of the
-    champion's: the alias stays, and the line says why and what to do."""
+    champion's; where the champion cannot be measured on this one's (a version registered
+    without its settings and run), the alias stays, and the line says why and what to do."""
     tracker = connect(tracking_uri, "registry")
     model, data = tiny.build(dataclasses.replace(tiny_settings, width=8))
 
@@ -93,6 +97,36 @@ def test_a_version_validated_on_other_data_never_takes_the_alias(tiny_settings, 
     better = register(0.3, "mnist 60-images")
     assert (first.champion, better.version, better.champion) == (1, 3, 3)
     assert int(tracker.client.get_model_version_by_alias("digits", "champion").version) == 3
+
+
+def test_a_champion_of_a_lucky_split_is_measured_on_the_next_ones_and_gives_the_alias_up(
+    call_script, tiny_data, tmp_path
+):
+    """A model that learned little, validated on a split of a few images, and then a good one
+    validated on the usual split: the first's val_loss on the second's validation data decides,
+    and the better model is the champion."""
+    lucky = call_script("train.py", "--register", "--val-size", "5", "--lr", "0.003", "--max-epochs", "1",
+                        "--data-dir", str(tiny_data))  # fmt: skip
+    assert "now models:/blocks-classifier@champion (the best so far)" in lucky.stdout, lucky.stderr
+    usual = call_script("train.py", "--register", "--data-dir", str(tiny_data))
+    [line] = [line for line in usual.stdout.splitlines() if "blocks-classifier" in line]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert int(client.get_model_version_by_alias("blocks-classifier", "champion").version) == 2, line
+    measured = float(line.split("has a val_loss of ")[1].split(" ")[0])
+    assert line.startswith("registered as blocks-classifier version 2: now models:/blocks-classifier@champion")
+
+    # What it was measured by: the first model's weights on the second's validation split.
+    first, second = (client.get_model_version("blocks-classifier", str(v)) for v in (1, 2))
+    settings = TinySettings(**typed(TinySettings, first.tags))
+    model, _ = tiny.build(settings)
+    checkpoint = client.download_artifacts(first.tags["run_id"], "checkpoints/best.ckpt", str(tmp_path))
+    load_weights(model, checkpoint).eval()
+    _, data = tiny.build(TinySettings(data_dir=str(tiny_data)))
+    data.setup("fit")
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in data.val_dataloader()]
+    assert measured == pytest.approx(float(sum(losses)) / len(data.splits["val"][1]), abs=1e-4)
+    assert measured > float(second.tags["val_loss"]) and float(first.tags["val_loss"]) != pytest.approx(measured)
 
 
 @pytest.mark.parametrize("store", ["overwrites", "refuses"])

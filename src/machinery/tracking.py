@@ -344,10 +344,10 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
 
 def follow_a_moved_folder(uri: str) -> None:
     """A SQLite store in a folder that moved: its artifact locations follow it (see
-    machinery.moved_store), and one line says so."""
+    machinery.moved_store), and one line on stderr says so (predict.py's stdout is its answers)."""
     path = sqlite_path(uri)
     if path is not None and os.access(path, os.W_OK) and (note := moved_store.follow(path)):
-        print(note, flush=True)
+        print(note, file=sys.stderr, flush=True)
 
 
 def _make_tables(uri: str) -> None:
