@@ -22,6 +22,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from mlflow.tracking._tracking_service.utils import _artifact_repos_cache as artifact_repositories
 from optuna.trial import TrialState
 
 from machinery.options import TuneOptions
@@ -145,24 +146,35 @@ def run_script(tmp_path):
     return run
 
 
+def call_command(script: Path, settings: type, experiment: str, *args, cwd=None) -> subprocess.CompletedProcess:
+    """Run the command that ``script`` (a train.py, tune.py or predict.py) runs, for ``settings``
+    and ``experiment``, in this process, its output captured: what a user would see, in a
+    fraction of the time (no interpreter, no imports). Returns what ``run_script`` does."""
+    command = importlib.import_module(f"machinery.commands.{script.stem}")
+    args = [str(arg) for arg in args]
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, Path.cwd()
+    sys.argv = [str(script), *args]  # argparse names the script after it
+    mlflow.set_tracking_uri(None)  # as in a new process: no URI set by an earlier call, and
+    artifact_repositories.clear()  # no run's artifact location remembered from one
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = command.main(f"{script.name}.", settings, experiment, args)
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        mlflow.set_tracking_uri(None)
+    return subprocess.CompletedProcess([script.name, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def call_script(tiny_data):
-    """Run the tiny experiment's <name> in this process, its output captured: what a user would
-    see, in a fraction of the time (no interpreter, no imports). Returns what ``run_script`` does."""
+    """``call(name, *args, cwd=None)``: the tiny experiment's <name> run by ``call_command``."""
 
-    def call(name: str, *args: str) -> subprocess.CompletedProcess:
-        command = importlib.import_module(f"machinery.commands.{Path(name).stem}")
-        out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-        sys.argv = [str(TINY_SCRIPTS / name), *args]  # argparse names the script after it
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = command.main(f"{name} of the tiny experiment.", TinySettings, "tiny.experiment:EXPERIMENT",
-                                    list(args))  # fmt: skip
-        except SystemExit as exit_:
-            code = exit_.code
-        finally:
-            sys.argv = argv
-        return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+    def call(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+        return call_command(TINY_SCRIPTS / name, TinySettings, "tiny.experiment:EXPERIMENT", *args, cwd=cwd)
 
     return call
 

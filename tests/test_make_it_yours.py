@@ -20,7 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, call_command
+from experiment.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +160,9 @@ def test_the_pages_edits_keep_every_study_and_test_as_they_were(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     study = ["--dataset", "folder", "--data-dir", pictures, "--workers", "1", "--max-epochs", "2"]
-    before = run(ROOT, "tune.py", *study, "--n-trials", "1", cwd=work)  # an MLP study, as the repository was
+    # An MLP study, as the repository was (the repository's own tune.py, run in this process).
+    before = call_command(ROOT / "scripts" / "tune.py", Settings, "experiment.search:EXPERIMENT", *study,
+                          "--n-trials", "1", cwd=work)  # fmt: skip
     assert before.returncode == 0, before.stderr
 
     copy = tmp_path / "copy"

@@ -24,7 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REAL_DATA_DIR, ROOT
+from conftest import REAL_DATA_DIR, ROOT, call_command
 from experiment.data import DATASETS, MNISTDataModule
 from experiment.pictures import digit
 from experiment.search import build
@@ -320,8 +320,8 @@ def a_folder(root: Path, per_class: int, sizes, mode: str, suffix: str, seed: in
 
 
 def run_repository_script(name: str, *args, cwd: Path):
-    command = [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+    """The repository's scripts/<name>, on src/experiment, run in this process."""
+    return call_command(ROOT / "scripts" / name, Settings, "experiment.search:EXPERIMENT", *args, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -29,36 +29,41 @@ def runs_of(folder) -> list:
     return [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
 
 
-def test_a_folder_whose_name_has_a_space_and_an_accent_is_a_folder_like_any(run_script, tiny_data, tmp_path):
+def lines_of(stderr: str) -> list[str]:
+    """What a script said on stderr, less its progress bar (redrawn after a carriage return)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "trial/s" not in line]
+
+
+def test_a_folder_whose_name_has_a_space_and_an_accent_is_a_folder_like_any(call_script, tiny_data, tmp_path):
     folder = tmp_path / "My Projects" / "résultats"
     folder.mkdir(parents=True)
     for script, args in (("train.py", ["--register"]), ("tune.py", ["--n-trials", "2", "--workers", "1"])):
-        result = run_script(script, *args, "--data-dir", str(tiny_data), cwd=folder)
+        result = call_script(script, *args, "--data-dir", str(tiny_data), cwd=folder)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     picture = folder / "block.png"
     Image.new("L", (32, 32), 90).save(picture)
-    read = run_script("predict.py", "--model", "models:/blocks-classifier@champion", str(picture), cwd=folder)
+    read = call_script("predict.py", "--model", "models:/blocks-classifier@champion", str(picture), cwd=folder)
     assert read.returncode == 0 and read.stdout.startswith(f"{picture}: "), read.stderr
     assert {run.info.status for run in runs_of(folder)} == {"FINISHED"}
 
 
-def test_a_folder_that_moved_keeps_its_champion_its_checkpoints_and_its_study(run_script, tiny_data, tmp_path):
+def test_a_folder_that_moved_keeps_its_champion_its_checkpoints_and_its_study(call_script, tiny_data, tmp_path):
     origin = tmp_path / "orig"
     origin.mkdir()
-    first = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "1"), cwd=origin)
+    first = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "1"), cwd=origin)
     assert first.returncode == 0, first.stderr
     moved = tmp_path / "renamed"
     origin.rename(moved)
 
     picture = moved / "block.png"
     Image.new("L", (32, 32), 90).save(picture)
-    read = run_script("predict.py", "--model", "models:/blocks-classifier@champion", str(picture), cwd=moved)
+    read = call_script("predict.py", "--model", "models:/blocks-classifier@champion", str(picture), cwd=moved)
     assert read.returncode == 0 and read.stdout.startswith(f"{picture}: "), read.stderr
     assert read.stderr == f"this folder was {origin}: MLflow's records of where its artifacts are now name {moved}\n"
-    again = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1"), cwd=moved)
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1"), cwd=moved)
     assert again.returncode == 0, again.stderr
     assert "test (the best trial's weights, evaluated once)" in again.stdout and "no checkpoint" not in again.stdout
-    assert not origin.exists()  # nothing written where the folder was
+    assert not origin.exists(), sorted(str(p) for p in origin.rglob("*"))  # nothing written where the folder was
     client = MlflowClient(f"sqlite:///{moved / 'mlflow.db'}")
     for run in runs_of(moved):  # every artifact where mlflow ui (a server reading these records) finds it
         assert run.info.artifact_uri.startswith(str(moved)), run.info.artifact_uri
@@ -67,12 +72,12 @@ def test_a_folder_that_moved_keeps_its_champion_its_checkpoints_and_its_study(ru
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} >= {"plots/slice.png"}
 
 
-def test_a_study_continued_from_another_folder_keeps_its_runs_in_its_own_store(run_script, tiny_data, tmp_path):
+def test_a_study_continued_from_another_folder_keeps_its_runs_in_its_own_store(call_script, tiny_data, tmp_path):
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     home.mkdir(), elsewhere.mkdir()
-    assert run_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1"), cwd=home).returncode == 0
+    assert call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1"), cwd=home).returncode == 0
     args = tune_args(tiny_data, "--n-trials", "1", "--workers", "1", "--storage", "sqlite:///../home/optuna.db")
-    again = run_script("tune.py", *args, cwd=elsewhere)
+    again = call_script("tune.py", *args, cwd=elsewhere)
     assert again.returncode == 0, again.stderr
     assert f"study 'blocks-dense' keeps its MLflow runs in sqlite:///{home / 'mlflow.db'}: so does this" in again.stdout
     assert list(elsewhere.iterdir()) == []  # no second store, no second parent run
@@ -103,13 +108,12 @@ def test_output_that_goes_nowhere_costs_lines_never_the_study(tiny_data, tmp_pat
     assert int(client.get_model_version_by_alias("blocks-classifier", "champion").version) == 1
 
 
-def test_another_writer_holding_the_store_is_waited_for_in_one_line(tiny_data, tmp_path):
+def test_another_writer_holding_the_store_is_waited_for_in_one_line(call_script, tiny_data, tmp_path):
     """A sqlite3 shell in BEGIN IMMEDIATE on mlflow.db: each call MLflow makes waits its busy
     timeout out, fails, and is made again; the study says once that it waits, and goes on once
     the writer lets go."""
     env = {**os.environ, **env_with_tiny()}
-    train = [sys.executable, str(TINY_SCRIPTS / "train.py"), "--data-dir", str(tiny_data)]
-    assert subprocess.run(train, cwd=tmp_path, env=env, capture_output=True).returncode == 0  # the store, made
+    assert call_script("train.py", "--data-dir", str(tiny_data)).returncode == 0  # the store, made
     holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     command = [
@@ -136,7 +140,7 @@ def test_another_writer_holding_the_store_is_waited_for_in_one_line(tiny_data, t
     with contextlib.suppress(sqlite3.OperationalError):
         holder.execute("COMMIT")  # had it never said so
     holder.close()
-    lines = [line for line in "".join(said).replace("\r", "\n").splitlines() if line.strip() and "trial/s" not in line]
+    lines = lines_of("".join(said))
     assert code == 0 and "study 'blocks-dense': 2 trials, 2 complete" in stdout, "".join(said)
     assert lines == [f"sqlite:///{tmp_path / 'mlflow.db'} is locked by another writer: waiting for it"], lines
 
@@ -188,7 +192,7 @@ def test_a_disk_that_fills_as_the_best_model_is_logged_is_one_line_and_the_next_
 
     monkeypatch.setattr(results, "evaluate_best_trial", with_the_disk_full)
     full = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "1"))
-    [line] = full.stderr.strip().splitlines()
+    [line] = lines_of(full.stderr)
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
     assert (
         line
