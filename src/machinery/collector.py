@@ -2,8 +2,8 @@
 leave hundreds of thousands of objects that live as long as the process. While they are
 imported, the collector runs again and again and finds nothing; afterwards every full
 collection walks them all, and so does the interpreter's last one, at exit, after the last line
-is printed (`python scripts/benchmark.py` times a process's imports and exit both ways: 7.3 s
-against 4.1 s on 2 cores). So a script's own process pauses the collector while it imports and
+is printed (`python scripts/benchmark.py` times a process's imports and exit both ways;
+docs/performance.md has the figures). So a script's own process pauses the collector while it imports and
 then freezes (gc.freeze) what is there: out of every collection's way, while objects made later
 are collected as ever. The workers' fork server imports with the collector paused too
 (machinery.collector_paused), and each worker, a fork of it, freezes what it inherited.

@@ -5,11 +5,11 @@ and registered in the Model Registry with the alias ``champion`` on the best ver
 The format is MLflow's pt2 (``torch.export``): a self-contained graph that loads with torch
 alone, without this package and without unpickling code. A pt2 file holds its weights on the
 device it was exported on, and MLflow's pyfunc refuses to load it on another one: exported on a
-CPU, it would not load on a machine with CUDA, where pyfunc picks the GPU by default (seen on
-an H200). So the network is always exported from the CPU, and its pyfunc flavour is pinned to
-the CPU: it loads and predicts everywhere, and the small networks a CPU trains answer on a CPU
-faster than a copy to a GPU and back would take. The model's metadata
-says which task it was trained for (its ``task``), so that a reader can prepare its input.
+CPU, it would not load on a machine with CUDA, where pyfunc picks the GPU by default. So the
+network is always exported from the CPU, and its pyfunc flavour is pinned to the CPU: it loads
+and predicts everywhere, and the small networks a CPU trains answer on a CPU faster than a copy
+to a GPU and back would take. The model's metadata says which task it was trained for (its
+``task``), so that a reader can prepare its input.
 """
 
 from __future__ import annotations

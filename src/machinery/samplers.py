@@ -1,15 +1,13 @@
 """How a study searches: which trials it proposes (the sampler) and which it stops early (the
 pruner), each chosen by name (tune.py's --sampler and --pruner).
 
-The default stays TPE with median pruning because nothing beat it beyond the seeds' spread
-(docs/search.md: 6 methods x 5 seeds x 180 s on the default experiment, `python
-scripts/compare_search.py`): the median time to val_acc >= 0.98 was 40 s (14 to 70) against 35
-to 44 s for the others, and Hyperband's lower median best val_loss at the budget, 0.0617 (0.0614
-to 0.0638) against 0.0638 (0.0628 to 0.0655), lies within the spread.
+The default stays TPE with median pruning because no other method beat it beyond the spread of
+its seeds: docs/search.md has the figures, and `python scripts/compare_search.py` makes them.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -48,7 +46,11 @@ def make_sampler(name: str, seed: int, fixed: dict | None = None) -> optuna.samp
     """The sampler ``name``, seeded per trial; the settings of ``fixed`` are proposed as they are
     (Optuna's PartialFixedSampler), and the others searched."""
     sampler = SeededPerTrial(SAMPLERS[name], seed)
-    return optuna.samplers.PartialFixedSampler(fixed, sampler) if fixed else sampler
+    if not fixed:
+        return sampler
+    with warnings.catch_warnings():  # its "experimental" warning would be the user's only line about it
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.PartialFixedSampler(fixed, sampler)
 
 
 class SeededPerTrial(optuna.samplers.BaseSampler):
