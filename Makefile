@@ -21,7 +21,7 @@ train: $(VENV)/installed  ## train the default configuration once
 test: $(VENV)/installed  ## every test: faults, servers, browser and the real MNIST included
 	$(PY) -m pytest
 
-test-fast: $(VENV)/installed  ## the tests that start no process, server or browser of their own
+test-fast: $(VENV)/installed  ## the tests that start no script in a process of its own, no server, no browser
 	$(PY) -m pytest -m "not slow"
 
 # MLflow 3's server starts job-queue consumers for its GenAI features that take about a core

@@ -152,6 +152,7 @@ def test_a_tracking_uri_from_the_environment_is_named_as_such_in_one_short_line(
     assert not [name for name in STORES if (tmp_path / name).exists()]
 
 
+@pytest.mark.slow  # a script in a process of its own
 def test_a_bad_value_from_a_process_of_its_own_is_one_line_before_torch_is_imported(run_script, tiny_data):
     """The real process, for what the quick in-process calls above cannot show: the numbers are
     checked before the seconds that importing torch and Lightning take (Python lists what it
@@ -190,6 +191,7 @@ def a_study_in(folder, data_dir) -> None:
     tune(TINY, settings, options.resolved(settings), lambda: tracker)
 
 
+@pytest.mark.slow  # a script in a process of its own
 def test_a_continuation_with_other_settings_is_refused_and_changes_nothing(
     run_script, call_script, tiny_data, tmp_path
 ):
@@ -329,6 +331,7 @@ def test_a_deleted_mlflow_experiment_that_a_study_continues_in_is_restored_and_s
     assert client.get_experiment_by_name("blocks-tune").lifecycle_stage == "active"
 
 
+@pytest.mark.slow  # a script in a process of its own
 def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_script, tiny_data, tmp_path):
     args = tune_args(tiny_data, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
     a_study_in(tmp_path, tiny_data)
@@ -343,6 +346,7 @@ def test_a_tracking_store_that_lost_its_runs_is_said_and_the_study_goes_on(run_s
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2  # a parent and the new trial
 
 
+@pytest.mark.slow  # a script in a process of its own
 def test_a_new_study_beside_an_older_one_of_the_same_name_is_told_apart(run_script, tiny_data, tmp_path):
     args = tune_args(tiny_data, "--n-trials", "1", "--workers", "1", "--max-epochs", "2")
     a_study_in(tmp_path, tiny_data)
