@@ -3,6 +3,7 @@ and leaves no store created, no study changed and no MLflow run RUNNING."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -308,6 +309,16 @@ def test_a_searched_setting_named_on_the_command_line_is_fixed_and_the_rest_sear
     outside = call_script("tune.py", *tune_args(tiny_data, "--batch-size", "7", "--study-name", "other"))
     assert_flag_error(outside, "tune.py", "--batch-size")
     assert "7 is outside the space a study searches" in outside.stderr and len(study.trials) == 3
+
+
+def test_the_memory_a_study_needs_is_reckoned_at_the_settings_the_command_line_fixed(tiny_settings):
+    from machinery import memory
+
+    settings = dataclasses.replace(tiny_settings, width=4)  # tune.py --width 4
+    searched = memory.most_demanding(TINY, settings)
+    fixed = memory.most_demanding(TINY, settings, fixed=("width",))
+    assert searched.width == 32 and (fixed.width, fixed.lr) == (4, searched.lr)  # the rest at their most
+    assert memory.bytes_to_train(TINY, fixed) < memory.bytes_to_train(TINY, searched)
 
 
 def test_a_split_that_leaves_almost_nothing_to_train_on_is_refused(call_script, tiny_data, tmp_path):

@@ -212,6 +212,13 @@ def test_what_cannot_be_trained_again_is_one_line(study_env, call_script, tmp_pa
         assert result.returncode == 2, (args, result.stderr)
         [line] = result.stderr.strip().splitlines()
         assert line.startswith(f"train.py: error: argument {flag}: ") and said in line, line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stores = ("--storage", f"sqlite:///{empty / 'optuna.db'}", "--tracking-uri", f"sqlite:///{empty / 'mlflow.db'}")
+    for args in (("--from-trial", "refused:0", *stores), ("--from-run", session.parent_run_id, *stores)):
+        result = call_script("train.py", *args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(empty.iterdir()) == []  # read from: none made
 
 
 def test_train_registers_its_model_and_the_champion_moves_only_to_a_better_one(call_script, tiny_data, tmp_path):

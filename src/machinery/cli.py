@@ -260,7 +260,7 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
 
     wanted = min(options.workers or default_workers(), options.n_trials)
     with experiments_own_errors(parser, settings, options.verbose):
-        each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings))
+        each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings, options.fixed))
     available = memory.available_bytes()
     fit = wanted if available is None else (available - memory.PROCESS_BYTES) // each
     if fit < 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import torch
 
 from machinery import memory
 from machinery.files import DataUnavailable, md5_of
+from machinery.in_memory import digest
 
 # What torchvision's ImageFolder takes, and what Pillow reads of it.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -63,11 +65,10 @@ class Listing:
     pictures: tuple[Picture, ...]
     cache: Path  # where its manifest and decoded tensors are kept
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """The pictures' identity: their classes, places and contents."""
-        parts = [self.classes, [(p.path, p.md5) for p in self.pictures]]
-        return hashlib.md5(json.dumps(parts).encode()).hexdigest()[:12]
+        return digest(self.classes, [(p.path, p.md5) for p in self.pictures])
 
     def usual_size(self) -> tuple[int, int]:
         """The most common (width, height), the first found on a tie."""

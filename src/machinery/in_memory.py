@@ -131,23 +131,31 @@ class InMemoryImages(pl.LightningDataModule):
         channels = self.dims[0]
         if torch.empty(0).device.type == "meta":  # a model built for its shapes only: its tensors hold no values
             return (0.0,) * channels, (1.0,) * channels
-        images = _splits(self, "cpu")["train"][0]
-        scale = 255.0 if images.dtype == torch.uint8 else 1.0
-        total = torch.zeros(images.shape[1], dtype=torch.float64)
-        squares = torch.zeros_like(total)
-        for start in range(0, len(images), 1_000):  # in chunks: a float copy of the whole would be 4x the data
-            chunk = images[start : start + 1_000].to(torch.float64).transpose(0, 1).flatten(1) / scale
-            total += chunk.sum(dim=1)
-            squares += chunk.square().sum(dim=1)
-        count = images[:, 0].numel()
-        mean = total / count
-        std = (squares / count - mean.square()).clamp_min(0).sqrt()
-        return tuple(mean.tolist()), tuple(max(s, 1e-6) for s in std.tolist())
+        key = (self.identity(), self.held_out)
+        if key not in _statistics_cache:
+            _statistics_cache[key] = _channel_statistics(_splits(self, "cpu")["train"][0])
+        return _statistics_cache[key]
 
 
-# Each data set as read and split, by what identifies it: once per process, so that every trial
-# after the first reuses it.
+def _channel_statistics(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each channel's mean and standard deviation over ``images``, in [0, 1]."""
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), 1_000):  # in chunks: a float copy of the whole would be 4x the data
+        chunk = images[start : start + 1_000].to(torch.float64).transpose(0, 1).flatten(1) / scale
+        total += chunk.sum(dim=1)
+        squares += chunk.square().sum(dim=1)
+    count = images[:, 0].numel()
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(max(s, 1e-6) for s in std.tolist())
+
+
+# Each data set as read and split, and its training split's statistics, by what identifies it:
+# once per process, so that every trial after the first reuses them.
 _split_cache: dict[tuple, dict[str, Split]] = {}
+_statistics_cache: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
 
 def _splits(data: InMemoryImages, device: str) -> dict[str, Split]:

@@ -61,10 +61,10 @@ def _smallest(field: dataclasses.Field) -> int:
     return field.metadata.get("minimum", 1)
 
 
-def most_demanding(experiment, settings):
+def most_demanding(experiment, settings, fixed: tuple[str, ...] = ()):
     """``settings`` at the point of the search space that needs the most memory: every number at
-    its highest, and each choice the one that needs most."""
-    space = experiment.search_space(settings)
+    its highest, and each choice the one that needs most; ``fixed`` settings stay as they are."""
+    space = {name: d for name, d in experiment.search_space(settings).items() if name not in fixed}
     point = dataclasses.replace(
         settings,
         **{name: d.choices[0] if isinstance(d, CategoricalDistribution) else d.high for name, d in space.items()},

@@ -88,14 +88,20 @@ def _discarded_if_cut_off(tracker: Tracker, experiment_id: str, run_id: str):
     """Logging a model writes its files, then marks it READY: cut off in between (a full disk),
     it would stay PENDING with half its files. Its files are deleted instead (freeing what they
     took), and it is marked FAILED where the store still takes a write."""
+
+    def pending() -> list:
+        return tracker.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND status = 'PENDING'"
+        )
+
+    before = set()  # another tune.py may be logging the study's best on the same run
+    with contextlib.suppress(Exception):
+        before = {model.model_id for model in pending()}
     try:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            pending = tracker.client.search_logged_models(
-                [experiment_id], filter_string=f"source_run_id = '{run_id}' AND status = 'PENDING'"
-            )
-            for model in pending:
+            for model in (model for model in pending() if model.model_id not in before):
                 location = model.artifact_location.removeprefix("file://")
                 if os.path.isabs(location):
                     shutil.rmtree(location, ignore_errors=True)

@@ -8,8 +8,11 @@ trial's as JSON numbers, a run's as the shortest text that reads back as the sam
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import typing
 from dataclasses import dataclass
+
+from machinery.options import DEFAULT_STORAGE
 
 # Where a trial or run records the torch threads it trained with: a CPU's sums of floats come
 # out the same only in the same order, which the number of threads changes.
@@ -20,6 +23,14 @@ THREADS = "threads"
 class Recorded:
     settings: dict
     threads: int | None  # None: not recorded
+
+
+def train_again(study_name: str, number: int, storage: str = DEFAULT_STORAGE) -> str:
+    """The command that trains trial ``number`` of the study again, ready to paste into a shell."""
+    from machinery.stores import public
+
+    again = f"python scripts/train.py --from-trial {shlex.quote(f'{study_name}:{number}')}"
+    return again + (f" --storage {shlex.quote(public(storage))}" if storage != DEFAULT_STORAGE else "")
 
 
 class NotRecorded(ValueError):
@@ -34,7 +45,7 @@ def from_trial(storage: str, spec: str) -> Recorded:
     """The settings that the trial ``spec`` ("STUDY:NUMBER") of ``storage`` trained with."""
     import optuna
 
-    from machinery.stores import public, reason
+    from machinery.stores import StoreUnusable, check_database, public, reason
     from machinery.trial import SETTINGS_ATTR
 
     study_name, _, number = spec.rpartition(":")
@@ -42,7 +53,11 @@ def from_trial(storage: str, spec: str) -> Recorded:
         raise NotRecorded("--from-trial", f"{spec!r} is not STUDY:NUMBER (a study's name, a trial's number)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        check_database(storage, read_only=True)
+        opened = optuna.storages.RDBStorage(storage, skip_table_creation=True)  # read: nothing created
+        study = optuna.load_study(study_name=study_name, storage=opened)
+    except StoreUnusable as error:
+        raise NotRecorded("--storage", str(error)) from None
     except KeyError:
         raise NotRecorded("--from-trial", f"no study {study_name!r} in {public(storage)} (--storage)") from None
     except Exception as error:  # noqa: BLE001 - SQLAlchemy and Optuna raise many kinds
@@ -66,7 +81,8 @@ def from_run(tracking_uri: str, run_id: str, settings_class: type) -> Recorded:
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException as error:
-        raise NotRecorded("--from-run", f"no run {run_id} in {public(tracking_uri)}: {reason(error)}") from None
+        why = reason(error, tracking_uri)
+        raise NotRecorded("--from-run", f"no run {run_id} in {public(tracking_uri)}: {why}") from None
     tags, params = run.data.tags, run.data.params
     if STUDY_UID_TAG in tags and "mlflow.parentRunId" not in tags:
         study = tags.get("optuna.study", "?")

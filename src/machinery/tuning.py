@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from machinery import interrupts, registry, results, studies
 from machinery.contract import Experiment
-from machinery.options import DEFAULT_STORAGE
+from machinery.retraining import train_again
 from machinery.stores import public, sqlite_path
 from machinery.tracking import Tracker, connect, default_tracking_uri
 from machinery.trial import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG, Session, TrialReport, close_run
@@ -238,10 +237,7 @@ def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
     for note in notes:
         print(note)
     if best is not None:
-        again = f"python scripts/train.py --from-trial {shlex.quote(f'{study.study_name}:{best.number}')}"
-        if options.storage != DEFAULT_STORAGE:
-            again += f" --storage {shlex.quote(public(options.storage))}"
-        print(f"train it again: {again}")
+        print(f"train it again: {train_again(study.study_name, best.number, options.storage)}")
     print(
         f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
         f"the study: {public(options.storage)}, study {study.study_name!r}; the same command continues it"

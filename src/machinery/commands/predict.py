@@ -77,7 +77,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as error:  # noqa: BLE001 - a file missing, truncated, garbled: each its own exception
-        cli.fail(parser.prog, damaged(model_uri, error))
+        cli.fail(parser.prog, damaged(model_uri, error, tracking_uri))
     scores = model.predict(batch)
     probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -126,24 +126,28 @@ def _card(parser, model_uri: str, tracking_uri: str, default_model: str):
     mlflow.set_tracking_uri(tracking_uri)
     try:
         return card_of(model_uri)
-    except (MlflowException, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - its description (MLmodel) may be what MLflow cannot read
         if isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST":
             hint = "; a study registers it: python scripts/tune.py" if model_uri == default_model else ""
             why = reason(error, tracking_uri)
             parser.error(f"argument --model: cannot load {model_uri} from {public(tracking_uri)}: {why}{hint}")
-        cli.fail(parser.prog, damaged(model_uri, error))
-    except Exception as error:  # noqa: BLE001 - its description (MLmodel) is not what MLflow reads
-        cli.fail(parser.prog, damaged(model_uri, error))
+        try:  # the store answers: what failed is the model's own files
+            mlflow.tracking.MlflowClient().search_registered_models(max_results=1)
+        except Exception as unread:  # noqa: BLE001 - a server that went away, a store that cannot be read
+            cli.fail(parser.prog, f"cannot read {public(tracking_uri)}: {reason(unread, tracking_uri)}")
+        cli.fail(parser.prog, damaged(model_uri, error, tracking_uri))
 
 
-def damaged(model_uri: str, error: BaseException) -> str:
+def damaged(model_uri: str, error: BaseException, tracking_uri: str) -> str:
     """A model that is registered but cannot be loaded, as one line: which version, what is wrong,
     and what brings a good one back."""
     import mlflow
 
+    from machinery.retraining import train_again
     from machinery.stores import reason
 
-    said = f"{model_uri} cannot be loaded: its files are damaged ({type(error).__name__}: {reason(error)})"
+    what = f"{type(error).__name__}: {reason(error, tracking_uri)}"
+    said = f"{model_uri} cannot be loaded: its files are damaged ({what})"
     name, _, rest = model_uri.removeprefix("models:/").partition("@")
     try:
         client = mlflow.tracking.MlflowClient()
@@ -154,7 +158,7 @@ def damaged(model_uri: str, error: BaseException) -> str:
         return said
     tags = version.tags
     again = (
-        f"python scripts/train.py --from-trial {tags['study']}:{tags['trial']} --register"
+        f"{train_again(tags['study'], tags['trial'])} --register"
         if "study" in tags and "trial" in tags
         else f"python scripts/train.py --from-run {tags['run_id']} --register"
         if "run_id" in tags

@@ -102,10 +102,9 @@ def recorded_settings(parser, options: TrainOptions, settings_class: type):
         parser.error("argument --from-run: give --from-trial or --from-run, not both")
     try:
         if options.from_trial:
-            cli.check_storage(parser, options.storage)
             return retraining.from_trial(options.storage, options.from_trial)
         if options.from_run:
-            tracking_uri = cli.check_tracking(parser, options.tracking_uri)
+            tracking_uri = cli.check_tracking(parser, options.tracking_uri, read_only=True)
             return retraining.from_run(tracking_uri, options.from_run, settings_class)
     except retraining.NotRecorded as error:
         parser.error(f"argument {error.flag}: {error}")

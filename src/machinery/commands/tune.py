@@ -36,7 +36,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     from machinery import interrupts
     from machinery.stores import DISK_FULL, ServerUnavailable, disk_full
     from machinery.studies import StudyMismatch
-    from machinery.tracking import http_patience
+    from machinery.tracking import TrackingUnavailable, http_patience
     from machinery.tuning import tune
 
     experiment = cli.load(experiment_path)
@@ -58,6 +58,8 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         parser.error(f"argument {error.flag}: {error}")
     except ServerUnavailable as error:
         cli.fail(parser.prog, f"{error}; the study stopped, and what could be closed was")
+    except TrackingUnavailable as error:  # the MLflow store the study recorded, when it continues
+        cli.fail(parser.prog, f"the study's MLflow store: {error}")
     except Exception as error:  # noqa: BLE001 - a disk that filled is said in one line; anything else as ever
         if not disk_full(error):
             raise
