@@ -9,16 +9,11 @@ is refused before torch is imported.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-
-def setting(default, help: str, **more):
-    """A field, with what its flag needs: ``help``, and where the usual do not fit, ``minimum``,
-    ``maximum`` (numbers are otherwise at least 1, or above 0), ``choices`` (a list, or a
-    registry named as "module:NAME" and imported once the other flags are checked), or
-    ``compared=False`` (a study's trials may differ in it and still compare)."""
-    return field(default=default, metadata={"help": help, **more})
+# A field, with what its flag needs: its help, and bounds or choices where the usual do not fit.
+from machinery.options import option as setting
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,11 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 
 
 def option(default, help: str, **more):
-    """A field with its flag's help text, and bounds or choices where the usual do not fit."""
+    """A field, with what its flag needs: ``help``, and where the usual do not fit, ``minimum``,
+    ``maximum`` (numbers are otherwise at least 1, or above 0), ``choices`` (a list, or a
+    registry named as "module:NAME" and imported once the other flags are checked), or
+    ``compared=False`` (a study's trials may differ in it and still compare). Settings and
+    options alike are made of these."""
     return field(default=default, metadata={"help": help, **more})
 
 
