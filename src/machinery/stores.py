@@ -35,6 +35,21 @@ class ServerUnavailable(RuntimeError):
     without its password."""
 
 
+def retried(call: Callable[[], T], attempts: int, again: Callable[[Exception], bool], pause: float) -> T:
+    """``call()``, made again while it fails with an error that ``again`` says a race with
+    another process caused (whose loser's transaction the store rolled back whole), up to
+    ``attempts`` times in all, after a random pause of up to ``pause`` seconds times the attempts
+    so far: processes that collided once do not collide again in step."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:
+            if attempt == attempts or not again(error):
+                raise
+            time.sleep(random.uniform(0.25, 1.0) * pause * attempt)
+    raise AssertionError("unreachable")
+
+
 def create_once(url: str, create: Callable[[], T], make_tables: Callable[[str], None] | None = None) -> T:
     """``create()`` opens the store at ``url``, making its tables on first use.
 
@@ -50,14 +65,8 @@ def create_once(url: str, create: Callable[[], T], make_tables: Callable[[str], 
     ("table _alembic_tmp_tags already exists"); now it is simply not there.
     """
     path = sqlite_path(url)
-    if path is None:
-        for attempt in range(5):
-            try:
-                return create()
-            except Exception:  # noqa: BLE001 - the next try tells a race from a real error
-                if attempt == 4:
-                    raise
-                time.sleep(random.uniform(0.2, 1.0))
+    if path is None:  # the next try tells a race from a real error
+        return retried(create, attempts=5, again=lambda error: True, pause=1.0)
     # The flock is not one of SQLite's own (POSIX) locks, and is on the folder, not the file:
     # the file may not be there yet.
     folder = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)

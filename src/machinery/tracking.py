@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from machinery import interrupts, moved_store
 from machinery.contract import DataSplit
-from machinery.stores import ServerUnavailable, create_once, disk_full, public, reason, sqlite_path
+from machinery.stores import ServerUnavailable, create_once, disk_full, public, reason, retried, sqlite_path
 
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
@@ -77,24 +76,29 @@ class RetryingClient:
         def call(*args, **kwargs):
             if down := self._given_up.get(self._uri):  # it did not answer through all of MLflow's retries
                 raise ServerUnavailable(down)
-            for attempt in range(self.ATTEMPTS):
-                try:
-                    with interrupts.held():  # a Ctrl-C never leaves a transaction half done
-                        return method(*args, **kwargs)
-                except mlflow.exceptions.MlflowException as error:
-                    if _SERVER_GONE in str(error):  # MLflow's own retries ran out: see http_patience
-                        server = f"the MLflow tracking server {public(self._uri)}"
-                        down = self._given_up[self._uri] = f"{server} did not answer: {reason(error, self._uri)}"
-                        raise ServerUnavailable(down) from None
-                    if "database is locked" not in str(error) or attempt == self.ATTEMPTS - 1:
-                        raise
-                    if not RetryingClient._said_locked:
-                        RetryingClient._said_locked = True
-                        print(f"{public(self._uri)} is locked by another writer: waiting for it", file=sys.stderr,
-                              flush=True)  # fmt: skip
-                    time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+
+            def once():
+                with interrupts.held():  # a Ctrl-C never leaves a transaction half done
+                    return method(*args, **kwargs)
+
+            return retried(once, self.ATTEMPTS, self._locked, pause=0.2)
 
         return call
+
+    def _locked(self, error: Exception) -> bool:
+        """Whether ``error`` is another writer's lock, to wait for; a server gone is given up on."""
+        if not isinstance(error, mlflow.exceptions.MlflowException):
+            return False
+        if _SERVER_GONE in str(error):  # MLflow's own retries ran out: see http_patience
+            server = f"the MLflow tracking server {public(self._uri)}"
+            down = self._given_up[self._uri] = f"{server} did not answer: {reason(error, self._uri)}"
+            raise ServerUnavailable(down) from None
+        if "database is locked" not in str(error):
+            return False
+        if not RetryingClient._said_locked:
+            RetryingClient._said_locked = True
+            print(f"{public(self._uri)} is locked by another writer: waiting for it", file=sys.stderr, flush=True)
+        return True
 
 
 # How MLflow's client says that a tracking server did not answer, after its own retries.
@@ -265,14 +269,7 @@ class Tracker:
         # missing and insert it, and the loser's call fails on the dataset's key (seen on
         # PostgreSQL). MLflow rolls that call back whole; made again, it finds the data set
         # and only links it to the run.
-        for attempt in range(3):
-            try:
-                self.client.log_inputs(run_id, datasets=inputs)
-                return
-            except mlflow.exceptions.MlflowException as error:
-                if attempt == 2 or not lost_a_race(error):
-                    raise
-                time.sleep(random.uniform(0.1, 0.5))
+        retried(lambda: self.client.log_inputs(run_id, datasets=inputs), attempts=3, again=lost_a_race, pause=0.5)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
