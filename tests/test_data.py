@@ -194,7 +194,7 @@ def test_a_folder_split_in_train_val_and_test_says_which_picture_is_whose(tmp_pa
     for split, count in (("train", 5), ("val", 2), ("test", 3)):
         picture_folder(tmp_path / "split" / split, per_class=count)
     listing = image_folders.scan(tmp_path / "split")
-    assert listing.classes == ("cat", "dog") and listing.split_names() == {"train", "val", "test"}
+    assert listing.classes == ("cat", "dog") and {p.split for p in listing.pictures} == {"train", "val", "test"}
     assert sorted(p.split for p in listing.pictures).count("val") == 4
 
 

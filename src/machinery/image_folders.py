@@ -78,9 +78,6 @@ class Listing:
         """3 if any picture has colour, else 1."""
         return 1 if all(p.mode in GREY_MODES for p in self.pictures) else 3
 
-    def split_names(self) -> set[str]:
-        return {p.split for p in self.pictures if p.split is not None}
-
 
 def scan(root: str | os.PathLike) -> Listing:
     """List the pictures of ``root``; raise FolderUnreadable, in one line, where it holds none."""
