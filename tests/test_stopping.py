@@ -34,6 +34,9 @@ def trials_with_runs(storage: str) -> list:
     return [t for t in read_trials(storage) if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
 
 
+RESUMED = "finished trials are kept, the others go on from their last epoch in the study's next run"
+
+
 @pytest.mark.parametrize(
     ("signum", "whole_group", "workers", "reason"),
     [
@@ -45,6 +48,9 @@ def trials_with_runs(storage: str) -> list:
 def test_a_stop_from_outside_closes_every_trial_and_run_and_says_so(
     run_script, tiny_data, tmp_path, signum, whole_group, workers, reason
 ):
+    """A person's Ctrl-C fails the trials; a scheduler's SIGTERM and a closed terminal's SIGHUP
+    hand them back to the study, to go on from their last epoch (tests/test_resumption.py)."""
+    resumes = signum != signal.SIGINT
     args = tune_args(tiny_data, "--n-trials", "4", "--workers", str(workers), "--max-epochs", "400", "--no-pruning")
     process = run_script("tune.py", *args, background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -60,13 +66,20 @@ def test_a_stop_from_outside_closes_every_trial_and_run_and_says_so(
 
     name = signal.Signals(signum).name
     assert process.returncode == 128 + signum
-    assert stderr.strip().splitlines()[-1] == f"tune.py: error: {reason} ({name}); {STOPPED}"
+    assert stderr.strip().splitlines()[-1] == f"tune.py: error: {reason} ({name}); {RESUMED if resumes else STOPPED}"
     for noise in ("Traceback", "Exception ignored", "Trial 0 failed", "leaked", "resource_tracker"):
         assert noise not in stderr
-    assert stdout.count(" FAIL ") == workers and stdout.count(f"  {reason}  ") == workers  # a line each
-    assert f"study 'blocks-dense': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
     trials = optuna.load_study(study_name="blocks-dense", storage=storage).trials
-    assert {t.state for t in trials} == {TrialState.FAIL} and {t.user_attrs["fail_reason"] for t in trials} == {reason}
+    if resumes:
+        assert stdout.count(" WAITING ") == workers and stdout.count(f"cut short ({reason}): it resumes") == workers
+        assert f"{workers} trials, 0 complete, 0 pruned, 0 failed, {workers} cut short, to resume" in stdout
+        assert {t.state for t in trials} == {TrialState.WAITING}
+        assert {t.user_attrs["cut_short"]["why"] for t in trials} == {reason}
+    else:
+        assert stdout.count(" FAIL ") == workers and stdout.count(f"  {reason}  ") == workers  # a line each
+        assert f"study 'blocks-dense': {workers} trials, 0 complete, 0 pruned, {workers} failed" in stdout
+        assert {t.state for t in trials} == {TrialState.FAIL}
+        assert {t.user_attrs["fail_reason"] for t in trials} == {reason}
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert len(runs) == workers + 1 and {r.info.status for r in runs} == {"KILLED"}  # the study's own run too
     assert {r.data.tags["error"] for r in runs} == {f"{reason} ({name})"}
@@ -83,10 +96,12 @@ def test_workers_end_soon_after_their_tune_py_is_killed_outright(run_script, tin
     os.kill(process.pid, signal.SIGKILL)  # tune.py alone: no handler runs, nothing is forwarded
     process.communicate(timeout=60)
     wait_for(lambda: not alive_in_group(process.pid), timeout=10, what="the orphaned workers to end")
-    # Each worker noticed, and closed its trial and its run, saying what happened: nobody sent it a signal.
+    # Each worker noticed, and handed its trial back and closed its run, saying what happened:
+    # nobody sent it a signal.
     trials = read_trials(storage)
     said = f"its tune.py (pid {process.pid}) ended without a word: killed, or its machine stopped"
-    assert {t.state for t in trials} == {TrialState.FAIL} and {t.user_attrs["fail_reason"] for t in trials} == {said}
+    assert {t.state for t in trials} == {TrialState.WAITING}
+    assert {t.user_attrs["cut_short"]["why"] for t in trials} == {said}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = {r.info.run_name: r.info.status for r in client.search_runs(["1"])}
     # What only tune.py could have closed, the study's own run, the next session closes
@@ -127,10 +142,11 @@ def lock_free(*databases) -> bool:
     return True
 
 
-def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_gave_up(run_script, tiny_data, tmp_path):
+def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_took_up(run_script, tiny_data, tmp_path):
     """A worker stopped for longer than the grace period (a VM paused, a laptop's lid closed)
-    has its trial failed by another process; when it goes on, it leaves that record as it is,
-    says so in one line, and its tune.py ends well."""
+    has its trial handed back by another process, which takes it up from its last epoch and
+    finishes it; when the first worker goes on, it leaves that trial and run as they are, says
+    so in one line, and its tune.py ends well."""
     common = ("--max-epochs", "100", "--grace-period", "3", "--no-pruning")
     first = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "2", *common), background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -149,26 +165,32 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_gave_up(run
 
     second = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1", *common))
     assert second.returncode == 0, second.stderr
-    assert f"trial {paused.number:>3} FAIL" in second.stdout and "its heartbeat stopped for over 3 s" in second.stdout
+    assert f"trial {paused.number:>3} WAITING" in second.stdout
+    assert "cut short (its heartbeat stopped for over 3 s): it resumes from epoch" in second.stdout
+    assert f"trial {paused.number:>3} COMPLETE" in second.stdout  # its one trial: the one it took up
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = paused.user_attrs["mlflow_run_id"]
-    given_up = client.get_run(run_id)
-    assert given_up.info.status == "KILLED"
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["resumed"].startswith("from epoch")
 
     os.kill(worker, signal.SIGCONT)
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
     assert "error" not in stderr
-    line = "given up by another process after 3 s without a heartbeat: this result is discarded"
-    assert f"trial {paused.number:>3} FAIL" in stdout and line in stdout
-    # Both records stay as the other process left them: the trial failed, with no result of the
-    # returning worker's; the run KILLED, with the other process's reason.
+    assert f"trial {paused.number:>3} " in stdout
+    assert "given up by another process after 3 s without a heartbeat: this" in stdout
+    # The trial and its run stay as the other process left them.
     back = client.get_run(run_id)
-    assert back.info.status == "KILLED" and back.data.tags == given_up.data.tags
+    assert back.info.status == "FINISHED" and back.data.tags == finished.data.tags
+    assert back.data.metrics == finished.data.metrics
     trials = read_trials(storage)
     [after] = [t for t in trials if t.number == paused.number]
-    assert after.state == TrialState.FAIL and after.values is None
-    assert not {"val_acc", "best_epoch", "fail_reason"} & set(after.user_attrs)
-    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert after.state == TrialState.COMPLETE and after.user_attrs["worker"]["pid"] != worker
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
+    # Every epoch, whoever trained it. A worker paused between its last look at the trial and
+    # its next write may add a point the other one logged too: the same point, as both
+    # trained the same epochs the same way.
+    points = {(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")}
+    assert sorted(step for step, _ in points) == list(range(100))
     runs = client.search_runs(["1"])
-    assert not [r for r in runs if r.info.status == "RUNNING"] and len(runs) == 1 + 3
+    assert not [r for r in runs if r.info.status == "RUNNING"] and len(runs) == 1 + 2

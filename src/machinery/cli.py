@@ -252,10 +252,10 @@ def check_memory(parser: argparse.ArgumentParser, experiment, settings, verbose:
 
 
 def check_workers(parser: argparse.ArgumentParser, experiment, settings, options) -> int:
-    """How many workers to start: never more than trials, never more than fit in memory (the
-    default takes what fits; an explicit --workers that does not fit is refused), and a
-    warning where they outnumber the cores."""
-    from machinery import memory
+    """How many workers to start: never more than trials, never more than fit in memory, the
+    host's and, when they train on GPUs, the GPUs' (the default takes what fits; an explicit
+    --workers that does not fit is refused), and a warning where they outnumber the cores."""
+    from machinery import devices, memory
     from machinery.workers import available_cores, default_workers
 
     wanted = min(options.workers or default_workers(), options.n_trials)
@@ -266,12 +266,23 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
     if fit < 1:
         parser.error(f"argument --workers: not even one worker fits: it needs about {memory.gigabytes(each)}")
     if wanted > fit:
-        if options.workers is None:
-            return fit
-        parser.error(
-            f"argument --workers: {wanted} workers need about {memory.gigabytes(each * wanted)} of memory "
-            f"({memory.gigabytes(each)} each); {memory.gigabytes(available)} is available: use --workers {fit} or fewer"
-        )
+        if options.workers is not None:
+            parser.error(
+                f"argument --workers: {wanted} workers need about {memory.gigabytes(each * wanted)} of memory "
+                f"({memory.gigabytes(each)} each); {memory.gigabytes(available)} is available: "
+                f"use --workers {fit} or fewer"
+            )
+        wanted = fit
+    # The same estimate sizes a worker on its GPU. Part of it is host-only (Python and the
+    # libraries), but on the GPU each worker holds a CUDA context of its own and its data set
+    # (machinery.in_memory keeps it on the training device), neither measured here: the whole
+    # estimate stands in for them, erring toward fewer workers on a GPU, not toward one that
+    # runs out of the GPU's memory in the middle of a study.
+    gpus = devices.training_gpus(options.accelerator)
+    if gpus and wanted > (on_gpus := devices.workers_that_fit(gpus, each)):
+        if options.workers is not None or on_gpus < 1:
+            parser.error(f"argument --workers: {devices.too_many(gpus, wanted, each)}")
+        wanted = on_gpus
     if wanted > available_cores():
         print(
             f"{parser.prog}: warning: {wanted} workers share {available_cores()} cores; one per core trains as many "

@@ -115,6 +115,15 @@ class InMemoryImages(pl.LightningDataModule):
         self.splits = _splits(self, str(self.device))
         self._shuffle = torch.Generator(device=self.device).manual_seed(self.seed)
 
+    def state_dict(self) -> dict:
+        """Where the training batches' shuffling stands, for a run taken up again (Lightning keeps
+        it in a checkpoint, and restores it after setup)."""
+        return {"shuffle": self._shuffle.get_state()} if hasattr(self, "_shuffle") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "shuffle" in state:
+            self._shuffle.set_state(state["shuffle"].cpu())
+
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         return batch  # already there (setup); Lightning's generic move costs 90 µs a batch
 

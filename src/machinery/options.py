@@ -94,7 +94,9 @@ class TuneOptions(Options):
     )
     study_name: str | None = option(None, "Optuna study to create or continue (default: the settings' study)")
     workers: int | None = option(
-        None, "worker processes (default: one per core, at most 8, and no more than fit in memory)"
+        None,
+        "worker processes, dealt in turn to the GPUs when training on them (default: one per core, at most 8, "
+        "and no more than fit in memory, the GPUs' too)",
     )
     sampler: str = option("tpe", "how trials are proposed (docs/search.md compares them)", choices=tuple(SAMPLERS))
     pruner: str = option("median", "how poor trials are stopped early", choices=PRUNERS)
@@ -102,7 +104,13 @@ class TuneOptions(Options):
     grace_period: int = option(
         60,
         "seconds a running trial may go without a heartbeat before it counts as dead, its machine gone, and "
-        "the next process to start a trial marks it FAIL",
+        "the next process to start a trial hands it back to the study (or marks it FAIL: --resume-attempts)",
+    )
+    resume_attempts: int = option(
+        3,
+        "times a trial cut short (its worker killed, its machine gone, a SIGTERM) goes on from its last epoch on the "
+        "next free worker of any machine, before it fails; 0: it fails at once, and no epoch's state is kept",
+        minimum=0,
     )
     server_patience: float = option(
         120, "seconds to keep retrying a database or tracking server that does not answer, before the study stops"

@@ -37,8 +37,10 @@ SQLITE_BUSY_TIMEOUT = 120
 # The study's user attributes: its identity, what makes its trials comparable, and its MLflow
 # parent run in each tracking store.
 UID_ATTR, DEFINITION_ATTR, PARENT_RUN_ATTR = "uid", "definition", "mlflow_parent_run"
-# The trial's user attribute that names the process running it.
-WORKER_ATTR = "worker"
+# The trial's user attribute that names the process running it; the one that says how often and
+# why it was cut short (its worker killed, its machine gone or asked to stop), and from which epoch
+# it goes on; and the one that names its last kept epoch's state (machinery.resumption).
+WORKER_ATTR, CUT_SHORT_ATTR, KEPT_ATTR = "worker", "cut_short", "kept_state"
 # How long a process that finds a study just created by another one waits for its records.
 CREATOR_SECONDS = 30
 
@@ -155,13 +157,65 @@ def _patient(name: str, method: Callable) -> Callable:
 
 
 _inside = threading.local()
+# What Optuna's optimize() records instead of a FAIL, for trials of this process's that were cut
+# short (WAITING) or taken up by another worker (None: nothing).
+_when_told: dict[tuple[str, int], TrialState | None] = {}
+
+
+def hand_back_when_told(storage: RDBStorage, trial_id: int) -> None:
+    """Have the end that Optuna's optimize() is about to record for a trial this process runs (a
+    FAIL: its objective was stopped) put the trial back in the queue instead, WAITING, for the
+    next ask() of any worker of the study to take up. optimize() ends every trial it started."""
+    _when_told[storage.url, trial_id] = TrialState.WAITING
+
+
+def leave_when_told(storage: RDBStorage, trial_id: int) -> None:
+    """Have optimize() record nothing for a trial that another worker took up meanwhile."""
+    _when_told[storage.url, trial_id] = None
+
+
+def _set_state(self: RDBStorage, trial_id: int, state: TrialState, values=None) -> bool:
+    if state != TrialState.FAIL or (self.url, trial_id) not in _when_told:
+        return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+    instead = _when_told[self.url, trial_id]
+    done = instead is None or RDBStorage.set_trial_state_values(self, trial_id, instead, values)
+    del _when_told[self.url, trial_id]
+    return done
+
+
+def _stale_trial_ids(self: RDBStorage, study_id: int) -> list[int]:
+    """Optuna's stale trials, but those started within the grace period: a trial taken up again
+    is RUNNING anew while its heartbeat is still the one its last worker left."""
+    recent = datetime.datetime.now() - datetime.timedelta(seconds=self.grace_period)
+    return [i for i in RDBStorage._get_stale_trial_ids(self, study_id) if self.get_trial(i).datetime_start < recent]
+
+
+def _end_attempt(self: RDBStorage, seen: FrozenTrial, state: TrialState) -> bool:
+    """Set a RUNNING trial WAITING or FAIL if it is still the attempt ``seen``: RUNNING since the
+    same moment. Of two processes that find the same dead trial, one ends it; and a trial that a
+    worker took up meanwhile is left to that worker."""
+    # No public call of Optuna's compares and sets a trial's state.
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(self.scoped_session) as session:
+        row = models.TrialModel.find_or_raise_by_id(seen._trial_id, session, for_update=True)
+        if row.state != TrialState.RUNNING or row.datetime_start != seen.datetime_start:
+            return False
+        row.state = state
+        if state.is_finished():
+            row.datetime_complete = datetime.datetime.now()
+    return True
+
+
 # Optuna wraps an RDBStorage in its _CachedStorage, which calls some of the backend's private
 # methods directly: a trial's parameters went through _set_trial_param unretried, and a
 # PostgreSQL restart failed the trial that was being suggested.
 _CALLED_BY_OPTUNAS_CACHE = ["_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id"]
 _CALLED_BY_OPTUNAS_CACHE += ["record_heartbeat", "_get_stale_trial_ids"]
-for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + _CALLED_BY_OPTUNAS_CACHE:
-    setattr(PatientStorage, _name, _patient(_name, getattr(RDBStorage, _name)))
+_OWN = {"set_trial_state_values": _set_state, "_get_stale_trial_ids": _stale_trial_ids, "end_attempt": _end_attempt}
+for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + _CALLED_BY_OPTUNAS_CACHE + ["end_attempt"]:
+    setattr(PatientStorage, _name, _patient(_name, _OWN.get(_name) or getattr(RDBStorage, _name)))
 
 
 def definition(session_settings, space: dict[str, BaseDistribution], options, data: str) -> dict:
@@ -291,16 +345,20 @@ def _pid_namespace() -> str | None:
         return None  # not Linux
 
 
-def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int) -> list[FrozenTrial]:
-    """Mark FAIL the RUNNING trials whose worker is gone; return them as they are now.
+def take_back_dead_trials(
+    storage: RDBStorage, study_name: str, grace: int, attempts: int, silent: bool = False
+) -> list[FrozenTrial]:
+    """Hand back to the study (WAITING, see :func:`cut_short`) the RUNNING trials whose worker is
+    gone, or mark them FAIL where they may not be taken up again; return them as they are now.
 
     A worker records itself on its trial first thing. A trial of this machine whose process is
     gone, or one that recorded no worker a grace period after it started (its worker stopped
-    before the objective began), is dead. Trials of other machines are left to the heartbeat:
-    only their own machine can tell whether their process still runs.
+    before the objective began), is dead; with ``silent``, so is one of any machine whose
+    heartbeat stopped for the grace period (only its own machine can tell sooner).
     """
     study_id = storage.get_study_id_from_name(study_name)
-    failed = []
+    stale = set(storage._get_stale_trial_ids(study_id)) if silent else set()
+    taken = []
     now = datetime.datetime.now()
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(WORKER_ATTR)
@@ -309,15 +367,48 @@ def fail_dead_trials(storage: RDBStorage, study_name: str, grace: int) -> list[F
         else:
             here = owner["host"] == socket.gethostname() and owner.get("pids") == _pid_namespace()
             dead = here and not alive(owner["pid"])
-        if not dead:
+        if dead:
+            why = "its worker process died"
+        elif trial._trial_id in stale:
+            why = f"its heartbeat stopped for over {grace} s"
+        else:
             continue
+        resumes = may_resume(trial, attempts)
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if not resumes:  # why it failed, while it can still be written
+                cut_short(storage, trial, why, attempts, resumes)
+            if not storage.end_attempt(trial, TrialState.WAITING if resumes else TrialState.FAIL):
+                continue  # another process got there first, or a worker took it up
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process got there first
-        failed.append(storage.get_trial(trial._trial_id))
-    return failed
+            continue
+        if resumes:
+            cut_short(storage, trial, why, attempts, resumes)
+        taken.append(storage.get_trial(trial._trial_id))
+    return taken
+
+
+def may_resume(trial: FrozenTrial, attempts: int) -> bool:
+    """Whether a trial cut short once more may still be taken up again: ``attempts`` times in all."""
+    return trial.user_attrs.get(CUT_SHORT_ATTR, {}).get("times", 0) < attempts
+
+
+def cut_short(storage: BaseStorage, trial: FrozenTrial, why: str, attempts: int, resumes: bool) -> None:
+    """Record on ``trial`` that it was cut short, ``why``, and from which epoch it goes on; or, one
+    that does not resume, why it failed."""
+    times = trial.user_attrs.get(CUT_SHORT_ATTR, {}).get("times", 0) + 1
+    if resumes:
+        kept = trial.user_attrs.get(KEPT_ATTR)
+        epoch = kept["epoch"] + 1 if kept else 0
+        storage.set_trial_user_attr(trial._trial_id, CUT_SHORT_ATTR, {"times": times, "why": why, "epoch": epoch})
+    else:
+        tries = f"; cut short {times} times, more than --resume-attempts {attempts}" if attempts else ""
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", why + tries)
+
+
+def resumes_from(trial: FrozenTrial) -> str:
+    """What a trial that was handed back says of itself: why, and the epoch it goes on from."""
+    cut = trial.user_attrs.get(CUT_SHORT_ATTR, {})
+    return f"cut short ({cut.get('why', '?')}): it resumes from epoch {cut.get('epoch', 0)} on the next free worker"
 
 
 def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:

@@ -240,6 +240,11 @@ class Tracker:
         """A metric's values in step order (one per epoch, for the curves)."""
         return [m.value for m in sorted(self.client.get_metric_history(run_id, name), key=lambda m: m.step)]
 
+    def logged_steps(self, run_id: str) -> set[tuple[str, int]]:
+        """Each (metric, step) that the run holds a value for."""
+        metrics = self.client.get_run(run_id).data.metrics
+        return {(name, m.step) for name in metrics for m in self.client.get_metric_history(run_id, name)}
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(key, str(value)) for key, value in params.items()]
         for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
@@ -276,6 +281,15 @@ class Tracker:
 
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, os.fspath(local_path), artifact_path=folder)
+
+    def delete_artifacts(self, run_id: str, folder: str) -> None:
+        """Remove a folder of the run's artifacts, where its store can (a local folder, a tracking
+        server that serves artifacts); elsewhere it stays."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with contextlib.suppress(NotImplementedError, OSError, mlflow.exceptions.MlflowException):
+            uri = self.client.get_run(run_id).info.artifact_uri
+            get_artifact_repository(uri, tracking_uri=self.tracking_uri).delete_artifacts(folder)
 
     def download_artifact(self, run_id: str, path: str, into: str | os.PathLike) -> str:
         """Fetch one of the run's artifacts into the folder ``into``; return its local path."""

@@ -26,7 +26,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import Logger
 
-from machinery import interrupts
+from machinery import devices, interrupts
 from machinery.retraining import THREADS
 from machinery.speed import NoProfiler, SeveralPerStep
 from machinery.tracking import Tracker
@@ -107,6 +107,12 @@ class _BestEpoch(Callback):
             self.epoch, self.metrics = trainer.current_epoch, metrics
             self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "metrics": self.metrics, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.metrics, self.weights = state["epoch"], state["metrics"], state["weights"]
+
 
 class EpochMetricsLogger(Logger):
     """Sends what the LightningModule logs to an MLflow run, with step = epoch, in one write per
@@ -120,9 +126,10 @@ class EpochMetricsLogger(Logger):
     :meth:`Tracker.run`).
     """
 
-    def __init__(self, tracker: Tracker, run_id: str):
+    def __init__(self, tracker: Tracker, run_id: str, logged: set[tuple[str, int]] = frozenset()):
         super().__init__()
         self.tracker, self.run_id = tracker, run_id
+        self.logged = logged  # (metric, epoch) already in the run: a run taken up again logs each once
         self._epoch, self._metrics = None, {}
         self.trainer: pl.Trainer | None = None  # set once the Trainer exists
 
@@ -150,14 +157,18 @@ class EpochMetricsLogger(Logger):
     def finalize(self, status: str) -> None:
         self._flush()
 
+    def save(self) -> None:
+        self._flush()
+
     def forget(self) -> None:
         """Write nothing more: the run is no longer this process's to write."""
         self._metrics, self.tracker = {}, None
 
     def _flush(self) -> None:
-        if self._metrics and self.tracker is not None:
-            self.tracker.log_metrics(self.run_id, self._metrics, step=self._epoch)
-            self._metrics = {}
+        metrics = {name: value for name, value in self._metrics.items() if (name, self._epoch) not in self.logged}
+        if metrics and self.tracker is not None:
+            self.tracker.log_metrics(self.run_id, metrics, step=self._epoch)
+        self._metrics = {}
 
 
 def fit(
@@ -172,6 +183,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     evaluate_test: bool = True,
     progress_bar: bool = True,
+    resume_from: str | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` for ``settings.max_epochs`` epochs, logging every setting, the
     per-epoch curves and the best epoch's checkpoint to the MLflow run ``run_id``; with
@@ -180,6 +192,8 @@ def fit(
     ``trainer_arguments`` are the experiment's own (its callbacks, gradient clipping, ...).
 
     The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).
+    ``resume_from``, a checkpoint of machinery.resumption's, goes on from the epoch after it in
+    the same run, which already holds the settings and the curves up to there.
     """
     arguments = dict(trainer_arguments or {})
     if owned := [name for name in OWN_TRAINER_ARGUMENTS if name in arguments]:
@@ -187,19 +201,21 @@ def fit(
     own_callbacks = list(arguments.pop("callbacks", None) or [])
     started = time.perf_counter()
     data.prepare_data()
-    tracker.log_datasets(run_id, [split for split in data.describe() if evaluate_test or split.context != "test"])
-    tracker.log_params(
-        run_id,
-        {
-            **dataclasses.asdict(settings),
-            "data_source": data.source,
-            "accelerator": options.accelerator,
-            "minibatches_per_step": options.minibatches_per_step,
-            THREADS: torch.get_num_threads(),  # the order of a CPU's sums: train.py --from-run trains with as many
-        },
-    )
+    if resume_from is None:
+        tracker.log_datasets(run_id, [split for split in data.describe() if evaluate_test or split.context != "test"])
+        tracker.log_params(
+            run_id,
+            {
+                **dataclasses.asdict(settings),
+                "data_source": data.source,
+                "accelerator": options.accelerator,
+                "minibatches_per_step": options.minibatches_per_step,
+                THREADS: torch.get_num_threads(),  # the order of a CPU's sums: train.py --from-run trains with as many
+                **devices.params(),  # which GPU, in a tune worker given one
+            },
+        )
     best = _BestEpoch()
-    logger = EpochMetricsLogger(tracker, run_id)
+    logger = EpochMetricsLogger(tracker, run_id, tracker.logged_steps(run_id) if resume_from else frozenset())
     trainer = pl.Trainer(
         accelerator=options.accelerator,
         devices=1,
@@ -222,7 +238,7 @@ def fit(
         **arguments,
     )
     logger.trainer = trainer
-    _interruptible(trainer.fit, model, datamodule=data)
+    _interruptible(trainer.fit, model, datamodule=data, ckpt_path=resume_from)
 
     model.load_state_dict(best.weights)
     epochs = trainer.current_epoch  # the epochs completed

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +16,13 @@ import optuna
 import pytorch_lightning as pl
 import torch
 from optuna.distributions import BaseDistribution
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
-from machinery import interrupts, studies
+from machinery import devices, interrupts, studies
 from machinery.contract import Experiment
+from machinery.resumption import KEPT_FOLDER, KeepEachEpoch
 from machinery.retraining import THREADS
 from machinery.space import format_value, width
 from machinery.stores import ServerUnavailable
@@ -51,21 +56,54 @@ class Session:
     deadline: float | None = None  # time.time() after which a worker starts no more trials
 
 
-def objective(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
+def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
     """Run the experiment's objective for ``trial``; its value is the best epoch's val_loss.
 
-    Why a trial did not complete is kept with it: ``pruned`` or ``fail_reason``.
+    Why a trial did not complete is kept with it: ``pruned`` or ``fail_reason``. A trial cut short
+    by a scheduler or a closed terminal (SIGTERM, SIGHUP) or by its tune.py's end is handed back
+    to the study, to go on from its last epoch (see machinery.resumption), as often as
+    ``--resume-attempts`` allows; Ctrl-C, a person's, fails it.
     """
     try:
-        return _train(trial, session, tracker)
+        value = _train(trial, session, tracker, storage)
+        _forget_kept(trial, tracker)
+        return value
     except optuna.TrialPruned as pruned:
         _keep(trial, "pruned", str(pruned))
+        _forget_kept(trial, tracker)
         raise
     except TakenOver:
-        raise  # its record is the other process's
-    except BaseException as error:
-        _keep(trial, "fail_reason", interrupts.reason() if isinstance(error, KeyboardInterrupt) else str(error))
+        studies.leave_when_told(storage, trial._trial_id)  # its record is the other process's
         raise
+    except KeyboardInterrupt:
+        seen = storage.get_trial(trial._trial_id)
+        resumes = _cut_short() and studies.may_resume(seen, session.options.resume_attempts)
+        with interrupts.held():
+            if resumes:
+                studies.cut_short(storage, seen, interrupts.reason(), session.options.resume_attempts, resumes)
+                studies.hand_back_when_told(storage, trial._trial_id)
+            else:
+                _keep(trial, "fail_reason", interrupts.reason())
+        if not resumes:
+            _forget_kept(trial, tracker)
+        raise
+    except BaseException as error:
+        _keep(trial, "fail_reason", str(error))
+        _forget_kept(trial, tracker)
+        raise
+
+
+def _forget_kept(trial: optuna.Trial, tracker: Tracker) -> None:
+    """A trial that ended needs no state to go on from: its run keeps the curves and the best epoch."""
+    if studies.KEPT_ATTR in trial.user_attrs:
+        with contextlib.suppress(ServerUnavailable):
+            tracker.delete_artifacts(trial.user_attrs[RUN_ATTR], str(KEPT_FOLDER))
+
+
+def _cut_short() -> bool:
+    """Whether this process is being stopped by something other than a person's Ctrl-C: a
+    scheduler, a closed terminal, or its tune.py's end (which a worker takes as a SIGTERM)."""
+    return interrupts.requested() in (signal.SIGTERM, signal.SIGHUP)
 
 
 def _keep(trial: optuna.Trial, key: str, value) -> None:
@@ -76,26 +114,42 @@ def _keep(trial: optuna.Trial, key: str, value) -> None:
         raise TakenOver from None
 
 
-def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
-    trial.set_user_attr(studies.WORKER_ATTR, studies.worker_id())
+def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
+    me = studies.worker_id()
+    trial.set_user_attr(studies.WORKER_ATTR, me)
     name = session.options.study_name
     tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number)}
-    with tracker.run(
-        f"trial {trial.number}",
-        parent_run_id=session.parent_run_id,
-        tags=tags,
-        finished_on=(optuna.TrialPruned,),
-        left_alone_on=(TakenOver,),
-    ) as run_id:
+    kept, run_id = _taken_up(trial, tracker)
+    if kept:
+        opened = tracker.closing(run_id, finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))
+    else:
+        if run_id:  # cut short before it kept an epoch: from the start, in a run that says what it continues
+            tags["continues"] = run_id
+        opened = tracker.run(f"trial {trial.number}", parent_run_id=session.parent_run_id, tags=tags,
+                             finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))  # fmt: skip
+
+    def still_ours() -> None:
+        if storage.get_trial(trial._trial_id).user_attrs.get(studies.WORKER_ATTR) != me:
+            raise TakenOver  # handed back while this worker was away, and taken up by another
+
+    def record_kept(epoch: int, artifact: str) -> None:
+        trial.set_user_attr(studies.KEPT_ATTR, {"epoch": epoch, "artifact": artifact})
+
+    with opened as run_id, tempfile.TemporaryDirectory(prefix="taken-up-") as folder:
         trial.set_user_attr(RUN_ATTR, run_id)
+        resume_from = tracker.download_artifact(run_id, kept["artifact"], folder) if kept else None
+        keeping = session.options.resume_attempts > 0
         fitted: list[FitResult] = []
 
         def fit_in_this_run(model: pl.LightningModule, data: pl.LightningDataModule, settings) -> FitResult:
             with interrupts.held():
                 trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
-                trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
-            fitted.append(
-                fit(
+                if not kept:
+                    trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
+            after = kept and kept["artifact"]
+            keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
+            with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
+                fitted.append(fit(
                     model,
                     data,
                     settings,
@@ -103,12 +157,12 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
                     tracker,
                     run_id,
                     trainer_arguments=session.experiment.trainer(settings),
-                    callbacks=[ReportToTrial(trial)],
+                    callbacks=[ReportToTrial(trial, still_ours), *keep],
                     evaluate_test=False,
                     progress_bar=session.options.verbose,
-                )  # fmt: skip
-            )  # the test set is never used to choose
-            return fitted[-1]
+                    resume_from=resume_from,
+                ))  # fmt: skip
+            return fitted[-1]  # the test set is never used to choose
 
         try:
             with interrupts.interruptible():
@@ -119,6 +173,10 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None  # Optuna refused a write: another process finished the trial
         except TakenOver:
+            raise
+        except KeyboardInterrupt:
+            with contextlib.suppress(ServerUnavailable):
+                tracker.set_tags(run_id, {"optuna.state": "WAITING" if _cut_short() else "FAIL"})
             raise
         except BaseException:
             with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
@@ -136,6 +194,31 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker) -> float:
     return value
 
 
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Train with ``count`` threads (None: as many as now), and then as many as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _taken_up(trial: optuna.Trial, tracker: Tracker) -> tuple[dict | None, str | None]:
+    """For a trial handed back to the study: the last epoch it kept and its run, reopened, to go
+    on in; (None, the old run) where it kept none or the run is gone; (None, None) for a new one."""
+    attrs = trial.user_attrs
+    if studies.CUT_SHORT_ATTR not in attrs or RUN_ATTR not in attrs:
+        return None, None
+    run_id, kept, cut = attrs[RUN_ATTR], attrs.get(studies.KEPT_ATTR), attrs[studies.CUT_SHORT_ATTR]
+    if kept and tracker.reopen(run_id):
+        tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 1} after it was cut short "
+                                  f"({cut['why']}), {cut['times']} time(s)"})  # fmt: skip
+        return kept, run_id
+    return None, run_id
+
+
 class ReportToTrial(Callback):
     """Hands each epoch's val_loss to Optuna and stops the trial when the pruner says so.
 
@@ -143,31 +226,37 @@ class ReportToTrial(Callback):
     namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
     """
 
-    def __init__(self, trial: optuna.Trial):
-        self.trial = trial
+    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None]):
+        self.trial, self.still_ours = trial, still_ours
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, val_loss = trainer.current_epoch, float(trainer.callback_metrics["val_loss"])
         last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
         try:
             with interrupts.held():  # the study's storage is written and read here
+                self.still_ours()
                 self.trial.report(val_loss, step=epoch)
                 prune = not last_epoch and self.trial.should_prune()
         except optuna.exceptions.UpdateFinishedTrialError:
-            for logger in trainer.loggers:  # the run is the other process's: no more curves in it
-                if isinstance(logger, EpochMetricsLogger):
-                    logger.forget()
             raise TakenOver from None
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_loss {val_loss:.4f}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, TakenOver):  # from here or from KeepEachEpoch, before the loggers' last write
+            for logger in trainer.loggers:  # the run is the other process's: no more curves in it
+                if isinstance(logger, EpochMetricsLogger):
+                    logger.forget()
 
 
 def close_run(tracker: Tracker, trial: FrozenTrial, run_id: str | None = None) -> None:
     """End, as KILLED, the MLflow run (``run_id``, or the one the trial names) of a trial that
     another process found dead; KILLED even if its curves were complete, since the trial
-    never recorded its result."""
+    never recorded its result. A trial handed back reopens it when it is taken up."""
     run_id = run_id or trial.user_attrs.get(RUN_ATTR)
-    if run_id:
+    if run_id and trial.state == TrialState.WAITING:
+        tracker.end_run(run_id, "KILLED", {"optuna.state": "WAITING", "error": studies.resumes_from(trial)})
+    elif run_id:
         reason = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
         tracker.end_run(run_id, "KILLED", {"optuna.state": trial.state.name, "error": f"trial failed: {reason}"})
 
@@ -184,11 +273,14 @@ class TrialReport:
     val_acc: float | None
     seconds: float
     note: str = ""
+    gpu: str = ""  # the GPU that trained it, as CUDA_VISIBLE_DEVICES names it; "" on a CPU
 
     @classmethod
     def of(cls, trial: FrozenTrial, note: str = "") -> TrialReport:
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
         attrs = trial.user_attrs
+        if trial.state == TrialState.WAITING:
+            note = note or studies.resumes_from(trial)
         note = note or attrs.get("pruned") or attrs.get("fail_reason") or attrs.get("stopped_early", "")
         return cls(
             trial.number,
@@ -199,6 +291,8 @@ class TrialReport:
             trial.user_attrs.get("val_acc"),
             seconds,
             note,
+            # This process's GPU, for a trial it ran itself (not another process's, found dead).
+            devices.this_process_id() if attrs.get(studies.WORKER_ATTR) == studies.worker_id() else "",
         )
 
     def line(self) -> str:
@@ -211,4 +305,5 @@ class TrialReport:
             if self.state == TrialState.COMPLETE.name
             else self.note
         )
-        return f"trial {self.number:>3} {self.state:<8} {params}  {scores}  {self.seconds:5.1f} s"
+        gpu = f"  gpu {self.gpu}" if self.gpu else ""
+        return f"trial {self.number:>3} {self.state:<8} {params}  {scores}  {self.seconds:5.1f} s{gpu}"

@@ -63,7 +63,7 @@ def tune(
         store = _the_studys_own_store(study, options, wait=not created)
         tracker = connect(store, options.experiment) if store else open_tracker()
         uid = studies.uid(study)
-        _close_what_dead_workers_left(tracker, storage, name, uid, grace)
+        _close_what_dead_workers_left(tracker, storage, name, uid, options)
         before = len(study.trials)
         where = f"{public(options.storage)}, study {name!r}"
         print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
@@ -96,7 +96,7 @@ def tune(
             finally:
                 bar.close()
             interrupted = interrupts.requested()
-            _close_what_dead_workers_left(tracker, storage, name, uid, grace)
+            _close_what_dead_workers_left(tracker, storage, name, uid, options)
             results.log_study_summary(study, tracker, parent_run_id)
             if not interrupted and not problems:
                 try:
@@ -189,9 +189,10 @@ def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, 
     return winner
 
 
-def _close_what_dead_workers_left(tracker: Tracker, storage, study_name: str, uid: str, grace: int) -> None:
-    for trial in studies.fail_dead_trials(storage, study_name, grace):
-        print(f"trial {trial.number} was left running by a process that is gone: marked FAIL", flush=True)
+def _close_what_dead_workers_left(tracker: Tracker, storage, study_name: str, uid: str, options) -> None:
+    for trial in studies.take_back_dead_trials(storage, study_name, options.grace_period, options.resume_attempts):
+        what = studies.resumes_from(trial) if trial.state == optuna.trial.TrialState.WAITING else "marked FAIL"
+        print(f"trial {trial.number} was left running by a process that is gone: {what}", flush=True)
         close_run(tracker, trial)
     # A run can outlive its trial's record of it: killed between creating the run and naming
     # it on the trial, say. Its tags still say which trial it belongs to.
@@ -208,7 +209,8 @@ def _still_running_elsewhere(study: optuna.Study, grace: int) -> list[str]:
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     return [
         f"trial {trial.number} still runs on {owner.get('host', '?')} (pid {owner.get('pid', '?')}): it ends there, "
-        f"or, if its heartbeat stops for {grace} s, the next process to start a trial of this study marks it FAIL"
+        f"or, if its heartbeat stops for {grace} s, the next process to start a trial of this study hands it back "
+        "to the study, to go on from its last epoch (or marks it FAIL: --resume-attempts)"
         for trial in running
         for owner in [trial.user_attrs.get(studies.WORKER_ATTR, {})]
     ]
@@ -220,6 +222,7 @@ def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
         f"\nstudy {study.study_name!r}: {len(study.trials)} trials, {counts['COMPLETE']} complete, "
         f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
         + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
+        + (f", {counts['WAITING']} cut short, to resume" if counts["WAITING"] else "")
     )
     best = results.best_trial(study)
     if best is None:

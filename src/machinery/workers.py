@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from machinery import collector, console, files, forking, interrupts, studies
+from machinery import collector, console, devices, files, forking, interrupts, studies
 from machinery.forking import available_cores
 from machinery.imports import import_files
 from machinery.samplers import make_pruner, make_sampler
 from machinery.stores import DISK_FULL, disk_full, reason
 from machinery.tracking import RetryingClient, Tracker
 from machinery.training import TrainingDiverged
-from machinery.trial import Session, TrialReport, close_run, objective
+from machinery.trial import Session, TakenOver, TrialReport, close_run, objective
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,10 @@ class WorkerFailed:
 
 
 def default_workers() -> int:
-    """One worker per core, up to 8: the SQLite stores stay at a handful of writers."""
+    """One worker per core, up to 8: the SQLite stores stay at a handful of writers. The same on
+    GPUs, dealt to them in turn (machinery.devices): a worker's steps are small kernels that
+    wait on its Python, so a core per worker is what it needs, whichever device does the
+    arithmetic; cli.check_workers keeps them to what the GPUs' memory holds."""
     return min(available_cores(), 8)
 
 
@@ -76,25 +79,33 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
     def run_objective(trial: optuna.Trial) -> float:
         running[:], failed[:] = [trial._trial_id], []
         try:
-            return objective(trial, session, tracker)
+            return objective(trial, session, tracker, storage)
         except BaseException as error:
             failed.append(error)
             raise
 
     tell = [lambda study, trial: report(TrialReport.of(trial))]
+    given_up = f"given up by another process after {options.grace_period} s without a heartbeat"
     try:
         while claim():
+            # A trial that died on any machine goes back to the study first, for this ask() to take up.
+            for dead in studies.take_back_dead_trials(
+                storage, options.study_name, options.grace_period, options.resume_attempts, silent=True
+            ):
+                close_run(tracker, dead)
+                report(TrialReport.of(dead))
             try:
                 study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+            except TakenOver:  # handed back while this worker was away, and taken up by another
+                report(TrialReport.of(storage.get_trial(running[0]), note=f"{given_up}: this attempt is discarded"))
             except ValueError as error:  # Optuna's "Cannot tell a ... trial": another process had finished it
                 if error in failed or not (running and (trial := storage.get_trial(running[0])).state.is_finished()):
                     raise  # the trial's own error, which Optuna recorded and re-raised
-                note = f"given up by another process after {options.grace_period} s without a heartbeat"
-                report(TrialReport.of(trial, note=f"{note}: this result is discarded"))
+                report(TrialReport.of(trial, note=f"{given_up}: this result is discarded"))
             running.clear()
     except BaseException:
-        # Optuna told the trial FAIL before it re-raised, but calls no callback for it.
-        if running and (trial := storage.get_trial(running[0])).state.is_finished():
+        # Optuna told the trial FAIL (or handed it back) before it re-raised, but calls no callback for it.
+        if running and (trial := storage.get_trial(running[0])).state != optuna.trial.TrialState.RUNNING:
             report(TrialReport.of(trial))
         raise
 
@@ -113,10 +124,12 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
         forking.start()  # tune.py started it already, with the experiment imported
     budget = _Budget(context, n_trials, workers, session.deadline)
     threads = max(1, available_cores() // workers)
+    gpus = devices.assign(workers, devices.training_gpus(session.options.accelerator))  # here, not in a fork
     if workers == 1:
         _prepare_worker(threads, session.options.verbose)
         try:
-            run_trials(session, budget.for_worker(), report)
+            with devices.trained_on(gpus[0]):
+                run_trials(session, budget.for_worker(), report)
         except KeyboardInterrupt:
             pass  # the trial is closed
         except Exception as error:  # noqa: BLE001 - any error ends the study, in one line
@@ -138,6 +151,7 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
                 reports,
                 files.verified(),
                 os.getpid(),
+                gpus[i],
             ),  # fmt: skip
             name=f"tune-worker-{i}",
         )
@@ -241,8 +255,9 @@ def _one_line(error: BaseException, session: Session) -> str:
 
 def _worker_main(
     pickled: bytes, imports: tuple[str, ...], index: int, threads: int, budget: _Budget, reports, verified: dict,
-    tune_py: int,
+    tune_py: int, gpu: devices.Assigned | None,
 ) -> None:  # fmt: skip
+    devices.see_only(gpu)  # first: what --import or the session's experiment imports may start CUDA
     import_files(None, imports)  # what they register, this worker needs too: before the session is read
     session: Session = pickle.loads(pickled)
     _prepare_worker(threads, session.options.verbose)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +181,31 @@ def objective(trial, settings: TinySettings, fit) -> float:
     return fit(model, data, settings).val_loss
 
 
+class HoldAtEpoch(pl.Callback):
+    """For the tests that cut a trial short at a chosen moment: with TINY_HOLD_AT_EPOCH=N and
+    TINY_HOLD_FILE=PATH set, the first trial to reach epoch N (0-based) writes PATH, holding its
+    pid, and waits there to be stopped or killed; trials after it, its own resumption included,
+    go on."""
+
+    def __init__(self, epoch: int, path: Path):
+        self.epoch, self.path = epoch, path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch != self.epoch or batch_idx != 0:
+            return
+        try:
+            with open(self.path, "x") as f:  # only the first to get here holds
+                f.write(str(os.getpid()))
+        except FileExistsError:
+            return
+        while True:
+            time.sleep(0.05)  # a request to stop raises KeyboardInterrupt here
+
+
 def trainer(settings: TinySettings) -> dict:
     callbacks = [EarlyStopping(monitor="val_loss", patience=settings.patience)] if settings.patience else []
+    if "TINY_HOLD_AT_EPOCH" in os.environ:
+        callbacks.append(HoldAtEpoch(int(os.environ["TINY_HOLD_AT_EPOCH"]), Path(os.environ["TINY_HOLD_FILE"])))
     return {"callbacks": callbacks, "gradient_clip_val": settings.clip}
 
 

@@ -4,6 +4,7 @@ registered, and its summary."""
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 
@@ -66,6 +67,8 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         cli.fail(parser.prog, DISK_FULL)
     except KeyboardInterrupt:
         what = "finished trials are kept, the others and their MLflow runs are closed"
+        if interrupts.requested() != signal.SIGINT and options.resume_attempts:
+            what = "finished trials are kept, the others go on from their last epoch in the study's next run"
         cli.fail(parser.prog, f"{interrupts.describe()}; {what}", interrupts.exit_code())
     for problem in session.problems:
         print(f"{parser.prog}: error: {problem}", file=sys.stderr)

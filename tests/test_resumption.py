@@ -1,0 +1,129 @@
+"""A trial cut short goes on where it stopped: killed outright (its worker's SIGKILL) or asked to
+stop by a scheduler (SIGTERM to tune.py) in its fourth epoch of six, it is taken up by the next
+run at its fourth epoch and ends with the very val_loss of the same trial never interrupted, its
+MLflow run holding every epoch once, the study listing it once. The moment is an event (the
+tiny experiment's HoldAtEpoch), not a time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import read_trials, tune_args, wait_for
+from machinery import studies
+
+EPOCHS, HELD_AT = 6, 3  # the fourth epoch of six, 0-based
+COMMON = ("--max-epochs", str(EPOCHS), "--no-pruning", "--model", "conv")
+
+
+def uninterrupted(call_script, tiny_data, folder: Path, workers: int) -> dict[int, float]:
+    """Each trial's val_loss in a study that nothing stops."""
+    folder.mkdir()
+    done = call_script("tune.py", *tune_args(tiny_data, "--n-trials", str(workers), "--workers", str(workers), *COMMON),
+                       cwd=folder)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return {t.number: t.value for t in read_trials(f"sqlite:///{folder / 'optuna.db'}")}
+
+
+def held(run_script, tiny_data, tmp_path, workers: int):
+    """A tune.py whose first trial to reach the fourth epoch waits there; and that trial's worker."""
+    hold = tmp_path / "held"
+    env = {"TINY_HOLD_AT_EPOCH": str(HELD_AT), "TINY_HOLD_FILE": str(hold)}
+    args = tune_args(tiny_data, "--n-trials", str(workers), "--workers", str(workers), *COMMON)
+    process = run_script("tune.py", *args, background=True, env=env)
+    wait_for(lambda: hold.exists() and hold.read_text(), what="a trial at its fourth epoch", process=process)
+    return process, int(hold.read_text())
+
+
+def assert_resumed_whole(tmp_path, expected: dict[int, float], stdout: str) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trials = read_trials(storage)
+    [resumed] = [t for t in trials if studies.CUT_SHORT_ATTR in t.user_attrs]
+    assert f"trial {resumed.number:>3} COMPLETE" in stdout
+    assert resumed.user_attrs[studies.CUT_SHORT_ATTR]["epoch"] == HELD_AT  # taken up at the fourth epoch
+    assert {t.number: t.value for t in trials} == expected  # exactly: the same arithmetic, in the same order
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * len(expected)  # each trial listed once
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(resumed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"].startswith(f"from epoch {HELD_AT} after")
+    for metric in ("train_loss", "val_loss", "val_acc"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(EPOCHS))
+    runs = [r for r in client.search_runs(["1"]) if "optuna.trial" in r.data.tags]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == sorted(expected)  # one run per trial
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "kept" not in artifacts and "checkpoints" in artifacts  # a trial that ended keeps no state to go on from
+
+
+@pytest.mark.slow
+def test_a_trial_whose_tune_py_a_scheduler_stops_goes_on_in_the_next_run(run_script, call_script, tiny_data, tmp_path):
+    expected = uninterrupted(call_script, tiny_data, tmp_path / "uninterrupted", workers=1)
+    process, _ = held(run_script, tiny_data, tmp_path, workers=1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "cut short (terminated): it resumes from epoch 3" in stdout
+    assert "1 cut short, to resume" in stdout
+    [waiting] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert waiting.state == TrialState.WAITING and waiting.user_attrs[studies.KEPT_ATTR]["epoch"] == HELD_AT - 1
+
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1", *COMMON), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_resumed_whole(tmp_path, expected, again.stdout)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_is_killed_outright_goes_on_in_the_next_run(run_script, call_script, tiny_data, tmp_path):
+    expected = uninterrupted(call_script, tiny_data, tmp_path / "uninterrupted", workers=2)
+    process, worker = held(run_script, tiny_data, tmp_path, workers=2)
+    os.kill(worker, signal.SIGKILL)  # no handler, no clean-up: what a machine that vanished leaves
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "exited with code -9" in stderr, stderr
+    assert "was left running by a process that is gone: cut short (its worker process died): it resumes" in stdout
+
+    # One worker now; the trial trains with the threads it started with, so its sums come out the same.
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1", *COMMON), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_resumed_whole(tmp_path, expected, again.stdout)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # a study stepped by hand
+def test_a_trial_cut_short_more_often_than_allowed_fails_and_says_why(tmp_path):
+    path = tmp_path / "optuna.db"
+    storage = studies.open_storage(f"sqlite:///{path}", grace=60)
+    study = optuna.create_study(study_name="s", storage=storage)
+    gone = {"host": "another machine", "pid": 1, "pids": None}  # only its heartbeat can tell it died
+    for times in (0, 1, 2):
+        trial = study.ask()
+        trial.set_user_attr(studies.WORKER_ATTR, gone)
+        if times:
+            trial.set_user_attr(studies.CUT_SHORT_ATTR, {"times": times, "why": "terminated", "epoch": 2})
+        storage.record_heartbeat(trial._trial_id)
+    assert not studies.take_back_dead_trials(storage, "s", 60, attempts=2, silent=True)  # their heartbeats are fresh
+
+    def silent_since_long_ago(table: str, column: str) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute(f"UPDATE {table} SET {column} = '2000-01-01 00:00:00.000000'")
+
+    silent_since_long_ago("trials", "datetime_start")
+    silent_since_long_ago("trial_heartbeats", "heartbeat")
+    taken = studies.take_back_dead_trials(storage, "s", 60, attempts=2, silent=True)
+    assert [t.state for t in taken] == [TrialState.WAITING, TrialState.WAITING, TrialState.FAIL]
+    assert [t.user_attrs[studies.CUT_SHORT_ATTR]["times"] for t in taken[:2]] == [1, 2]
+    assert taken[2].user_attrs["fail_reason"] == (
+        "its heartbeat stopped for over 60 s; cut short 3 times, more than --resume-attempts 2"
+    )
+    assert not studies.take_back_dead_trials(storage, "s", 60, attempts=2, silent=True)  # once
+
+    # Taken up again, a trial is RUNNING anew with its last worker's old heartbeat: Optuna alone
+    # would call it stale at once; here it is not.
+    again = study.ask()
+    assert again.number == 0
+    assert optuna.storages.RDBStorage._get_stale_trial_ids(storage, study._study_id) == [again._trial_id]
+    assert storage._get_stale_trial_ids(study._study_id) == []
