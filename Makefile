@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= mnist
 
-.PHONY: help taste tune train test test-fast ui dashboard serve servers benchmark compare clean
+.PHONY: help taste tune train test test-fast ui dashboard serve servers loadtest benchmark compare clean
 
 help:  ## list the targets and what they do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | expand -t 12
@@ -41,6 +41,9 @@ serve: $(VENV)/installed  ## serve the champion of DATA (default: mnist) over HT
 
 servers: $(VENV)/installed  ## PostgreSQL and an mlflow server in servers/, to try many machines on one
 	$(PY) scripts/servers.py
+
+loadtest: $(VENV)/installed  ## load-test PostgreSQL and an mlflow server with 1 to 128 workers (docs/many-machines.md)
+	$(PY) scripts/loadtest.py
 
 benchmark: $(VENV)/installed  ## time an epoch and a study (docs/performance.md)
 	$(PY) scripts/benchmark.py

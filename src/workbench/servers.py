@@ -70,6 +70,7 @@ class Postgres:
     port: int
     password: str
     also: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # the server's own, NAME=VALUE: max_connections=300, say
 
     def url(self, database: str, with_password: bool = True, host: str = "127.0.0.1") -> str:
         """The database's URL; without the password, for clients that read it from PGPASSFILE."""
@@ -80,8 +81,14 @@ class Postgres:
     def pgpass(self) -> Path:
         return self.folder / "pgpass"
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id: the parent of a process per connection."""
+        return int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
+
     def start(self) -> None:
         options = f"-p {self.port} -k {self.folder} -c listen_addresses={','.join(['127.0.0.1', *self.also])}"
+        options += "".join(f" -c {setting}" for setting in self.settings)
         self._pg_ctl("start", "-w", "-t", "60", "-o", options, "-l", str(self.folder / "server.log"))
 
     def stop(self) -> None:
@@ -138,10 +145,10 @@ def init_postgres(folder: Path, port: int | None = None) -> Postgres:
 
 
 @contextlib.contextmanager
-def postgres(folder: Path, also: tuple[str, ...] = ()) -> Iterator[Postgres]:
+def postgres(folder: Path, also: tuple[str, ...] = (), settings: tuple[str, ...] = ()) -> Iterator[Postgres]:
     """The cluster in ``folder`` (made there on first use), started for the block and stopped
-    after it, listening on the addresses of ``also`` too."""
-    server = dataclasses.replace(open_postgres(folder), also=also)
+    after it, listening on the addresses of ``also`` too, with the server ``settings``."""
+    server = dataclasses.replace(open_postgres(folder), also=also, settings=settings)
     server.start()
     try:
         yield server
@@ -238,6 +245,26 @@ def mlflow_server(
         yield server
     finally:
         server.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process and its descendants have used so far, those that ended included
+    (a parent that reaped them counts theirs): a server's whole tree, PostgreSQL's process per
+    connection with it. 0 for a process that is gone."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            process = int(Path(stat).parent.name)
+            children.setdefault(int(fields[1]), []).append(process)
+            ticks[process] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    tree, total = [pid], 0
+    while tree:
+        member = tree.pop()
+        total += ticks.get(member, 0)
+        tree += children.get(member, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
