@@ -3,11 +3,12 @@
 Times epochs of (a) the project's training path as train.py and tune.py run it, (b) the
 original pipeline (per-image transforms through a DataLoader, self.log on every step,
 MLFlowLogger), and (c) a plain PyTorch loop on in-memory tensors, for batch sizes 32, 64 and
-256, the default network. (a) and (c) run in lockstep, an epoch of one and then one of the other,
-and the figure is the median of the ratios of neighbouring epochs: the machine's speed drifts
-too much for anything else. Then times a short study with 1 and with 2 workers, in trials per
-minute, and with --servers the 2-worker study again on PostgreSQL and an mlflow server instead
-of SQLite files. Prints a table; --json writes the figures as JSON.
+256, the default network. (a) and (c) run in lockstep, an epoch of one and then one of the
+other, and the figure is the median of the ratios of neighbouring epochs: the machine's speed
+drifts too much for anything else. Times what keeping each epoch's state (for a trial cut short
+to go on where it stopped) adds to an epoch of (a). Then times a short study with 1 and with 2
+workers, in trials per minute, and with --servers the 2-worker study again on PostgreSQL and an
+mlflow server instead of SQLite files. Prints a table; --json writes the figures as JSON.
 
     python scripts/benchmark.py
     python scripts/benchmark.py --epochs 8 --json benchmark.json
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from machinery.workers import available_cores
-    from workbench.benchmark import lockstep, time_original, time_startup, time_study
+    from workbench.benchmark import lockstep, time_keeping, time_original, time_startup, time_study
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -139,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['project_images_per_s']:>9.0f}  {row['b_over_a']:>5.1f}  {row['a_over_c']:>5.2f}  {spread:>11}"
         )
 
+    # The shortest epoch (the largest batch) is where a fixed cost an epoch weighs most.
+    keeping_settings = dataclasses.replace(base, batch_size=max(args.batch_sizes), max_epochs=args.epochs)
+    keeping = time_keeping(keeping_settings, device, args.minibatches_per_step)
+    print(
+        f"\nkeeping each epoch's state, for a trial cut short to go on (batch {max(args.batch_sizes)}): "
+        f"{1000 * keeping['keeping_s']:.0f} ms an epoch of {keeping['epoch_s']:.2f} s, "
+        f"{100 * keeping['share']:.1f}% (medians of {args.epochs - 1} epochs)",
+        flush=True,
+    )
+
     startup = time_startup(base)
     print("\nstart-up, paid once per process (a train.py run, a tune worker):")
     for name, seconds in startup.items():
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "machine": machine,
                     "epochs": table,
+                    "keeping": keeping,
                     "startup": startup,
                     "study": studies,
                 },

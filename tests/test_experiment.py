@@ -333,7 +333,10 @@ def test_the_benchmark_of_docs_performance_times_an_epoch_of_each_way(tmp_path):
     main = runpy.run_path(str(ROOT / "scripts" / "benchmark.py"))["main"]
     args = ["--skip-study", "--batch-sizes", "256", "--epochs", "2", "--data-dir", str(REAL_DATA_DIR)]
     assert main([*args, "--json", str(tmp_path / "figures.json")]) == 0
-    [row] = json.loads((tmp_path / "figures.json").read_text())["epochs"]
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    [row] = figures["epochs"]
     assert row["batch_size"] == 256 and len(row["project_epochs"]) == 2 and row["plain_epochs"]
     assert row["project_images_per_s"] == pytest.approx(55_000 / row["project_s"])
     assert row["a_over_c"] > 0 and row["b_over_a"] > 0
+    keeping = figures["keeping"]  # each epoch's state, written, uploaded and named: a cost, of an epoch
+    assert keeping["keeping_s"] > 0 and keeping["share"] == pytest.approx(keeping["keeping_s"] / keeping["epoch_s"])

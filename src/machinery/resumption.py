@@ -50,7 +50,7 @@ class KeepEachEpoch(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = Path(self._folder.name) / self.slot
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the optimizer, loops and callbacks too
         self._pending = trainer.current_epoch, path
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -32,6 +32,11 @@ from machinery.stores import ServerUnavailable, create_once, disk_full, public, 
 
 # MLflow accepts at most this many params in one log_batch call.
 _MAX_PARAMS_PER_BATCH = 100
+# The scripts print each run's link once, in their summary; MLflow would print one per run
+# that ends on a tracking server, and a progress bar per artifact. Set on import: tune.py's
+# workers are forks of a server that imported this module, not of tune.py.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow logs, traceback and all, every call that its database refuses (SQLite's busy timeout, a
 # full disk), and then raises it: RetryingClient makes a locked call again, and says once that it
 # waits; the rest is said in one line by whoever stops on it.
@@ -330,10 +335,6 @@ def connect(tracking_uri: str | None, experiment: str) -> Tracker:
     """Open the store (creating it on first use) and the experiment; fail in one line."""
     is_default = tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
     uri = tracking_uri or default_tracking_uri()
-    # The scripts print each run's link once, in their summary; MLflow would print one per run
-    # that ends on a tracking server, and a progress bar per artifact. (Workers inherit this.)
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Nor its INFO lines: "Creating initial MLflow database tables..." when it makes a new
     # store, and "Waiting up to 300 seconds for model version..." when it registers a model
     # through a server. The scripts' own lines say which store, and what was registered.

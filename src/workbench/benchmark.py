@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import os
 import resource
 import shutil
 import statistics
@@ -38,6 +37,7 @@ from experiment.data import MNISTDataModule
 from experiment.search import EXPERIMENT, build
 from experiment.settings import Settings
 from machinery.options import Options, TuneOptions
+from machinery.resumption import KeepEachEpoch
 from machinery.tracking import connect
 from machinery.training import fit
 
@@ -212,6 +212,51 @@ def lockstep(settings: Settings, device: str, minibatches_per_step: int, warmup:
     return {"project": project, "plain": plain, "ratios": ratios, "ratio": statistics.median(ratios)}
 
 
+class _TimedKeeping(KeepEachEpoch):
+    """machinery.resumption's callback, timing its own work: the save at an epoch's end, and the
+    upload and naming at the next one's start."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seconds: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        started = time.perf_counter()
+        super().on_train_epoch_end(trainer, pl_module)
+        self.seconds.append(time.perf_counter() - started)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        started = time.perf_counter()
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.seconds:
+            self.seconds[-1] += time.perf_counter() - started
+
+
+def time_keeping(settings: Settings, device: str, minibatches_per_step: int, warmup: int = 1) -> dict:
+    """What keeping each epoch's state costs a trial: the seconds machinery.resumption spends an
+    epoch (a Lightning checkpoint written, uploaded to the run's artifacts, named on an Optuna
+    trial after a look at it, all on SQLite files), against the epoch's own, in the same run."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    timed = dataclasses.replace(settings, max_epochs=warmup + settings.max_epochs)
+    options = Options(accelerator=device, minibatches_per_step=minibatches_per_step)
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}/optuna.db")
+        trial = optuna.create_study(storage=storage).ask()
+        tracker = connect(f"sqlite:///{tmp}/mlflow.db", "benchmark")
+        with tracker.run("keeping") as run_id, contextlib.redirect_stdout(io.StringIO()):
+            keeping = _TimedKeeping(tracker, run_id, lambda epoch, artifact: trial.set_user_attr("kept", artifact),
+                                    lambda: storage.get_trial(trial._trial_id))  # fmt: skip
+            clock = _EpochClock()
+            model, data = build(timed)
+            fit(model, data, timed, options, tracker, run_id, callbacks=[clock, keeping], evaluate_test=False,
+                progress_bar=False)  # fmt: skip
+    epochs, kept = clock.epochs()[warmup:], keeping.seconds[warmup:-1]  # the last epoch's state is never published
+    return {"epoch_s": statistics.median(epochs), "keeping_s": statistics.median(kept),
+            "share": statistics.median(kept) / statistics.median(epochs)}  # fmt: skip
+
+
 def time_startup(settings: Settings) -> dict[str, float]:
     """What a new process pays before its first step, piece by piece (and at its exit)."""
     import subprocess
@@ -263,34 +308,15 @@ def study_stores(kind: str) -> Iterator[tuple[str, str, Callable[[], float]]]:
         with tempfile.TemporaryDirectory() as tmp:
             yield f"sqlite:///{tmp}/optuna.db", f"sqlite:///{tmp}/mlflow.db", lambda: 0.0
         return
-    from workbench.servers import mlflow_server, postgres, scratch_folder
+    from workbench.servers import cpu_seconds, mlflow_server, postgres, scratch_folder
 
     folder = scratch_folder("mnist-hpo-benchmark-")
     try:
         with postgres(folder / "postgres") as database, mlflow_server(database.url("mlflow"), folder / "mlflow") as ml:
-            postmaster = int((database.folder / "data" / "postmaster.pid").read_text().split()[0])
-
-            def cpu() -> float:
-                return _cpu_seconds([postmaster, *_pids(f"-P {postmaster}"), *_pids(f"-g {ml.process.pid}")])
-
-            yield database.url("optuna"), ml.url, cpu
+            postmaster = database.pid
+            yield database.url("optuna"), ml.url, lambda: cpu_seconds(postmaster) + cpu_seconds(ml.process.pid)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pids(pgrep: str) -> list[int]:
-    return [int(pid) for pid in os.popen(f"pgrep {pgrep}").read().split()]
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU time of these processes and of their children that have ended (PostgreSQL runs a
-    process per connection)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _study_cpu_seconds() -> float:
