@@ -66,3 +66,32 @@ def test_time_to_target_and_best_so_far_read_the_trials_as_they_finished():
     assert row["time_to_target"] == [30.0, math.inf, 30.0] and row["median_time_to_target"] == 30.0
     assert row["reached"] == 2 and row["speedup_over_random"] is None  # no random search to compare with
     assert "30 s (30 to not reached)" in table_markdown({"m": row}, 0.98)
+
+
+def test_the_worker_comparison_splits_each_core_count_and_reads_each_moment():
+    """scripts/compare_workers.py's configurations and summary (its studies are the search
+    comparison's run_study, pinned to the cores in a process of its own)."""
+    from workbench.worker_comparison import configurations
+    from workbench.worker_comparison import summarize as by_workers
+    from workbench.worker_comparison import table_markdown as workers_table
+
+    assert configurations(1) == [(1, 1)]
+    assert configurations(2) == [(1, 1), (2, 1), (2, 2)]
+    assert configurations(6)[-4:] == [(6, 1), (6, 2), (6, 4), (6, 6)]
+
+    def study(cores, workers, seed, finished):  # (state, value, seconds) of each trial
+        trials = [{"state": state, "value": value, "finished_s": at} for state, value, at in finished]
+        return {"cores": cores, "workers": workers, "seed": seed, "budget": 120, "trials": trials}
+
+    studies = [
+        study(2, 1, 0, [("COMPLETE", 0.3, 20), ("PRUNED", 0.5, 50), ("COMPLETE", 0.1, 100)]),
+        study(2, 1, 1, [("COMPLETE", 0.2, 40), ("COMPLETE", 0.15, 70)]),
+        study(2, 2, 0, [("COMPLETE", 0.25, 25), ("COMPLETE", 0.2, 26), ("COMPLETE", 0.05, 130)]),
+    ]
+    one, two = by_workers(studies)
+    assert (one["cores"], one["workers"], two["workers"]) == (2, 1, 2)
+    assert one["trials_a_minute"] == 1.25 and one["first_complete_s"] == 30  # medians of 1.5 and 1; of 20 and 40
+    assert one["best_by"] == {30: statistics.median([0.3, math.inf]), 60: 0.25, "budget": 0.125}
+    assert two["best_by"]["budget"] == 0.2  # a trial that ended past the budget does not count
+    table = workers_table([one, two])
+    assert table.splitlines()[0].count("|") == 8 and "| 2 | 2 | 1.5 | 25 s |" in table
