@@ -131,11 +131,12 @@ def test_train_py_ends_its_run_and_exits_143_on_sigterm(run_script, tiny_data, t
 
 
 def lock_free(*databases) -> bool:
-    """Whether a writer could start on each SQLite file now: nobody holds its write lock."""
+    """Whether a writer could start and commit on each SQLite file now: nobody holds a lock on
+    it, a reader's included (a writer's commit waits for every reader to finish)."""
     for path in databases:
         with sqlite3.connect(path, timeout=0.3) as db:
             try:
-                db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN EXCLUSIVE")
                 db.rollback()
             except sqlite3.OperationalError:
                 return False
@@ -152,8 +153,8 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_took_up(run
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=first)
     worker = worker_pids(first.pid)[0]
-    # On one machine, a process stopped inside a write holds SQLite's lock until it goes on:
-    # stop it between writes, as a paused machine's processes would all be.
+    # On one machine, a process stopped inside a read or a write holds SQLite's lock until it
+    # goes on: stop it between them, as a paused machine's processes would all be.
     while True:
         os.kill(worker, signal.SIGSTOP)
         if lock_free(tmp_path / "optuna.db", tmp_path / "mlflow.db"):

@@ -4,8 +4,8 @@ there to the same end as if nothing had happened.
 
 What is kept is Lightning's whole checkpoint (weights, optimizer, schedules, loops, the callbacks'
 and the data module's states) and the random number generators', so that the batches' order and
-any dropout follow on as they would have. Each epoch is written to one of two files in turn and
-only then named on the trial, so the one named is always whole.
+every random draw of the network's follow on as they would have. Each epoch is written to one of
+two files in turn and only then named on the trial, so the one named is always whole.
 """
 
 from __future__ import annotations
