@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import read_trials, tune_args, wait_for, worker_pids
+from machinery.studies import KEPT_ATTR as KEPT
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +152,10 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_took_up(run
     common = ("--max-epochs", "100", "--grace-period", "3", "--no-pruning")
     first = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "2", *common), background=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    wait_for(lambda: len(trials_with_runs(storage)) == 2, what="both workers' trials", process=first)
+    # Both trials have kept an epoch, so the one taken up goes on in its own run (a trial cut
+    # before its first kept epoch starts again, in a new run).
+    wait_for(lambda: len([t for t in trials_with_runs(storage) if KEPT in t.user_attrs]) == 2,
+             what="both workers' trials to keep an epoch", process=first)  # fmt: skip
     worker = worker_pids(first.pid)[0]
     # On one machine, a process stopped inside a read or a write holds SQLite's lock until it
     # goes on: stop it between them, as a paused machine's processes would all be.
