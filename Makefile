@@ -26,9 +26,9 @@ test-fast: $(VENV)/installed  ## the tests that start no script in a process of 
 
 # MLflow 3's server starts job-queue consumers for its GenAI features that take about a core
 # even when idle; nothing here needs them, and a study running beside the UI wants that core.
-# A folder that moved has its store's artifact locations follow it first (machinery/moved_store.py).
+# A folder that moved has its store's artifact locations follow it first (machinery/tracking/moved_store.py).
 ui: $(VENV)/installed  ## mlflow ui on http://127.0.0.1:5000: the runs, their curves, the models
-	$(PY) -m machinery.moved_store mlflow.db
+	$(PY) -m tunetrack.machinery.tracking.moved_store mlflow.db
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui
 
 dashboard: $(VENV)/installed  ## optuna-dashboard on http://127.0.0.1:8080: the studies of optuna.db

@@ -25,39 +25,39 @@ import statistics
 import sys
 import time
 
-from experiment.data import MNISTDataModule
-from experiment.settings import Settings
-from machinery import cli
-from machinery.options import Options
+from tunetrack.experiment.data import MNISTDataModule
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.cli import checks, flags
+from tunetrack.machinery.options import Options
 
 # The lockstep pairs each of (c)'s epochs but the first with its neighbours among (a)'s.
-at_least_two = cli.whole_number(2)
+at_least_two = flags.whole_number(2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
+    parser = flags.Parser(__doc__)
     parser.add_argument(
-        "--batch-sizes", type=cli.positive_int, nargs="+", default=[32, 64, 256], help="(default: %(default)s)"
+        "--batch-sizes", type=flags.positive_int, nargs="+", default=[32, 64, 256], help="(default: %(default)s)"
     )
     parser.add_argument(
         "--epochs", type=at_least_two, default=6, help="timed epochs of (a) and of (c), after one warm-up each "
         "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--original-epochs", type=cli.positive_int, default=1, help="timed epochs of (b), after one warm-up "
+        "--original-epochs", type=flags.positive_int, default=1, help="timed epochs of (b), after one warm-up "
         "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--study-trials", type=cli.positive_int, default=12, help="trials of the timed study (default: %(default)s)"
+        "--study-trials", type=flags.positive_int, default=12, help="trials of the timed study (default: %(default)s)"
     )
     parser.add_argument(
         "--study-epochs",
-        type=cli.positive_int,
+        type=flags.positive_int,
         default=2,
         help="epochs per trial of the timed study (default: %(default)s)",
     )
     parser.add_argument(
-        "--minibatches-per-step", type=cli.positive_int, default=Options().minibatches_per_step,
+        "--minibatches-per-step", type=flags.positive_int, default=Options().minibatches_per_step,
         help="of (a), as train.py's flag: 1 times Lightning's own loop (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--skip-study", action="store_true", help="time epochs only")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "beside the SQLite files (needs PostgreSQL: apt-get install postgresql)",
     )
     rounds_help = "studies on each kind of store, with --servers (default: %(default)s)"
-    parser.add_argument("--rounds", type=cli.positive_int, default=3, help=rounds_help)
+    parser.add_argument("--rounds", type=flags.positive_int, default=3, help=rounds_help)
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from machinery.workers import available_cores
+    from tunetrack.machinery.study.workers import available_cores
     from workbench.benchmark import lockstep, time_keeping, time_original, time_startup, time_study
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
 
     base = Settings(data_dir=args.data_dir)
-    cli.prepare_data(parser, _experiment(), base)
+    checks.prepare_data(parser, _experiment(), base)
     table = []
     for batch_size in args.batch_sizes:
         settings = dataclasses.replace(base, batch_size=batch_size, max_epochs=args.epochs)
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _experiment():
-    from experiment.search import EXPERIMENT
+    from tunetrack.experiment.search import EXPERIMENT
 
     return EXPERIMENT
 

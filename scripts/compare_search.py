@@ -20,24 +20,26 @@ import sys
 import time
 from pathlib import Path
 
-from experiment.settings import Settings
-from machinery import cli
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.cli import checks, flags
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
+    parser = flags.Parser(__doc__)
     from workbench.search_comparison import METHODS
 
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="(default: all)")
-    parser.add_argument("--seeds", type=cli.positive_int, default=5, help="seeds per method (default: %(default)s)")
+    parser.add_argument("--seeds", type=flags.positive_int, default=5, help="seeds per method (default: %(default)s)")
     parser.add_argument(
         "--budget",
-        type=cli.positive_float,
+        type=flags.positive_float,
         default=180,
         help="seconds of wall-clock time a study (default: %(default)s)",
     )
     parser.add_argument("--target", type=float, default=0.98, help="the val_acc to reach (default: %(default)s)")
-    parser.add_argument("--workers", type=cli.positive_int, default=None, help="(default: as make tune: one per core)")
+    parser.add_argument(
+        "--workers", type=flags.positive_int, default=None, help="(default: as make tune: one per core)"
+    )
     parser.add_argument("--data-dir", default=Settings().data_dir, help="where MNIST is kept (default: %(default)s)")
     parser.add_argument("--json", default="search.json", help="where the studies are kept (default: %(default)s)")
     parser.add_argument("--from-json", metavar="FILE", help="summarize the studies in FILE instead of running any")
@@ -49,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import json
 
-    from experiment.search import EXPERIMENT
-    from machinery.report import replace_blocks
-    from machinery.workers import default_workers
+    from tunetrack.experiment.search import EXPERIMENT
+    from tunetrack.machinery.study.workers import default_workers
+    from workbench.report import replace_blocks
     from workbench.search_comparison import anytime_figure, compare, save, summarize, table_markdown
 
     if args.from_json:
         studies = json.loads(Path(args.from_json).read_text())
     else:
         settings = Settings(data_dir=args.data_dir)
-        cli.prepare_data(parser, EXPERIMENT, settings)
+        checks.prepare_data(parser, EXPERIMENT, settings)
         workers, studies = args.workers or default_workers(), []
         print(f"{len(args.methods)} methods x {args.seeds} seeds x {args.budget:.0f} s, {workers} workers", flush=True)
 

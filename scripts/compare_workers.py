@@ -15,21 +15,23 @@ from __future__ import annotations
 import sys
 import time
 
-from machinery import cli
+from tunetrack.machinery.cli import checks, flags
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
-    parser.add_argument("--seeds", type=cli.positive_int, default=2, help="seeds each (default: %(default)s)")
-    parser.add_argument("--budget", type=cli.positive_float, default=120, help="seconds a study (default: %(default)s)")
+    parser = flags.Parser(__doc__)
+    parser.add_argument("--seeds", type=flags.positive_int, default=2, help="seeds each (default: %(default)s)")
+    parser.add_argument(
+        "--budget", type=flags.positive_float, default=120, help="seconds a study (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
 
-    from experiment.search import EXPERIMENT
-    from experiment.settings import Settings
-    from machinery.forking import available_cores
+    from tunetrack.experiment.search import EXPERIMENT
+    from tunetrack.experiment.settings import Settings
+    from tunetrack.machinery.study.fork_server import available_cores
     from workbench.worker_comparison import compare, configurations, summarize, table_markdown
 
-    cli.prepare_data(parser, EXPERIMENT, Settings())
+    checks.prepare_data(parser, EXPERIMENT, Settings())
     cores = available_cores()
     print(f"{len(configurations(cores))} configurations x {args.seeds} seeds x {args.budget:.0f} s", flush=True)
 

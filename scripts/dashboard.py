@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import sys
 
-from machinery import cli
-from machinery.options import DEFAULT_STORAGE
+from tunetrack.machinery.cli import checks, flags
+from tunetrack.machinery.options import DEFAULT_STORAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
+    parser = flags.Parser(__doc__)
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help="the Optuna storage (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="where to listen (default: %(default)s)")
-    parser.add_argument("--port", type=cli.positive_int, default=8080, help="(default: %(default)s)")
+    parser.add_argument("--port", type=flags.positive_int, default=8080, help="(default: %(default)s)")
     args = parser.parse_args(argv)
-    storage = cli.studies_to_show(parser, args.storage)
+    storage = checks.studies_to_show(parser, args.storage)
 
     import optuna_dashboard
 

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import sys
 
-from machinery import cli, collector
+from tunetrack.machinery.cli import flags
+from tunetrack.machinery.runtime import collector
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
+    parser = flags.Parser(__doc__)
     parser.add_argument(
-        "--workers", type=cli.positive_int, nargs="+", default=[1, 8, 32, 128], help="(default: %(default)s)"
+        "--workers", type=flags.positive_int, nargs="+", default=[1, 8, 32, 128], help="(default: %(default)s)"
     )
     parser.add_argument(
-        "--seconds", type=cli.positive_float, default=60, help="each N's time to start trials (default: %(default)s)"
+        "--seconds", type=flags.positive_float, default=60, help="each N's time to start trials (default: %(default)s)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder: logs, servers' data, timed calls")
     args = parser.parse_args(argv)
@@ -37,18 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.servers import PostgresFailed, postgres_bin
 
     if postgres_bin() is None:
-        cli.fail(parser.prog, "PostgreSQL is not installed: apt-get install postgresql")
+        flags.fail(parser.prog, "PostgreSQL is not installed: apt-get install postgresql")
     collector.freeze_imports()
     try:
         counts = list(dict.fromkeys(args.workers))
         phases = loadtest.run(counts, args.seconds, lambda line: print(line, flush=True), args.keep)
     except (PostgresFailed, RuntimeError) as error:
-        cli.fail(parser.prog, str(error))
+        flags.fail(parser.prog, str(error))
     print("\n" + loadtest.table(phases) + "\n")
     print("\n".join([*loadtest.details(phases), loadtest.ceiling(phases)]))
     return 0 if all(held for phase in phases for _, held in phase.checks) else 1
 
 
 if __name__ == "__main__":
-    collector.pause()  # until the imports are done (machinery.collector)
+    collector.pause()  # until the imports are done (machinery.runtime.collector)
     sys.exit(main())

@@ -4,7 +4,7 @@ your own classes.
 Each picture (a PNG or JPEG photo or scan of one thing, colour or grey, any size up to 200
 million pixels; for digits, dark on light or light on dark, or drawn on a transparent
 background) is prepared as the images of the data set the model learned were
-(src/experiment/pictures.py), and the model, by default models:/mnist-classifier@champion from
+(src/tunetrack/experiment/pictures.py), and the model, by default models:/mnist-classifier@champion from
 MLflow's store in this folder, says what it shows and how sure it is. Every picture gets a
 line of its own: a bad one is said on stderr and the others are read all the same (exit status
 1 if any was bad). --as-request prints, instead, the body of a request to `mlflow models serve`
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import sys
 
-from experiment.settings import Settings
-from machinery import collector
-from machinery.commands import predict
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.commands import predict
+from tunetrack.machinery.runtime import collector
 
 if __name__ == "__main__":
-    collector.pause()  # until the imports are done (machinery.collector)
-    sys.exit(predict.main(__doc__, Settings, "experiment.search:EXPERIMENT"))
+    collector.pause()  # until the imports are done (machinery.runtime.collector)
+    sys.exit(predict.main(__doc__, Settings, "tunetrack.experiment.search:EXPERIMENT"))

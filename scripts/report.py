@@ -17,13 +17,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from experiment.settings import Settings
-from machinery import cli
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.cli import checks, flags
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
-    cli.add_picture_flags(parser, Settings().study)
+    parser = flags.Parser(__doc__)
+    flags.add_picture_flags(parser, Settings().study)
     parser.add_argument("--data-dir", default=Settings().data_dir, help="where MNIST is kept (default: %(default)s)")
     parser.add_argument(
         "--markdown",
@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if page is not None and not page.is_file():
         parser.error(f"argument --markdown: {args.markdown!r} is not a file")
 
-    from experiment.data import MNISTDataModule
-    from machinery import tracking
-    from machinery.report import groups_markdown, replace_blocks, searched_params, top_trials_markdown, write_figures
+    from tunetrack.experiment.data import MNISTDataModule
+    from tunetrack.machinery.tracking import mlflow_runs
     from workbench.photos import digit_pictures
+    from workbench.report import groups_markdown, replace_blocks, searched_params, top_trials_markdown, write_figures
 
-    study = cli.load_study(parser, args.storage, args.study_name)
-    for path in write_figures(study, tracking.reader(args.tracking_uri), Path(args.out)):
+    study = checks.load_study(parser, args.storage, args.study_name)
+    for path in write_figures(study, mlflow_runs.reader(args.tracking_uri), Path(args.out)):
         print(f"wrote {path}")
     data = MNISTDataModule(Settings(data_dir=args.data_dir))
     data.prepare_data()

@@ -17,28 +17,27 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from experiment.settings import Settings
-from machinery import cli
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.cli import checks, flags
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
-    cli.add_picture_flags(parser, Settings().study)
+    parser = flags.Parser(__doc__)
+    flags.add_picture_flags(parser, Settings().study)
     args = parser.parse_args(argv)
 
-    from machinery import tracking
-    from machinery.report import searched_params
-    from machinery.results import top_trials
-    from machinery.studies import uid
-    from machinery.trial import RUN_ATTR
+    from tunetrack.machinery.study.results import top_trials
+    from tunetrack.machinery.study.studies import RUN_ATTR, uid
+    from tunetrack.machinery.tracking import mlflow_runs
     from workbench import browser
+    from workbench.report import searched_params
 
     if browser.chromium_path() is None:
-        cli.fail(parser.prog, "Chromium is not installed: apt-get install chromium (or set CHROMIUM)")
+        flags.fail(parser.prog, "Chromium is not installed: apt-get install chromium (or set CHROMIUM)")
     if browser.dashboard_path() is None:
-        cli.fail(parser.prog, "optuna-dashboard is not installed: pip install -e '.[dashboard]'")
-    study = cli.load_study(parser, args.storage, args.study_name)
-    tracker = tracking.reader(args.tracking_uri)
+        flags.fail(parser.prog, "optuna-dashboard is not installed: pip install -e '.[dashboard]'")
+    study = checks.load_study(parser, args.storage, args.study_name)
+    tracker = mlflow_runs.reader(args.tracking_uri)
     best = [trial.user_attrs[RUN_ATTR] for trial in top_trials(study, 3)]
     experiment_id = tracker.experiment_of(best[0])
     if experiment_id is None:

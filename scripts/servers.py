@@ -18,21 +18,21 @@ import sys
 import threading
 from pathlib import Path
 
-from machinery import cli
+from tunetrack.machinery.cli import flags
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.Parser(__doc__)
+    parser = flags.Parser(__doc__)
     parser.add_argument("--folder", default="servers", help="where the servers keep their data (default: %(default)s)")
     parser.add_argument(
-        "--port", type=cli.positive_int, default=5000, help="the MLflow server's port (default: %(default)s)"
+        "--port", type=flags.positive_int, default=5000, help="the MLflow server's port (default: %(default)s)"
     )
     args = parser.parse_args(argv)
 
     from workbench.servers import PostgresFailed, mlflow_server, postgres, postgres_bin
 
     if postgres_bin() is None:
-        cli.fail(parser.prog, "PostgreSQL is not installed: apt-get install postgresql")
+        flags.fail(parser.prog, "PostgreSQL is not installed: apt-get install postgresql")
     folder = Path(args.folder).resolve()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 stop.wait()
     except (PostgresFailed, RuntimeError) as error:
-        cli.fail(parser.prog, str(error))
+        flags.fail(parser.prog, str(error))
     print("both servers stopped", flush=True)
     return 0
 

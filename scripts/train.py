@@ -1,6 +1,6 @@
 """Train one configuration and track it in MLflow.
 
-Builds the experiment's model and data (src/experiment: MNIST and the original pipeline's
+Builds the experiment's model and data (src/tunetrack/experiment: MNIST and the original pipeline's
 network by default), fetches the data on first use, trains with Lightning (one point per epoch
 for train_loss, val_loss and val_acc), tests the best epoch's weights, and logs it all, the
 checkpoint and the model (for scripts/predict.py) included, to one MLflow run. Then `mlflow
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import sys
 
-from experiment.settings import Settings
-from machinery import collector
-from machinery.commands import train
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.commands import train
+from tunetrack.machinery.runtime import collector
 
 if __name__ == "__main__":
-    collector.pause()  # until the imports are done (machinery.collector)
-    sys.exit(train.main(__doc__, Settings, "experiment.search:EXPERIMENT"))
+    collector.pause()  # until the imports are done (machinery.runtime.collector)
+    sys.exit(train.main(__doc__, Settings, "tunetrack.experiment.search:EXPERIMENT"))

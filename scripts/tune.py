@@ -1,6 +1,6 @@
 """Tune the experiment with Optuna, every trial tracked in MLflow.
 
-Searches the space of src/experiment/search.py and of the network (batch size, learning rate
+Searches the space of src/tunetrack/experiment/search.py and of the network (batch size, learning rate
 and the MLP's hidden dim by default; TPE sampler, median pruning) with N worker processes; each
 trial runs the experiment's objective, which trains as scripts/train.py does and logs its
 curves to an MLflow run nested under the study's parent run. The study is kept in optuna.db:
@@ -23,10 +23,10 @@ STARTED = time.time()  # --timeout counts from here: start-up is part of the stu
 
 import sys  # noqa: E402
 
-from experiment.settings import Settings  # noqa: E402
-from machinery import collector  # noqa: E402
-from machinery.commands import tune  # noqa: E402
+from tunetrack.experiment.settings import Settings  # noqa: E402
+from tunetrack.machinery.commands import tune  # noqa: E402
+from tunetrack.machinery.runtime import collector  # noqa: E402
 
 if __name__ == "__main__":
-    collector.pause()  # until the imports are done (machinery.collector)
-    sys.exit(tune.main(__doc__, Settings, "experiment.search:EXPERIMENT", started=STARTED))
+    collector.pause()  # until the imports are done (machinery.runtime.collector)
+    sys.exit(tune.main(__doc__, Settings, "tunetrack.experiment.search:EXPERIMENT", started=STARTED))

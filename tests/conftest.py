@@ -1,8 +1,8 @@
 """Fixtures: the tests' own tiny experiment (tests/tiny) and its data, temporary MLflow stores,
 and ways to run its scripts as a user would (in a process of their own) or quickly (in this one).
 
-The machinery's tests train, tune and register the tiny experiment, never src/experiment: a
-user who makes src/experiment theirs keeps them as they are. The shipped experiment's own
+The machinery's tests train, tune and register the tiny experiment, never src/tunetrack/experiment: a
+user who makes src/tunetrack/experiment theirs keeps them as they are. The shipped experiment's own
 tests are in test_experiment.py."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import pytest
 from mlflow.tracking._tracking_service.utils import _artifact_repos_cache as artifact_repositories
 from optuna.trial import TrialState
 
-from machinery.options import TuneOptions
-from machinery.stores import create_once
-from machinery.tracking import connect
 from tiny import experiment as tiny
 from tiny.settings import TinySettings
+from tunetrack.machinery.options import TuneOptions
+from tunetrack.machinery.tracking.mlflow_runs import connect
+from tunetrack.machinery.tracking.stores import create_once
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -95,7 +95,7 @@ def study_env(tiny_settings, tmp_path, tracking_uri):
     """``tune_here(study_name, n_trials, settings changes..., options=dict(...))``: a study in this
     process on the tiny experiment, against SQLite stores in the test's folder; it returns
     tune()'s result, and ``tune_here.tracker`` is the store."""
-    from machinery.tuning import tune
+    from tunetrack.machinery.study.tuning import tune
 
     tracker = connect(tracking_uri, "tune-tests")
 
@@ -150,7 +150,7 @@ def call_command(script: Path, settings: type, experiment: str, *args, cwd=None)
     """Run the command that ``script`` (a train.py, tune.py or predict.py) runs, for ``settings``
     and ``experiment``, in this process, its output captured: what a user would see, in a
     fraction of the time (no interpreter, no imports). Returns what ``run_script`` does."""
-    command = importlib.import_module(f"machinery.commands.{script.stem}")
+    command = importlib.import_module(f"tunetrack.machinery.commands.{script.stem}")
     args = [str(arg) for arg in args]
     out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv, Path.cwd()
     sys.argv = [str(script), *args]  # argparse names the script after it
@@ -208,7 +208,7 @@ def wait_for(condition, timeout: float = 120, what: str = "condition", process: 
 
 
 def worker_pids(tune_pid: int) -> list[int]:
-    """The worker processes of a tune.py: the forks of its fork server (machinery.forking)."""
+    """The worker processes of a tune.py: the forks of its fork server (machinery.study.fork_server)."""
 
     def children(pid: int, pattern: str = "") -> list[int]:
         found = subprocess.run(["pgrep", "-P", str(pid), *(["-f", pattern] if pattern else [])], capture_output=True)

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY
-from machinery.options import TuneOptions
-from machinery.tracking import connect
-from machinery.tuning import tune
 from tiny.settings import TinySettings
+from tunetrack.machinery.options import TuneOptions
+from tunetrack.machinery.study.tuning import tune
+from tunetrack.machinery.tracking.mlflow_runs import connect
 from workbench.browser import (
     SCORE_COLUMNS,
     chromium_page,

@@ -31,8 +31,11 @@ def api(port: int, path: str) -> dict:
 def test_the_dashboard_follows_a_live_study_and_the_study_ends_well(run_script, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = tune_args(tiny_data, "--n-trials", "6", "--workers", "2", "--max-epochs", "15")
-    study = run_script("tune.py", *args, background=True)
-    wait_for(lambda: read_trials(storage), what="the study's first trial", process=study)
+    # Its first trial waits at its second epoch until the dashboard has shown it running.
+    held, release = tmp_path / "held", tmp_path / "release"
+    env = {"TINY_HOLD_AT_EPOCH": "1", "TINY_HOLD_FILE": str(held), "TINY_RELEASE_FILE": str(release)}
+    study = run_script("tune.py", *args, background=True, env=env)
+    wait_for(held.exists, what="a trial in flight", process=study)
     port = free_port()
     dashboard = subprocess.Popen(
         [str(DASHBOARD), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
@@ -42,19 +45,21 @@ def test_the_dashboard_follows_a_live_study_and_the_study_ends_well(run_script, 
     )
     try:
         [summary] = wait_for(lambda: _studies(port), what="the dashboard's answer")
-        polls = 0
+        trials_url = f"/api/studies/{summary['study_id']}?after=0"
+        running = wait_for(lambda: [t for t in api(port, trials_url)["trials"] if t["state"].upper() == "RUNNING"],
+                           what="a running trial on the dashboard", process=study)  # fmt: skip
+        release.touch()
         while study.poll() is None:  # as its page does while it is open, only faster
-            api(port, f"/api/studies/{summary['study_id']}?after=0")
-            polls += 1
+            api(port, trials_url)
             time.sleep(0.2)
         stdout, stderr = study.communicate()
         assert study.returncode == 0 and "database is locked" not in stdout + stderr, stderr
-        seen = api(port, f"/api/studies/{summary['study_id']}?after=0")["trials"]
+        seen = api(port, trials_url)["trials"]
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
     trials = read_trials(storage)
-    assert polls >= 10 and len(trials) == 6
+    assert running and len(trials) == 6
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert sorted((t["number"], t["state"].upper()) for t in seen) == [(t.number, t.state.name) for t in trials]
 

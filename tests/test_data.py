@@ -14,18 +14,19 @@ import torch
 from PIL import Image
 
 from conftest import TINY_TEST, TINY_TRAIN, TINY_VAL
-from machinery import image_folders, memory
-from machinery.contract import SettingError
-from machinery.files import DataUnavailable, Source, ensure_files
-from machinery.idx import read_idx, write_idx
 from tiny import experiment as tiny
 from tiny.settings import TinySettings
+from tunetrack.machinery.contract import SettingError
+from tunetrack.machinery.data import image_folders
+from tunetrack.machinery.data.files import DataUnavailable, Source, ensure_files
+from tunetrack.machinery.data.idx import read_idx, write_idx
+from tunetrack.machinery.runtime import memory
 
 
 @pytest.fixture(autouse=True)
 def _verify_again(monkeypatch):
     """Each test verifies its files itself, whatever other tests verified before."""
-    from machinery import files
+    from tunetrack.machinery.data import files
 
     monkeypatch.setattr(files, "_verified", {})
 

@@ -1,5 +1,5 @@
 """tune.py's workers over a machine's GPUs, on a CPU: a stand-in answers the device query
-(machinery.devices.visible_gpus) in tune.py's process, and the real code deals the workers,
+(machinery.runtime.devices.visible_gpus) in tune.py's process, and the real code deals the workers,
 sizes them against the GPUs' memory and gives each worker its CUDA_VISIBLE_DEVICES. The real
 device is covered by the CUDA tests where one is present."""
 
@@ -13,10 +13,12 @@ import optuna
 import pytest
 
 from conftest import TINY
-from machinery import cli, devices, forking, memory, workers
-from machinery.options import TuneOptions
-from machinery.tracking import connect
 from tiny.settings import TinySettings
+from tunetrack.machinery.cli import checks, flags
+from tunetrack.machinery.options import TuneOptions
+from tunetrack.machinery.runtime import devices, memory
+from tunetrack.machinery.study import fork_server, workers
+from tunetrack.machinery.tracking.mlflow_runs import connect
 
 GB = 2**30
 EACH = 3 * GB  # what the stand-in estimate says one worker needs
@@ -39,7 +41,7 @@ def machine(monkeypatch):
     def check(gpus, workers=None, accelerator="auto") -> int:
         monkeypatch.setattr(devices, "visible_gpus", lambda: gpus)
         options = TuneOptions(n_trials=1000, workers=workers, accelerator=accelerator)
-        return cli.check_workers(cli.Parser("tune.py.", prog="tune.py"), TINY, TinySettings(), options)
+        return checks.check_workers(flags.Parser("tune.py.", prog="tune.py"), TINY, TinySettings(), options)
 
     return check
 
@@ -66,9 +68,9 @@ def test_the_gpus_the_user_made_visible_are_the_ones_dealt(monkeypatch):
 def test_each_worker_sees_only_its_gpu_and_cuda_has_not_started_in_it(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     dealt = devices.assign(4, stand_ins(2, 16))
-    forking.start()  # the server tune.py's workers are forked from
-    reports = forking.CONTEXT.Queue()
-    processes = [forking.CONTEXT.Process(target=_a_worker, args=(i, gpu, reports)) for i, gpu in enumerate(dealt)]
+    fork_server.start()  # the server tune.py's workers are forked from
+    reports = fork_server.CONTEXT.Queue()
+    processes = [fork_server.CONTEXT.Process(target=_a_worker, args=(i, gpu, reports)) for i, gpu in enumerate(dealt)]
     for process in processes:
         process.start()
     seen = {}
@@ -99,7 +101,7 @@ def _a_worker(index: int, gpu: devices.Assigned, reports) -> None:
 @pytest.mark.slow
 def test_a_studys_trials_and_runs_say_which_gpu_trained_them(tiny_settings, tmp_path, tracking_uri, monkeypatch,
                                                               capsys):  # fmt: skip
-    from machinery.tuning import tune
+    from tunetrack.machinery.study.tuning import tune
 
     # On this CPU the workers, told of GPUs that are not there, train on the CPU (--accelerator
     # auto), and say which stand-in they were dealt.
@@ -123,9 +125,9 @@ def test_on_the_cpu_nothing_asks_about_gpus_and_nothing_changes(machine, monkeyp
         raise AssertionError("asked about GPUs")
 
     monkeypatch.setattr(devices, "visible_gpus", asked)
-    parser = cli.Parser("tune.py.", prog="tune.py")
+    parser = flags.Parser("tune.py.", prog="tune.py")
     for accelerator in ("cpu", "mps"):
-        assert cli.check_workers(parser, TINY, TinySettings(), TuneOptions(n_trials=9, accelerator=accelerator)) == 8
+        assert checks.check_workers(parser, TINY, TinySettings(), TuneOptions(n_trials=9, accelerator=accelerator)) == 8
     assert machine([], workers=12) == 12  # auto without CUDA: the host's memory alone sizes them
     assert devices.params() == {}
 

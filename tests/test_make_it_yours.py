@@ -1,5 +1,5 @@
 """docs/make-it-yours.md, done as it says: a data set and a network of one's own in one file
-outside the package; then, in a copy of the repository, the page's edits of src/experiment (a
+outside the package; then, in a copy of the repository, the page's edits of src/tunetrack/experiment (a
 network's own searched hyperparameter, another of the training's, a Trainer callback) with a
 folder of pictures, after which a study started before the edits continues, the edited
 network searches its own hyperparameter, and the copy's fast tests still pass."""
@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import ROOT, call_command
-from experiment.settings import Settings
+from tunetrack.experiment.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -69,46 +69,46 @@ HIDDEN_DIM = (
 # must show each new text as it is here.
 EDITS = [
     (
-        "src/experiment/settings.py",
+        "src/tunetrack/experiment/settings.py",
         HIDDEN_DIM,
         HIDDEN_DIM
         + '    dropout: float = setting(0.0, "the CNN\'s dropout before its last layer", minimum=0, maximum=0.9)\n',
     ),
     (
-        "src/experiment/networks.py:CNN",
+        "src/tunetrack/experiment/networks.py:CNN",
         '    search_space: dict[str, BaseDistribution] = {"hidden_dim": IntDistribution(32, 512)}\n',
         '    search_space: dict[str, BaseDistribution] = {"hidden_dim": IntDistribution(32, 512),\n'
         '                                                 "dropout": FloatDistribution(0.0, 0.5)}\n',
     ),
     (
-        "src/experiment/networks.py:CNN",
+        "src/tunetrack/experiment/networks.py:CNN",
         "    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int):\n",
         "    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_dim: int, dropout: float):\n",
     ),
     (
-        "src/experiment/networks.py:CNN",
+        "src/tunetrack/experiment/networks.py:CNN",
         "            nn.Linear(hidden_dim, num_classes),\n",
         "            nn.Dropout(dropout),\n            nn.Linear(hidden_dim, num_classes),\n",
     ),
     (
-        "src/experiment/networks.py",
+        "src/tunetrack/experiment/networks.py",
         "from optuna.distributions import BaseDistribution, IntDistribution\n",
         "from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution\n",
     ),
     (
-        "src/experiment/search.py",
+        "src/tunetrack/experiment/search.py",
         '    "lr": FloatDistribution(1e-4, 1e-1, log=True),\n}\n',
         '    "lr": FloatDistribution(1e-4, 1e-1, log=True),\n'
         '    "weight_decay": FloatDistribution(1e-4, 1e-1, log=True),\n}\n',
     ),
     (
-        "src/experiment/trainer.py",
+        "src/tunetrack/experiment/trainer.py",
         '    return {"callbacks": callbacks, "gradient_clip_val": settings.gradient_clip}\n',
         '    callbacks.append(LearningRateMonitor(logging_interval="epoch"))  # the lr\'s curve, in MLflow\n'
         '    return {"callbacks": callbacks, "gradient_clip_val": settings.gradient_clip}\n',
     ),
     (
-        "src/experiment/trainer.py",
+        "src/tunetrack/experiment/trainer.py",
         "from pytorch_lightning.callbacks import EarlyStopping\n",
         "from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor\n",
     ),
@@ -122,7 +122,7 @@ def added(old: str, new: str) -> str:
 
 SHOWN = [added(old, new) for _, old, new in EDITS if "import" not in new]  # the page names the imports in words
 # The edit that changes what every study searches: a study begun before it is another study's.
-SPACE_OF_THE_TRAINING = [edit for edit in EDITS if edit[0] == "src/experiment/search.py"]
+SPACE_OF_THE_TRAINING = [edit for edit in EDITS if edit[0] == "src/tunetrack/experiment/search.py"]
 
 
 def make_edits(copy: Path, edits: list) -> None:
@@ -161,7 +161,7 @@ def test_the_pages_edits_keep_every_study_and_test_as_they_were(tmp_path):
     work.mkdir()
     study = ["--dataset", "folder", "--data-dir", pictures, "--workers", "1", "--max-epochs", "2"]
     # An MLP study, as the repository was (the repository's own tune.py, run in this process).
-    before = call_command(ROOT / "scripts" / "tune.py", Settings, "experiment.search:EXPERIMENT", *study,
+    before = call_command(ROOT / "scripts" / "tune.py", Settings, "tunetrack.experiment.search:EXPERIMENT", *study,
                           "--n-trials", "1", cwd=work)  # fmt: skip
     assert before.returncode == 0, before.stderr
 
@@ -187,7 +187,7 @@ def test_the_pages_edits_keep_every_study_and_test_as_they_were(tmp_path):
     run_id = cnn_trials[0].user_attrs["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "lr-AdamW")] == [0, 1]  # the callback's curve
 
-    # Every edit of the page made, the fast tests of src/experiment pass in the copy. The
+    # Every edit of the page made, the fast tests of src/tunetrack/experiment pass in the copy. The
     # machinery's never import it (they train tests/tiny): running them there would show nothing.
     make_edits(copy, SPACE_OF_THE_TRAINING)
     reading = [path.name for path in sorted((ROOT / "tests").rglob("test_*.py"))

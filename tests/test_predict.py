@@ -25,15 +25,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import REAL_DATA_DIR, ROOT, call_command
-from experiment.data import DATASETS, MNISTDataModule
-from experiment.pictures import digit
-from experiment.search import build
-from experiment.settings import Settings
-from machinery import registry
-from machinery.commands.predict import answer
-from machinery.options import Options
-from machinery.tracking import connect
-from machinery.training import fit
+from tunetrack.experiment.data import DATASETS, MNISTDataModule
+from tunetrack.experiment.pictures import digit
+from tunetrack.experiment.search import build
+from tunetrack.experiment.settings import Settings
+from tunetrack.machinery.commands.predict import answer
+from tunetrack.machinery.options import Options
+from tunetrack.machinery.tracking import registry
+from tunetrack.machinery.tracking.mlflow_runs import connect
+from tunetrack.machinery.training.fit import fit
 from workbench.photos import digit_pictures, paper_photos
 from workbench.servers import free_port
 
@@ -320,8 +320,8 @@ def a_folder(root: Path, per_class: int, sizes, mode: str, suffix: str, seed: in
 
 
 def run_repository_script(name: str, *args, cwd: Path):
-    """The repository's scripts/<name>, on src/experiment, run in this process."""
-    return call_command(ROOT / "scripts" / name, Settings, "experiment.search:EXPERIMENT", *args, cwd=cwd)
+    """The repository's scripts/<name>, on src/tunetrack/experiment, run in this process."""
+    return call_command(ROOT / "scripts" / name, Settings, "tunetrack.experiment.search:EXPERIMENT", *args, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -16,13 +16,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_TEST
-from machinery import registry
-from machinery.options import Options
-from machinery.retraining import typed
-from machinery.tracking import connect
-from machinery.training import fit, load_weights
 from tiny import experiment as tiny
 from tiny.settings import TinySettings
+from tunetrack.machinery.options import Options
+from tunetrack.machinery.study.retraining import typed
+from tunetrack.machinery.tracking import registry
+from tunetrack.machinery.tracking.mlflow_runs import connect
+from tunetrack.machinery.training.fit import fit, load_weights
 
 
 def test_the_best_model_is_in_its_studys_experiment_and_loads_both_ways(study_env):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from machinery.report import groups_markdown, replace_blocks, top_trials_markdown, write_figures
+from workbench.report import groups_markdown, replace_blocks, top_trials_markdown, write_figures
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

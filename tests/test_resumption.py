@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import read_trials, tune_args, wait_for
-from machinery import studies
+from tunetrack.machinery.study import studies
 
 EPOCHS, HELD_AT = 6, 3  # the fourth epoch of six, 0-based
 COMMON = ("--max-epochs", str(EPOCHS), "--no-pruning", "--model", "conv")

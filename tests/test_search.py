@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from machinery.plots import study_figures
-from machinery.report import groups_markdown, searched_params, top_trials_markdown
-from machinery.trial import TrialReport
+from tunetrack.machinery.options import PRUNERS, SAMPLERS
+from tunetrack.machinery.study.plots import study_figures
+from tunetrack.machinery.study.samplers import make_pruner, make_sampler
+from tunetrack.machinery.study.trial import TrialReport
+from workbench.report import groups_markdown, searched_params, top_trials_markdown
 
 SPACE = {
     "batch_size": CategoricalDistribution([32, 64, 128, 256]),
@@ -65,7 +67,7 @@ def test_a_study_refuses_to_continue_with_another_space(study_env, monkeypatch):
 
     study_env("grown", n_trials=1)
     monkeypatch.setitem(tiny.SEARCH_SPACE, "clip", FloatDistribution(0.1, 1.0))
-    from machinery.studies import StudyMismatch
+    from tunetrack.machinery.study.studies import StudyMismatch
 
     with pytest.raises(StudyMismatch, match="searched another space than the experiment's now \\(clip differ\\)"):
         study_env("grown", n_trials=1)
@@ -83,3 +85,13 @@ def test_the_groups_of_a_numeric_parameter_hold_every_value_once():
     rows = groups_markdown(study, "width").splitlines()[2:]
     assert [row.split(" | ")[0].strip("| ") for row in rows] == ["32-151", "152-271", "272-391", "392-512"]
     assert [int(row.split("|")[2]) for row in rows] == [2, 1, 0, 2]
+
+
+def test_every_sampler_and_pruner_tune_py_offers_is_made_by_its_name():
+    for name in SAMPLERS:
+        assert make_sampler(name, seed=0).__class__.__name__ == "SeededPerTrial"
+    assert {type(make_pruner(name, True, 10)).__name__ for name in PRUNERS} == {
+        "MedianPruner", "HyperbandPruner", "SuccessiveHalvingPruner"
+    }  # fmt: skip
+    with pytest.raises(KeyError):
+        make_sampler("grid", seed=0)

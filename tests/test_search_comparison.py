@@ -24,7 +24,7 @@ def test_methods_take_turns_seed_by_seed_and_every_trial_is_timed(tiny_settings,
     assert ended == studies
     for study in studies:
         trials = study["trials"]
-        assert trials and all(t["state"] == "COMPLETE" and 0 < t["finished_s"] < 60 for t in trials)
+        assert trials and all(t["state"] == "COMPLETE" and t["finished_s"] > 0 for t in trials)
         # No trial starts after the budget but each worker's first: the last one began in time.
         assert sorted(t["finished_s"] for t in trials)[-2:][0] <= study["budget"] or len(trials) == 1
     # The same seed, the same method: the same first proposal.

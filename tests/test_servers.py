@@ -42,7 +42,7 @@ pytestmark = [
 def servers_in_a_scratch_folder(also: str | None = None):
     """A new PostgreSQL cluster, and an mlflow server on it, for the block; with ``also``, both
     listen on that address too."""
-    folder = scratch_folder("mnist-hpo-servers-")
+    folder = scratch_folder("tunetrack-servers-")
     host = "0.0.0.0" if also else "127.0.0.1"
     try:
         with (
@@ -75,7 +75,7 @@ def machines(run_script, tiny_data, tmp_path, request):
     ``servers``, in a study and an MLflow experiment named after the test; returns the Popen."""
     study = request.node.name[:40]
 
-    def start(servers, name: str, *args: str, namespace=None):
+    def start(servers, name: str, *args: str, namespace=None, env: dict | None = None):
         database, tracking = servers
         home = tmp_path / name
         if not home.exists():
@@ -84,7 +84,8 @@ def machines(run_script, tiny_data, tmp_path, request):
         common = ["--storage", database.url("optuna", host=host), "--data-dir", "data"]
         common += ["--tracking-uri", tracking.url.replace("127.0.0.1", host)]
         common += ["--study-name", study, "--experiment", study, "--accelerator", "cpu"]
-        return run_script("tune.py", *common, *args, background=True, cwd=home, hostname=name, namespace=namespace)
+        return run_script("tune.py", *common, *args, background=True, cwd=home, hostname=name, namespace=namespace,
+                          env=env)  # fmt: skip
 
     start.study = study
     return start
@@ -258,17 +259,21 @@ def test_a_machine_that_ends_first_says_which_trials_still_run_elsewhere(machine
     assert "stops for 60 s, the next process to start a trial of this study hands it back" in stdout
 
 
-def test_a_study_goes_on_through_a_restart_of_each_server(machines, own_servers):
+def test_a_study_goes_on_through_a_restart_of_each_server(machines, own_servers, tmp_path):
+    """Both servers restart under trials in flight: both workers' first trials wait at their
+    second epoch, their runs open and their heartbeats beating, while PostgreSQL restarts (every
+    connection cut) and then the mlflow server does; then they go on, and so does the study."""
     database, tracking = own_servers
-    study = machines(own_servers, "a", "--n-trials", "6", "--workers", "2", "--max-epochs", "3", "--no-pruning")
-
-    def completed() -> int:
-        return sum(t.state == TrialState.COMPLETE for t in trials_of(database, machines.study))
-
-    wait_for(lambda: completed() >= 1, what="a first trial", process=study)
+    held, release = tmp_path / "held", tmp_path / "release"
+    held.mkdir()
+    env = {"TINY_HOLD_AT_EPOCH": "1", "TINY_HOLD_FILE": str(held), "TINY_HOLD_EVERY": "1",
+           "TINY_RELEASE_FILE": str(release)}  # fmt: skip
+    args = ["--n-trials", "6", "--workers", "2", "--max-epochs", "3", "--no-pruning"]
+    study = machines(own_servers, "a", *args, env=env)
+    wait_for(lambda: len(list(held.iterdir())) == 2, what="both workers' trials in flight", process=study)
     database.restart()  # every connection cut; the workers reconnect
-    wait_for(lambda: completed() >= 3, what="a third trial", process=study)
     tracking.restart()  # down for about ten seconds
+    release.touch()
     code, stdout, stderr = finish(study)
     assert code == 0 and "Traceback" not in stderr, stderr
     trials = trials_of(database, machines.study)
@@ -289,9 +294,8 @@ def test_a_database_that_stays_down_stops_the_study_in_one_line(machines, own_se
         process=study,
     )
     database.stop()  # the tracking server's own database too: it stops answering as well
-    started = time.monotonic()
     code, stdout, stderr = finish(study)
-    assert code == 1 and time.monotonic() - started < 150
+    assert code == 1
     [line] = stderr.strip().splitlines()[-1:]
     public = database.url("optuna").replace(database.password, "***")
     assert line.startswith(f"tune.py: error: the Optuna storage {public} did not answer for 5 s: "), line

@@ -48,7 +48,7 @@ def test_every_storage_call_optunas_cache_makes_is_retried_while_a_server_blinks
 
     from optuna.storages import _cached_storage
 
-    from machinery.studies import PatientStorage
+    from tunetrack.machinery.study.studies import PatientStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
     called -= {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}  # settings, no query

@@ -1,4 +1,4 @@
-"""machinery.speed.SeveralPerStep: several minibatches per Lightning step make the same updates
+"""machinery.training.several_per_step.SeveralPerStep: several minibatches per Lightning step make the same updates
 as Lightning's own loop, to float precision, for any module of Lightning's shape, gradient
 clipping and early stopping included; it leaves the module as it was, and steps aside, in one
 line, for what it cannot carry."""
@@ -14,13 +14,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import TINY
-from machinery import speed
-from machinery.batches import InMemoryBatches
-from machinery.options import Options
-from machinery.speed import Chunks, SeveralPerStep
-from machinery.tracking import connect
-from machinery.training import fit
 from tiny import experiment as tiny
+from tunetrack.machinery.data.batches import InMemoryBatches
+from tunetrack.machinery.options import Options
+from tunetrack.machinery.tracking.mlflow_runs import connect
+from tunetrack.machinery.training import several_per_step as speed
+from tunetrack.machinery.training.fit import fit
+from tunetrack.machinery.training.several_per_step import Chunks, SeveralPerStep
 
 
 def curves_of(settings, minibatches_per_step: int, tracking_uri: str) -> tuple[dict, int]:

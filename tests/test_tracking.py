@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from machinery import tracking
-from machinery.contract import DataSplit
-from machinery.stores import ServerUnavailable
-from machinery.tracking import RetryingClient, connect, http_patience
+from tunetrack.machinery.contract import DataSplit
+from tunetrack.machinery.tracking import mlflow_runs
+from tunetrack.machinery.tracking.mlflow_runs import RetryingClient, connect, http_patience
+from tunetrack.machinery.tracking.stores import ServerUnavailable
 from workbench.servers import free_port
 
 
@@ -25,7 +25,7 @@ def locked_then(method, failures: int, calls: list):
 
 
 def test_a_call_that_finds_the_store_locked_is_made_again(tracking_uri, monkeypatch):
-    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(mlflow_runs.time, "sleep", lambda seconds: None)
     client = RetryingClient(tracking_uri)
     calls = []
     monkeypatch.setattr(client._client, "create_experiment", locked_then(client._client.create_experiment, 3, calls))
@@ -34,7 +34,7 @@ def test_a_call_that_finds_the_store_locked_is_made_again(tracking_uri, monkeypa
 
 
 def test_a_store_locked_for_good_and_other_errors_are_not_hidden(tracking_uri, monkeypatch):
-    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(mlflow_runs.time, "sleep", lambda seconds: None)
     client = RetryingClient(tracking_uri)
     calls = []
     monkeypatch.setattr(client._client, "create_experiment", locked_then(client._client.create_experiment, 99, calls))

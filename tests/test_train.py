@@ -12,11 +12,11 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from conftest import TINY, TINY_TEST, TINY_VAL
-from machinery.options import Options
-from machinery.tracking import connect
-from machinery.training import fit, load_weights
 from tiny import experiment as tiny
 from tiny.settings import TinySettings
+from tunetrack.machinery.options import Options
+from tunetrack.machinery.tracking.mlflow_runs import connect
+from tunetrack.machinery.training.fit import fit, load_weights
 
 EPOCHS = 3
 

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import STUDY_EPOCHS
-from machinery import workers
+from tunetrack.machinery.study import workers
 
 
 def runs_of(client: MlflowClient, experiment: str = "tune-tests"):

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import TINY_SCRIPTS, env_with_tiny, tune_args
-from machinery import results
+from tunetrack.machinery.study import results
 
 pytestmark = pytest.mark.slow
 

@@ -20,13 +20,13 @@ from pytorch_lightning.callbacks import EarlyStopping
 from torch import nn
 from torch.nn import functional as F
 
-from machinery.contract import Experiment, SettingError
-from machinery.files import FolderUnusable, Source, ensure_files
-from machinery.idx import idx_bytes, read_idx
-from machinery.image_folders import to_array
-from machinery.in_memory import InMemoryImages, digest
-from machinery.space import suggest
 from tiny.settings import TinySettings
+from tunetrack.machinery.contract import Experiment, SettingError
+from tunetrack.machinery.data.files import FolderUnusable, Source, ensure_files
+from tunetrack.machinery.data.idx import idx_bytes, read_idx
+from tunetrack.machinery.data.image_folders import to_array
+from tunetrack.machinery.data.in_memory import InMemoryImages, digest
+from tunetrack.machinery.study.space import suggest
 
 SIDE, CLASSES = 16, ("north", "east", "south", "west")
 TRAIN, TEST = 500, 120
@@ -182,32 +182,37 @@ def objective(trial, settings: TinySettings, fit) -> float:
 
 
 class HoldAtEpoch(pl.Callback):
-    """For the tests that cut a trial short at a chosen moment: with TINY_HOLD_AT_EPOCH=N and
-    TINY_HOLD_FILE=PATH set, the first trial to reach epoch N (0-based) writes PATH, holding its
-    pid, and waits there to be stopped or killed; trials after it, its own resumption included,
-    go on."""
+    """For the tests that need a trial in flight at a chosen moment: with TINY_HOLD_AT_EPOCH=N
+    and TINY_HOLD_FILE=PATH set, the first trial to reach epoch N (0-based) writes PATH, holding
+    its pid, and waits there: until the file TINY_RELEASE_FILE names exists, or, without it, until
+    it is stopped or killed. Trials after it, its own resumption included, go on. With
+    TINY_HOLD_EVERY set, every trial holds so, PATH a folder where each writes a file named by
+    its pid."""
 
-    def __init__(self, epoch: int, path: Path):
-        self.epoch, self.path = epoch, path
+    def __init__(self, epoch: int, path: Path, release: Path | None, every: bool):
+        self.epoch, self.path, self.release, self.every = epoch, path, release, every
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch != self.epoch or batch_idx != 0:
             return
         try:
-            with open(self.path, "x") as f:  # only the first to get here holds
-                f.write(str(os.getpid()))
+            with open(self.path / str(os.getpid()) if self.every else self.path, "x") as f:
+                f.write(str(os.getpid()))  # only the first to get here holds, unless every trial does
         except FileExistsError:
             return
-        while True:
+        while self.release is None or not self.release.exists():
             time.sleep(0.05)  # a request to stop raises KeyboardInterrupt here
 
 
 def trainer(settings: TinySettings) -> dict:
     callbacks = [EarlyStopping(monitor="val_loss", patience=settings.patience)] if settings.patience else []
     if "TINY_HOLD_AT_EPOCH" in os.environ:
-        callbacks.append(HoldAtEpoch(int(os.environ["TINY_HOLD_AT_EPOCH"]), Path(os.environ["TINY_HOLD_FILE"])))
+        release = Path(os.environ["TINY_RELEASE_FILE"]) if "TINY_RELEASE_FILE" in os.environ else None
+        hold = HoldAtEpoch(int(os.environ["TINY_HOLD_AT_EPOCH"]), Path(os.environ["TINY_HOLD_FILE"]), release,
+                           every="TINY_HOLD_EVERY" in os.environ)  # fmt: skip
+        callbacks.append(hold)
     return {"callbacks": callbacks, "gradient_clip_val": settings.clip}
 
 
-EXPERIMENT = Experiment(settings=TinySettings, build=build, search_space=search_space, objective=objective,
+EXPERIMENT = Experiment(settings_class=TinySettings, build=build, search_space=search_space, objective=objective,
                         trainer=trainer, datasets=DATASETS)  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from machinery.options import option as setting
+from tunetrack.machinery.options import option as setting
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 import sys
 
-from machinery import collector
-from machinery.commands import predict
 from tiny.settings import TinySettings
+from tunetrack.machinery.commands import predict
+from tunetrack.machinery.runtime import collector
 
 if __name__ == "__main__":
     collector.pause()

@@ -6,9 +6,9 @@ STARTED = time.time()  # --timeout counts from here
 
 import sys  # noqa: E402
 
-from machinery import collector  # noqa: E402
-from machinery.commands import tune  # noqa: E402
 from tiny.settings import TinySettings  # noqa: E402
+from tunetrack.machinery.commands import tune  # noqa: E402
+from tunetrack.machinery.runtime import collector  # noqa: E402
 
 if __name__ == "__main__":
     collector.pause()

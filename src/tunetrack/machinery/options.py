@@ -1,0 +1,129 @@
+"""How a command runs, beyond the experiment's settings: every option with its default, once.
+
+Each field is a flag, made by machinery.cli.flags as the experiment's settings are: ``--tracking-uri``
+for tracking_uri, ``--no-pruning`` for a switch that is on by default. A default of None is
+filled in from the settings by :meth:`Options.resolved` (the MLflow experiment, the study, the
+registered model follow the settings' task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# How a study searches, by name: study/samplers.py makes each.
+SAMPLERS = ("tpe", "gp", "random")
+PRUNERS = ("median", "hyperband", "halving")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+
+
+def option(default, help: str, **more):
+    """A field, with what its flag needs: ``help``, and where the usual do not fit, ``minimum``,
+    ``maximum`` (numbers are otherwise at least 1, or above 0), ``choices`` (a list, or a
+    registry named as "module:NAME" and imported once the other flags are checked), or
+    ``compared=False`` (a study's trials may differ in it and still compare). Settings and
+    options alike are made of these."""
+    return field(default=default, metadata={"help": help, **more})
+
+
+def flag(field: dataclasses.Field) -> str:
+    """The flag of a field: ``--tracking-uri`` for tracking_uri."""
+    return field.metadata.get("flag", f"--{field.name.replace('_', '-')}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options train.py and tune.py share."""
+
+    verb = "train"  # names the MLflow experiment of the command's runs: TASK-train
+
+    experiment: str | None = option(None, "MLflow experiment (default: TASK-train, TASK-tune for tune.py)")
+    tracking_uri: str | None = option(
+        None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default: sqlite:///mlflow.db here)"
+    )
+    accelerator: str = option("auto", "where to train", choices=ACCELERATORS)
+    minibatches_per_step: int = option(
+        16, "minibatches that one Lightning step carries, each its own optimizer step; 1: Lightning's own loop"
+    )
+    imports: tuple[str, ...] = option(
+        (), "a Python file to import first, with a data set or network of your own registered in it", flag="--import"
+    )
+    storage: str = option(DEFAULT_STORAGE, "Optuna storage URL")
+    verbose: bool = option(False, "show tracebacks, and Lightning's progress bars inside trials")
+    registered_model: str | None = option(
+        None,
+        "the Model Registry's model that a study's tested best (or train.py --register's model) is registered as; "
+        "its alias champion moves to it when it is the better model (default: TASK-classifier, the settings' task)",
+    )
+
+    def resolved(self, settings) -> Options:
+        """These options with each default that follows the settings filled in."""
+        return dataclasses.replace(
+            self,
+            experiment=self.experiment or f"{settings.task}-{self.verb}",
+            registered_model=self.registered_model or registered_name(settings.task),
+        )
+
+
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """train.py's options."""
+
+    from_trial: str | None = option(
+        None, "train a trial of a study again, its settings and seed, and these flags over them: STUDY:NUMBER "
+        "(of --storage)",
+    )  # fmt: skip
+    from_run: str | None = option(
+        None, "train an MLflow run of train.py or of a trial again, its settings and seed, and these flags over them "
+        "(of --tracking-uri)",
+    )  # fmt: skip
+    register: bool = option(False, "register the model as --registered-model; @champion moves to it if it is better")
+
+
+@dataclass(frozen=True)
+class TuneOptions(Options):
+    """tune.py's options."""
+
+    verb = "tune"
+
+    n_trials: int = option(50, "trials to add to the study")
+    timeout: float | None = option(
+        None,
+        "the study's wall time in seconds, counted from the command's start: no trial starts after it but "
+        "each worker's first, and the running ones finish",
+    )
+    study_name: str | None = option(None, "Optuna study to create or continue (default: the settings' study)")
+    workers: int | None = option(
+        None,
+        "worker processes, dealt in turn to the GPUs when training on them (default: one per core, at most 8, "
+        "and no more than fit in memory, the GPUs' too)",
+    )
+    sampler: str = option("tpe", "how trials are proposed (docs/search.md compares them)", choices=SAMPLERS)
+    pruner: str = option("median", "how poor trials are stopped early", choices=PRUNERS)
+    pruning: bool = option(True, "train every trial for all its epochs")
+    grace_period: int = option(
+        60,
+        "seconds a running trial may go without a heartbeat before it counts as dead, its machine gone, and "
+        "the next process to start a trial hands it back to the study (or marks it FAIL: --resume-attempts)",
+    )
+    resume_attempts: int = option(
+        3,
+        "times a trial cut short (its worker killed, its machine gone, a SIGTERM) goes on from its last epoch on the "
+        "next free worker of any machine, before it fails; 0: it fails at once, and no epoch's state is kept",
+        minimum=0,
+    )
+    server_patience: float = option(
+        120, "seconds to keep retrying a database or tracking server that does not answer, before the study stops"
+    )
+    # The searched settings that the command line fixed (tune.py --batch-size 64): the study
+    # searches the others. Not a flag: each setting's own flag fixes it.
+    fixed: tuple[str, ...] = option((), "searched settings fixed by their flags", flag=None)
+
+    def resolved(self, settings) -> TuneOptions:
+        return dataclasses.replace(super().resolved(settings), study_name=self.study_name or settings.study)
+
+
+def registered_name(task: str) -> str:
+    """The registered model of a task's studies: models:/NAME@champion is the best of that task."""
+    return f"{task}-classifier"

@@ -1,0 +1,305 @@
+"""One trial of a study: the experiment's objective, inside an MLflow run of its own nested
+under the study's run, with a fit() that trains as train.py does and hands each epoch's
+val_loss to the pruner; and one line that says how the trial ended."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+import torch
+from optuna.distributions import BaseDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from pytorch_lightning.callbacks import Callback
+
+from tunetrack.machinery.contract import Experiment
+from tunetrack.machinery.runtime import devices, interrupts
+from tunetrack.machinery.study import studies
+from tunetrack.machinery.study.space import format_value, width
+from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
+from tunetrack.machinery.tracking.mlflow_runs import Tracker
+from tunetrack.machinery.tracking.stores import ServerUnavailable
+from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, fit
+from tunetrack.machinery.training.resumption import KEPT_FOLDER, KeepEachEpoch
+
+
+class TakenOver(Exception):
+    """Another process finished this trial while this one still ran it: a worker that stopped
+    sending heartbeats for longer than the grace period (a machine paused, cut off from the
+    database) comes back to find its trial failed and its run closed. Those records are the
+    other process's now, and stay as they are."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """What every trial of one tune.py session shares, in this process or in a worker's."""
+
+    experiment: Experiment
+    settings: Any  # how every trial trains; the objective sets the searched settings and the seed
+    options: Any  # the session's TuneOptions, resolved
+    tracking_uri: str
+    experiment_id: str  # MLflow's
+    study_uid: str  # the study's identity, on every run: names can repeat and hold any quote
+    parent_run_id: str
+    deadline: float | None = None  # time.time() after which a worker starts no more trials
+
+
+def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
+    """Run the experiment's objective for ``trial``; its value is the best epoch's val_loss.
+
+    Why a trial did not complete is kept with it: ``pruned`` or ``fail_reason``. A trial cut short
+    by a scheduler or a closed terminal (SIGTERM, SIGHUP) or by its tune.py's end is handed back
+    to the study, to go on from its last epoch (see machinery.training.resumption), as often as
+    ``--resume-attempts`` allows; Ctrl-C, a person's, fails it.
+    """
+    try:
+        value = _train(trial, session, tracker, storage)
+        _forget_kept(trial, tracker)
+        return value
+    except optuna.TrialPruned as pruned:
+        _keep(trial, "pruned", str(pruned))
+        _forget_kept(trial, tracker)
+        raise
+    except TakenOver:
+        studies.leave_when_told(storage, trial._trial_id)  # its record is the other process's
+        raise
+    except KeyboardInterrupt:
+        seen = storage.get_trial(trial._trial_id)
+        resumes = _cut_short() and studies.may_resume(seen, session.options.resume_attempts)
+        with interrupts.held():
+            if resumes:
+                studies.cut_short(storage, seen, interrupts.reason(), session.options.resume_attempts, resumes)
+                studies.hand_back_when_told(storage, trial._trial_id)
+            else:
+                _keep(trial, "fail_reason", interrupts.reason())
+        if not resumes:
+            _forget_kept(trial, tracker)
+        raise
+    except BaseException as error:
+        _keep(trial, "fail_reason", str(error))
+        _forget_kept(trial, tracker)
+        raise
+
+
+def _forget_kept(trial: optuna.Trial, tracker: Tracker) -> None:
+    """A trial that ended needs no state to go on from: its run keeps the curves and the best epoch."""
+    if studies.KEPT_ATTR in trial.user_attrs:
+        with contextlib.suppress(ServerUnavailable):
+            tracker.delete_artifacts(trial.user_attrs[RUN_ATTR], str(KEPT_FOLDER))
+
+
+def _cut_short() -> bool:
+    """Whether this process is being stopped by something other than a person's Ctrl-C: a
+    scheduler, a closed terminal, or its tune.py's end (which a worker takes as a SIGTERM)."""
+    return interrupts.requested() in (signal.SIGTERM, signal.SIGHUP)
+
+
+def _keep(trial: optuna.Trial, key: str, value) -> None:
+    """Record why the trial ended, unless another process has ended it meanwhile."""
+    try:
+        trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise TakenOver from None
+
+
+def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
+    me = studies.worker_id()
+    trial.set_user_attr(studies.WORKER_ATTR, me)
+    name = session.options.study_name
+    tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number)}
+    kept, run_id = _taken_up(trial, tracker)
+    if kept:
+        opened = tracker.closing(run_id, finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))
+    else:
+        if run_id:  # cut short before it kept an epoch: from the start, in a run that says what it continues
+            tags["continues"] = run_id
+        opened = tracker.run(f"trial {trial.number}", parent_run_id=session.parent_run_id, tags=tags,
+                             finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))  # fmt: skip
+
+    def still_ours() -> None:
+        if storage.get_trial(trial._trial_id).user_attrs.get(studies.WORKER_ATTR) != me:
+            raise TakenOver  # handed back while this worker was away, and taken up by another
+
+    def record_kept(epoch: int, artifact: str) -> None:
+        trial.set_user_attr(studies.KEPT_ATTR, {"epoch": epoch, "artifact": artifact})
+
+    with opened as run_id, tempfile.TemporaryDirectory(prefix="taken-up-") as folder:
+        trial.set_user_attr(RUN_ATTR, run_id)
+        resume_from = tracker.download_artifact(run_id, kept["artifact"], folder) if kept else None
+        keeping = session.options.resume_attempts > 0
+        fitted: list[FitResult] = []
+
+        def fit_in_this_run(model: pl.LightningModule, data: pl.LightningDataModule, settings) -> FitResult:
+            with interrupts.held():
+                trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
+                if not kept:
+                    trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
+            after = kept and kept["artifact"]
+            keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
+            with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
+                fitted.append(fit(
+                    model,
+                    data,
+                    settings,
+                    session.options,
+                    tracker,
+                    run_id,
+                    trainer_arguments=session.experiment.trainer(settings),
+                    callbacks=[ReportToTrial(trial, still_ours), *keep],
+                    evaluate_test=False,
+                    progress_bar=session.options.verbose,
+                    resume_from=resume_from,
+                ))  # fmt: skip
+            return fitted[-1]  # the test set is never used to choose
+
+        try:
+            with interrupts.interruptible():
+                value = session.experiment.objective(trial, session.settings, fit_in_this_run)
+        except optuna.TrialPruned as pruned:
+            tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": str(pruned)})
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TakenOver from None  # Optuna refused a write: another process finished the trial
+        except TakenOver:
+            raise
+        except KeyboardInterrupt:
+            with contextlib.suppress(ServerUnavailable):
+                tracker.set_tags(run_id, {"optuna.state": "WAITING" if _cut_short() else "FAIL"})
+            raise
+        except BaseException:
+            with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
+                tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+            raise
+        try:
+            if fitted:  # the last writes to the trial, just before its run is closed
+                trial.set_user_attr("val_acc", fitted[-1].val_acc)
+                trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
+                if fitted[-1].stopped_early:
+                    trial.set_user_attr("stopped_early", fitted[-1].stopped_early)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TakenOver from None
+        tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+    return value
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Train with ``count`` threads (None: as many as now), and then as many as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _taken_up(trial: optuna.Trial, tracker: Tracker) -> tuple[dict | None, str | None]:
+    """For a trial handed back to the study: the last epoch it kept and its run, reopened, to go
+    on in; (None, the old run) where it kept none or the run is gone; (None, None) for a new one."""
+    attrs = trial.user_attrs
+    if studies.CUT_SHORT_ATTR not in attrs or RUN_ATTR not in attrs:
+        return None, None
+    run_id, kept, cut = attrs[RUN_ATTR], attrs.get(studies.KEPT_ATTR), attrs[studies.CUT_SHORT_ATTR]
+    if kept and tracker.reopen(run_id):
+        tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 1} after it was cut short "
+                                  f"({cut['why']}), {cut['times']} time(s)"})  # fmt: skip
+        return kept, run_id
+    return None, run_id
+
+
+class ReportToTrial(Callback):
+    """Hands each epoch's val_loss to Optuna and stops the trial when the pruner says so.
+
+    Optuna's own Lightning callback (optuna-integration) imports the ``lightning.pytorch``
+    namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
+    """
+
+    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None]):
+        self.trial, self.still_ours = trial, still_ours
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, val_loss = trainer.current_epoch, float(trainer.callback_metrics["val_loss"])
+        last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
+        try:
+            with interrupts.held():  # the study's storage is written and read here
+                self.still_ours()
+                self.trial.report(val_loss, step=epoch)
+                prune = not last_epoch and self.trial.should_prune()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TakenOver from None
+        if prune:
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_loss {val_loss:.4f}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, TakenOver):  # from here or from KeepEachEpoch, before the loggers' last write
+            for logger in trainer.loggers:  # the run is the other process's: no more curves in it
+                if isinstance(logger, EpochMetricsLogger):
+                    logger.forget()
+
+
+def close_run(tracker: Tracker, trial: FrozenTrial, run_id: str | None = None) -> None:
+    """End, as KILLED, the MLflow run (``run_id``, or the one the trial names) of a trial that
+    another process found dead; KILLED even if its curves were complete, since the trial
+    never recorded its result. A trial handed back reopens it when it is taken up."""
+    run_id = run_id or trial.user_attrs.get(RUN_ATTR)
+    if run_id and trial.state == TrialState.WAITING:
+        tracker.end_run(run_id, "KILLED", {"optuna.state": "WAITING", "error": studies.resumes_from(trial)})
+    elif run_id:
+        reason = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
+        tracker.end_run(run_id, "KILLED", {"optuna.state": trial.state.name, "error": f"trial failed: {reason}"})
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """What a worker tells about a finished trial: enough for one line of output."""
+
+    number: int
+    state: str
+    params: dict
+    distributions: dict[str, BaseDistribution]
+    value: float | None
+    val_acc: float | None
+    seconds: float
+    note: str = ""
+    gpu: str = ""  # the GPU that trained it, as CUDA_VISIBLE_DEVICES names it; "" on a CPU
+
+    @classmethod
+    def of(cls, trial: FrozenTrial, note: str = "") -> TrialReport:
+        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        attrs = trial.user_attrs
+        if trial.state == TrialState.WAITING:
+            note = note or studies.resumes_from(trial)
+        note = note or attrs.get("pruned") or attrs.get("fail_reason") or attrs.get("stopped_early", "")
+        return cls(
+            trial.number,
+            trial.state.name,
+            trial.params,
+            trial.distributions,
+            trial.value,
+            trial.user_attrs.get("val_acc"),
+            seconds,
+            note,
+            # This process's GPU, for a trial it ran itself (not another process's, found dead).
+            devices.this_process_id() if attrs.get(studies.WORKER_ATTR) == studies.worker_id() else "",
+        )
+
+    def line(self) -> str:
+        params = " ".join(
+            f"{name}={format_value(value):>{width(self.distributions.get(name))}}"
+            for name, value in self.params.items()
+        )
+        scores = (
+            " ".join(filter(None, [f"val_loss {self.value:.4f} val_acc {self.val_acc:.4f}", self.note]))
+            if self.state == TrialState.COMPLETE.name
+            else self.note
+        )
+        gpu = f"  gpu {self.gpu}" if self.gpu else ""
+        return f"trial {self.number:>3} {self.state:<8} {params}  {scores}  {self.seconds:5.1f} s{gpu}"

@@ -1,0 +1,250 @@
+"""A tune.py session: open or continue the study, run its trials in workers, and leave the
+results in the Optuna storage and in MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+from tqdm import tqdm
+
+from tunetrack.machinery.contract import Experiment
+from tunetrack.machinery.runtime import interrupts
+from tunetrack.machinery.study import results, studies
+from tunetrack.machinery.study.retraining import train_again
+from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
+from tunetrack.machinery.study.trial import Session, TrialReport, close_run
+from tunetrack.machinery.study.workers import quiet_libraries, run_workers
+from tunetrack.machinery.tracking import registry
+from tunetrack.machinery.tracking.mlflow_runs import Tracker, connect, default_tracking_uri
+from tunetrack.machinery.tracking.stores import public, sqlite_path
+
+
+class _EndedOnAnError(Exception):
+    """The study stopped on an error: its parent run ends FAILED, and the session returns."""
+
+
+@dataclass(frozen=True)
+class TuneOutcome:
+    study: optuna.Study
+    parent_run_id: str
+    problems: list[str]
+    test: dict[str, float] | None
+    notes: list[str] = field(default_factory=list)  # what the summary said beyond the trials
+    model_id: str | None = None  # the tested best trial's network, logged on the parent run
+    registered: registry.Registered | None = None
+
+
+def tune(
+    experiment: Experiment, settings, options, open_tracker: Callable[[], Tracker], deadline: float | None = None
+) -> TuneOutcome:
+    """Run ``options.n_trials`` more trials of the study ``options.study_name`` (created on first
+    use) in ``options.workers`` processes, tracked in the MLflow store that ``open_tracker()``
+    opens once the study is known to accept them.
+
+    ``settings`` say how each trial trains; the experiment's objective sets the searched ones.
+    No trial starts after ``deadline`` (a time.time()) but each worker's first. The tested best
+    trial's network is registered as ``options.registered_model``, the alias champion moving
+    to it if it is the best. A continuation whose definition differs from the study's raises
+    StudyMismatch before anything changes. The first Ctrl-C stops the trials; the clean-up and
+    the summary still run, and then KeyboardInterrupt is raised.
+    """
+    quiet_libraries(options.verbose)
+    with torch.device("meta"):  # the data module's fingerprint: a study refuses other data
+        _, data = experiment.build(settings)
+    name, grace = options.study_name, options.grace_period
+    with interrupts.handling():
+        storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
+        wanted = studies.definition(settings, experiment.search_space(settings), options, data.fingerprint)
+        study, created = studies.open_study(storage, name, wanted)
+        # Only now: a continuation that is refused creates no store or experiment.
+        store = _the_studys_own_store(study, options, wait=not created)
+        tracker = connect(store, options.experiment) if store else open_tracker()
+        uid = studies.uid(study)
+        _close_what_dead_workers_left(tracker, storage, name, uid, options)
+        before = len(study.trials)
+        where = f"{public(options.storage)}, study {name!r}"
+        print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
+        if options.fixed:
+            searched = [name for name in wanted["space"] if name not in options.fixed]
+            fixed = ", ".join(f"{name}={getattr(settings, name)}" for name in options.fixed)
+            print(f"searching {', '.join(searched) or 'nothing'}; fixed by the command line: {fixed}", flush=True)
+        notes: list[str] = []
+        params = {
+            "study_name": name,
+            "storage": public(options.storage),
+            "objective": "val_loss (minimize)",
+            **wanted["search"],
+            **dataclasses.asdict(settings),
+        }
+        parent_run_id = _parent_run(tracker, study, uid, created, params, notes)
+        session = Session(
+            experiment, settings, options, tracker.tracking_uri, tracker.experiment_id, uid, parent_run_id, deadline
+        )
+        bar = tqdm(total=options.n_trials, desc="study", unit="trial", dynamic_ncols=True)
+
+        def report(trial: TrialReport) -> None:
+            bar.write(trial.line())
+            bar.update()
+
+        problems, tested, registered = [], None, None
+        with contextlib.suppress(_EndedOnAnError), tracker.closing(parent_run_id):
+            try:
+                problems = run_workers(session, options.n_trials, options.workers, report)
+            finally:
+                bar.close()
+            interrupted = interrupts.requested()
+            _close_what_dead_workers_left(tracker, storage, name, uid, options)
+            results.log_study_summary(study, tracker, parent_run_id)
+            if not interrupted and not problems:
+                try:
+                    tested = results.evaluate_best_trial(study, tracker, parent_run_id, experiment, options)
+                except results.NotEvaluated as why:
+                    notes.append(f"test evaluation skipped: {why}")
+            if tested and options.registered_model:
+                judge = results.judge_on(experiment, tested.datamodule, options.accelerator, tracker)
+                registered = _register(tracker, study.study_name, uid, tested, options.registered_model, judge)
+                notes.append(registered.line())
+            notes += _still_running_elsewhere(study, grace)
+            test = tested.metrics if tested else None
+            _print_summary(study, tracker, parent_run_id, options, test, notes)
+            if interrupts.requested():  # during the trials, or while the best was tested and logged
+                raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
+            if problems:
+                raise _EndedOnAnError("; ".join(problems))  # the parent run ends FAILED, and says why
+    return TuneOutcome(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
+
+
+def _the_studys_own_store(study: optuna.Study, options, wait: bool) -> str | None:
+    """The MLflow store that a continued study keeps its runs in, where the command named none and
+    MLflow's default here is another (it was run from another folder): the study's, if it is a
+    file that is there; else None, for the store the command would use. A store named by
+    --tracking-uri or MLFLOW_TRACKING_URI is the one used."""
+    if options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    recorded = studies.recorded_parent_runs(study, wait=wait)
+    if not recorded or public(default_tracking_uri()) in recorded:
+        return None
+    theirs = [uri for uri in recorded if (path := sqlite_path(uri)) is not None and path.is_file()]
+    if theirs:
+        print(f"study {study.study_name!r} keeps its MLflow runs in {theirs[0]}: so does this session "
+              "(--tracking-uri chooses another store)", flush=True)  # fmt: skip
+    return theirs[0] if theirs else None
+
+
+def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str, judge):
+    """Register the tested best trial's model, with what it is on the version (the trial's run:
+    its checkpoint, for a later study validated on other data to measure it by)."""
+    trial = tested.trial
+    facts = {"study": study_name, "study_uid": uid, "trial": trial.number, "run_id": trial.user_attrs[RUN_ATTR],
+             "val_acc": trial.user_attrs["val_acc"]}  # fmt: skip
+    tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **tested.metrics)
+    return registry.register(tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"),
+                             validated_on="validation_data", judge=judge)  # fmt: skip
+
+
+def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:
+    """The study's MLflow parent run in this tracking store: created with the study, reopened
+    when the study continues, and created anew (saying so) when the store lost it.
+
+    Only the process that created the study creates its run; one that found the study just
+    created waits for that run. Where a run must be made later (a store that lost it, or
+    another store), two processes starting at the same moment read back whichever id was
+    recorded last, and the other drops its own.
+    """
+    store, name = public(tracker.tracking_uri), study.study_name
+    recorded = studies.recorded_parent_runs(study, wait=not created)
+    # This store's run first; then the others', as one server reached by two addresses (a
+    # machine behind a gateway, say) is one store, and run ids are unique across stores.
+    for run_id in sorted(recorded.values(), key=lambda run_id: run_id != recorded.get(store)):
+        if tracker.reopen(run_id):
+            return run_id
+    if store in recorded:
+        notes.append(
+            f"the MLflow store {store} has no run of study {name!r} (its parent run {recorded[store]} is gone): a "
+            "new parent run starts there; earlier trials keep their Optuna records, not their curves"
+        )
+        print(notes[-1], flush=True)
+    older = [
+        run
+        for run in tracker.runs_tagged("optuna.study", name)
+        if "mlflow.parentRunId" not in run.data.tags and run.data.tags.get(STUDY_UID_TAG) != uid
+    ]
+    if older:
+        notes.append(
+            f"a new study {name!r} began beside {len(older)} older one(s) of the same name in this MLflow "
+            f"experiment: its runs are named '{name} ({uid[:8]})' and carry the tag {STUDY_UID_TAG}={uid}"
+        )
+        print(notes[-1], flush=True)
+    run_id = tracker.create_run(
+        f"{name} ({uid[:8]})" if older else name, tags={"optuna.study": name, STUDY_UID_TAG: uid}
+    )
+    tracker.log_params(run_id, params)
+    winner = studies.record_parent_run(study, store, run_id)
+    if winner != run_id:
+        tracker.delete_run(run_id)
+        tracker.reopen(winner)
+    return winner
+
+
+def _close_what_dead_workers_left(tracker: Tracker, storage, study_name: str, uid: str, options) -> None:
+    for trial in studies.take_back_dead_trials(storage, study_name, options.grace_period, options.resume_attempts):
+        what = studies.resumes_from(trial) if trial.state == optuna.trial.TrialState.WAITING else "marked FAIL"
+        print(f"trial {trial.number} was left running by a process that is gone: {what}", flush=True)
+        close_run(tracker, trial)
+    # A run can outlive its trial's record of it: killed between creating the run and naming
+    # it on the trial, say. Its tags still say which trial it belongs to.
+    finished = {trial.number: trial for trial in studies.finished_trials(storage, study_name)}
+    for run in tracker.runs_tagged(STUDY_UID_TAG, uid, running=True):
+        number = run.data.tags.get(TRIAL_TAG)
+        if number is not None and int(number) in finished:
+            close_run(tracker, finished[int(number)], run.info.run_id)
+            print(f"MLflow run {run.info.run_id} of a finished trial was still RUNNING: marked KILLED", flush=True)
+
+
+def _still_running_elsewhere(study: optuna.Study, grace: int) -> list[str]:
+    """The study's trials that other processes still run, as this one stops."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return [
+        f"trial {trial.number} still runs on {owner.get('host', '?')} (pid {owner.get('pid', '?')}): it ends there, "
+        f"or, if its heartbeat stops for {grace} s, the next process to start a trial of this study hands it back "
+        "to the study, to go on from its last epoch (or marks it FAIL: --resume-attempts)"
+        for trial in running
+        for owner in [trial.user_attrs.get(studies.WORKER_ATTR, {})]
+    ]
+
+
+def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
+    counts = results.counts(study)
+    print(
+        f"\nstudy {study.study_name!r}: {len(study.trials)} trials, {counts['COMPLETE']} complete, "
+        f"{counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
+        + (f", {counts['WAITING']} cut short, to resume" if counts["WAITING"] else "")
+    )
+    best = results.best_trial(study)
+    if best is None:
+        print("no trial has completed yet")
+    else:
+        print(results.top_trials_table(study, n=5))
+        seed = best.user_attrs.get(SETTINGS_ATTR, {}).get("seed")
+        print(
+            f"best: trial {best.number} ({results.describe_params(best, exact=True)}; seed {seed}): "
+            f"val_loss {best.value:.4f}, val_acc {best.user_attrs['val_acc']:.4f}"
+        )
+        if test:
+            scores = f"test_acc {test['test_acc']:.4f}, test_loss {test['test_loss']:.4f}"
+            print(f"test (the best trial's weights, evaluated once): {scores}")
+    for note in notes:
+        print(note)
+    if best is not None:
+        print(f"train it again: {train_again(study.study_name, best.number, options.storage)}")
+    print(
+        f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
+        f"the study: {public(options.storage)}, study {study.study_name!r}; the same command continues it"
+    )

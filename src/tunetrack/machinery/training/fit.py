@@ -1,0 +1,314 @@
+"""Fit one configuration and track it in MLflow: the one training function that scripts/train.py
+and every trial of scripts/tune.py run.
+
+Lightning's MLFlowLogger is not used: its default is a ./mlruns file store that ``mlflow ui``
+does not show, it logs epoch-level metrics against the global step, and it marks a run FAILED
+on any exception, a pruned trial's included. The caller opens and closes the run (see
+:meth:`Tracker.run`), and :class:`EpochMetricsLogger` hands Lightning's metrics over with
+step = epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.loggers import Logger
+
+from tunetrack.machinery.runtime import devices, interrupts
+from tunetrack.machinery.tracking.mlflow_runs import Tracker
+from tunetrack.machinery.training.several_per_step import NoProfiler, SeveralPerStep
+
+# Lightning advertises its cloud services in the log of every run; the rest of its log stays.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "💡 Tip" not in record.getMessage())
+# Lightning 2.6 builds torch pytree specs in a way torch 2.14 deprecates, and says so once per
+# process; nothing for a user of this repository to act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+# Where each run keeps its best epoch's weights (a Lightning checkpoint), among its artifacts.
+CHECKPOINT_ARTIFACT = PurePosixPath("checkpoints/best.ckpt")
+
+# A bar redraw costs about as much as a training step; every 20 steps it is still live.
+PROGRESS_BAR_REFRESH_STEPS = 20
+
+
+# What the machinery sets on every Trainer itself: an experiment's trainer() may not.
+OWN_TRAINER_ARGUMENTS = ("accelerator", "devices", "strategy", "max_epochs", "logger", "enable_checkpointing",
+                         "enable_progress_bar", "enable_model_summary", "profiler", "num_sanity_val_steps",
+                         "log_every_n_steps")  # fmt: skip
+
+# Where a run (and a trial) records the torch threads it trained with: a CPU's sums of floats
+# come out the same only in the same order, which the number of threads changes.
+THREADS = "threads"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    run_id: str
+    model: pl.LightningModule  # with the best epoch's weights
+    best_epoch: int  # 0-based, as MLflow's step
+    val_loss: float  # at the best epoch (the lowest val_loss)
+    val_acc: float  # at the best epoch
+    seconds: float
+    epochs: int  # trained: fewer than max_epochs when a callback stopped the run early
+    max_epochs: int
+    test_loss: float | None = None
+    test_acc: float | None = None
+
+    @property
+    def stopped_early(self) -> str | None:
+        """How the run stopped early, as the console and MLflow say it; None if it did not."""
+        if self.epochs >= self.max_epochs:
+            return None
+        return f"stopped early after {self.epochs} of {self.max_epochs} epochs (best epoch {self.best_epoch})"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a number (too high a learning rate, typically)."""
+
+
+class _CtrlC(Callback):
+    """A Ctrl-C that a garbage collector's callback swallowed still stops training, a step
+    later (see interrupts.check)."""
+
+    def on_train_batch_end(self, *args) -> None:
+        interrupts.check()
+
+    def on_validation_batch_end(self, *args) -> None:
+        interrupts.check()
+
+
+class _BestEpoch(Callback):
+    """Keeps the best epoch (lowest val_loss): its number, metrics and a copy of its weights.
+
+    In memory rather than ModelCheckpoint's file per improvement: Lightning calls every
+    callback on every step, and ModelCheckpoint pays a repr() of its settings each time.
+    A val_loss that is not a number ends the run with TrainingDiverged.
+    """
+
+    def __init__(self):
+        self.epoch, self.metrics, self.weights = -1, {"val_loss": math.inf}, None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {name: float(trainer.callback_metrics[name]) for name in ("val_loss", "val_acc")}
+        if not math.isfinite(metrics["val_loss"]):
+            raise TrainingDiverged(
+                f"training diverged: val_loss is {metrics['val_loss']} after epoch {trainer.current_epoch}"
+            )
+        if metrics["val_loss"] < self.metrics["val_loss"]:
+            self.epoch, self.metrics = trainer.current_epoch, metrics
+            self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "metrics": self.metrics, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.metrics, self.weights = state["epoch"], state["metrics"], state["weights"]
+
+
+class EpochMetricsLogger(Logger):
+    """Sends what the LightningModule logs to an MLflow run, with step = epoch, in one write per
+    epoch.
+
+    Lightning hands a logger an epoch's validation metrics, then its training metrics, each
+    batch with the epoch added. They are kept until the next epoch's first batch, or the end of
+    training however it ends (``finalize``: success, an exception, Ctrl-C), and then written in
+    one log_batch call: one request per epoch to a tracking server, where each costs about as
+    much CPU as a training step of a small trial. The run's lifecycle is the caller's (see
+    :meth:`Tracker.run`).
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, logged: set[tuple[str, int]] = frozenset()):
+        super().__init__()
+        self.tracker, self.run_id = tracker, run_id
+        self.logged = logged  # (metric, epoch) already in the run: a run taken up again logs each once
+        self._epoch, self._metrics = None, {}
+        self.trainer: pl.Trainer | None = None  # set once the Trainer exists
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.run_id
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the caller logs every setting itself, once, before training starts
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        metrics = dict(metrics)
+        # Lightning adds the epoch to what the module logs; a callback that writes to the
+        # loggers itself (LearningRateMonitor, say) logs in the epoch under way.
+        epoch = int(metrics.pop("epoch")) if "epoch" in metrics else self.trainer.current_epoch
+        if epoch != self._epoch:
+            self._flush()
+            self._epoch = epoch
+        self._metrics.update(metrics)
+
+    def finalize(self, status: str) -> None:
+        self._flush()
+
+    def save(self) -> None:
+        self._flush()
+
+    def forget(self) -> None:
+        """Write nothing more: the run is no longer this process's to write."""
+        self._metrics, self.tracker = {}, None
+
+    def _flush(self) -> None:
+        metrics = {name: value for name, value in self._metrics.items() if (name, self._epoch) not in self.logged}
+        if metrics and self.tracker is not None:
+            self.tracker.log_metrics(self.run_id, metrics, step=self._epoch)
+        self._metrics = {}
+
+
+def fit(
+    model: pl.LightningModule,
+    data: pl.LightningDataModule,
+    settings,
+    options,
+    tracker: Tracker,
+    run_id: str,
+    *,
+    trainer_arguments: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    evaluate_test: bool = True,
+    progress_bar: bool = True,
+    resume_from: str | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data`` for ``settings.max_epochs`` epochs, logging every setting, the
+    per-epoch curves and the best epoch's checkpoint to the MLflow run ``run_id``; with
+    ``evaluate_test``, also the test metrics of the best epoch's weights. ``options`` say where
+    to train and how many minibatches a Lightning step carries (speed.SeveralPerStep);
+    ``trainer_arguments`` are the experiment's own (its callbacks, gradient clipping, ...).
+
+    The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).
+    ``resume_from``, a checkpoint of machinery.training.resumption's, goes on from the epoch after it in
+    the same run, which already holds the settings and the curves up to there.
+    """
+    arguments = dict(trainer_arguments or {})
+    if owned := [name for name in OWN_TRAINER_ARGUMENTS if name in arguments]:
+        raise ValueError(f"the experiment's trainer() sets {', '.join(owned)}, which the machinery sets itself")
+    own_callbacks = list(arguments.pop("callbacks", None) or [])
+    started = time.perf_counter()
+    data.prepare_data()
+    if resume_from is None:
+        tracker.log_datasets(run_id, [split for split in data.describe() if evaluate_test or split.context != "test"])
+        tracker.log_params(
+            run_id,
+            {
+                **dataclasses.asdict(settings),
+                "data_source": data.source,
+                "accelerator": options.accelerator,
+                "minibatches_per_step": options.minibatches_per_step,
+                THREADS: torch.get_num_threads(),  # the order of a CPU's sums: train.py --from-run trains with as many
+                **devices.params(),  # which GPU, in a tune worker given one
+            },
+        )
+    best = _BestEpoch()
+    logger = EpochMetricsLogger(tracker, run_id, tracker.logged_steps(run_id) if resume_from else frozenset())
+    trainer = pl.Trainer(
+        accelerator=options.accelerator,
+        devices=1,
+        max_epochs=settings.max_epochs,
+        logger=logger,
+        callbacks=[
+            SeveralPerStep(options.minibatches_per_step),
+            best,
+            _CtrlC(),
+            *own_callbacks,
+            *callbacks,
+            *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
+        ],
+        enable_progress_bar=progress_bar,
+        enable_model_summary=progress_bar,
+        enable_checkpointing=False,  # _BestEpoch keeps the weights worth keeping
+        profiler=NoProfiler(),
+        num_sanity_val_steps=0,  # validation runs after every epoch anyway
+        log_every_n_steps=0,  # every curve is per epoch: no step-level logging work at all
+        **arguments,
+    )
+    logger.trainer = trainer
+    _interruptible(trainer.fit, model, datamodule=data, ckpt_path=resume_from)
+
+    model.load_state_dict(best.weights)
+    epochs = trainer.current_epoch  # the epochs completed
+    summary = {"best_epoch": best.epoch, "epochs": epochs, **{f"best_{k}": v for k, v in best.metrics.items()}}
+    test = evaluate_on_test(model, data, options.accelerator) if evaluate_test else {}
+    tracker.log_metrics(run_id, {**summary, **test})
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        path = Path(tmp) / CHECKPOINT_ARTIFACT.name
+        trainer.save_checkpoint(path, weights_only=True)
+        tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
+    result = FitResult(
+        run_id=run_id,
+        model=model,
+        best_epoch=best.epoch,
+        val_loss=best.metrics["val_loss"],
+        val_acc=best.metrics["val_acc"],
+        seconds=time.perf_counter() - started,
+        epochs=epochs,
+        max_epochs=settings.max_epochs,
+        test_loss=test.get("test_loss"),
+        test_acc=test.get("test_acc"),
+    )
+    if result.stopped_early:
+        tracker.set_tags(run_id, {"stopped_early": result.stopped_early})
+    return result
+
+
+def evaluate_on_test(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str) -> dict[str, float]:
+    """test_loss and test_acc of ``model`` on ``data``'s test split."""
+    return evaluate(model, data, accelerator, "test")
+
+
+def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str, split: str) -> dict[str, float]:
+    """``split``_loss and ``split``_acc of ``model`` on ``data``'s "test" or "val" split."""
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    run = trainer.test if split == "test" else trainer.validate
+    _interruptible(run, model, datamodule=data, verbose=False)
+    return {name: float(trainer.callback_metrics[name]) for name in (f"{split}_loss", f"{split}_acc")}
+
+
+def load_weights(model: pl.LightningModule, checkpoint: str) -> pl.LightningModule:
+    """``model`` with the weights of a checkpoint that fit() logged."""
+    import torch
+
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    return model
+
+
+def _interruptible(trainer_fn, *args, **kwargs):
+    """Run a Trainer entry point, turning Lightning's handling of Ctrl-C back into one.
+
+    Lightning catches KeyboardInterrupt inside fit and test and calls sys.exit(1), and ends a
+    fit after a SIGTERM with a SystemExit of its own. Raising KeyboardInterrupt instead lets the
+    callers close their MLflow run and Optuna trial as stopped and print what finished; the
+    handler of machinery.runtime.interrupts ignores any further request, so a second Ctrl-C cannot cut
+    that clean-up short.
+    """
+    try:
+        return trainer_fn(*args, **kwargs)
+    except SystemExit as exit_:
+        if not (interrupts.requested() or isinstance(exit_.__context__, KeyboardInterrupt)):
+            raise  # someone's own sys.exit
+        raise KeyboardInterrupt from exit_
