@@ -1,6 +1,6 @@
-"""Command-line plumbing shared by the scripts: flags made from the fields of the experiment's
-settings and of the options, every check made before any work starts, and every error as one
-line that names the flag.
+"""The scripts' flags, made from the fields of the experiment's settings and of the options
+(--help lists every choice, a registry's included), and every error as one line that names the
+flag.
 
 A field's metadata says what its flag needs: ``help``; ``minimum`` and ``maximum`` (numbers are
 otherwise at least 1 if whole, above 0 if not); ``choices``, a list, or a registry named as
