@@ -160,3 +160,10 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     found = cycles(import_graph(copy, "tunetrack.machinery"))
     assert found and all(path[0] == path[-1] for path in found)
     assert any("tunetrack.machinery.runtime.memory" in path for path in found)
+
+
+def test_every_folder_of_the_package_is_a_package():
+    """A folder without __init__.py imports from a checkout but is left out of a built wheel."""
+    package = ROOT / "src" / "tunetrack"
+    folders = {path.parent for path in package.rglob("*.py") if "__pycache__" not in path.parts}
+    assert sorted(str(f.relative_to(package)) for f in folders if not (f / "__init__.py").exists()) == []

@@ -166,7 +166,11 @@ def test_the_pages_edits_keep_every_study_and_test_as_they_were(tmp_path):
     assert before.returncode == 0, before.stderr
 
     copy = tmp_path / "copy"
-    ignored = shutil.ignore_patterns(".git", ".venv", "data", "__pycache__", ".pytest_cache", "mlruns", "*.db")
+    caches = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "mlruns", "*.db")
+
+    def ignored(folder: str, names: list[str]) -> set[str]:  # the data sets, not the machinery's data/
+        return caches(folder, names) | ({"data"} if Path(folder) == ROOT else set())
+
     shutil.copytree(ROOT, copy, ignore=ignored)
     make_edits(copy, [edit for edit in EDITS if edit not in SPACE_OF_THE_TRAINING])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -191,7 +195,7 @@ def test_the_pages_edits_keep_every_study_and_test_as_they_were(tmp_path):
     # machinery's never import it (they train tests/tiny): running them there would show nothing.
     make_edits(copy, SPACE_OF_THE_TRAINING)
     reading = [path.name for path in sorted((ROOT / "tests").rglob("test_*.py"))
-               if re.search(r"^\s*(from|import) experiment\b", path.read_text(), re.M)]  # fmt: skip
+               if re.search(r"^\s*(from|import) tunetrack\.experiment\b", path.read_text(), re.M)]  # fmt: skip
     assert "test_experiment.py" in reading and "test_train.py" not in reading
     command = [sys.executable, "-m", "pytest", "-m", "not slow", "-q", "-p", "no:cacheprovider"]
     fast = subprocess.run([*command, *(f"tests/{name}" for name in reading)], capture_output=True, text=True,

@@ -268,7 +268,8 @@ def time_startup(settings: Settings) -> dict[str, float]:
     commands = {  # a process that imports it all and exits: as Python leaves its collector, and as the scripts do
         "python + imports + exit (torch, Lightning, MLflow, Optuna)": imports,
         "the same, collector paused and imports frozen": (
-            f"from machinery import collector; collector.pause(); {imports}; collector.freeze_imports()"
+            "from tunetrack.machinery.runtime import collector; collector.pause(); "
+            f"{imports}; collector.freeze_imports()"
         ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in commands}

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from tunetrack.machinery.runtime import memory
 from tunetrack.machinery.data.files import DataUnavailable, md5_of
 from tunetrack.machinery.data.in_memory import digest
+from tunetrack.machinery.runtime import memory
 
 # What torchvision's ImageFolder takes, and what Pillow reads of it.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -17,8 +17,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from tunetrack.machinery.data.batches import InMemoryBatches
 from tunetrack.machinery.contract import DataSplit, SettingError
+from tunetrack.machinery.data.batches import InMemoryBatches
 
 # Fixed, and independent of the training seed: every run and every trial sees the same split.
 SPLIT_SEED = 0
