@@ -2,7 +2,7 @@
 against a plain PyTorch loop, on the real MNIST, in one process (see scripts/benchmark.py).
 
 - (a) ``project``: :func:`machinery.training.fit.fit` exactly as a tune trial runs it: the
-  experiment's LitClassifier and MNISTDataModule, Lightning with speed.SeveralPerStep, MLflow
+  experiment's LitClassifier and MNISTDataModule, Lightning with training.several_per_step.SeveralPerStep, MLflow
   logging to a throwaway store, the best epoch kept, no progress bar;
 - (b) ``original``: the original pipeline, as a user would write it from its description:
   torchvision's MNIST with a per-image ToTensor + Normalize transform through DataLoaders, its
@@ -339,10 +339,10 @@ def time_study(settings: Settings, workers: int, trials: int, stores: str = "sql
         options = dataclasses.replace(options, study_name="benchmark", registered_model="")
         started, cpu_before, stores_before = time.perf_counter(), _study_cpu_seconds(), stores_cpu()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            session = tune(EXPERIMENT, settings, options, lambda: tracker)
+            outcome = tune(EXPERIMENT, settings, options, lambda: tracker)
         seconds = time.perf_counter() - started
         study_cpu, server_cpu = _study_cpu_seconds() - cpu_before, stores_cpu() - stores_before
-        done = session.study.trials  # while the stores still run
+        done = outcome.study.trials  # while the stores still run
     running = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     return {
         "workers": workers,

@@ -54,7 +54,7 @@ def run_study(settings, method: str, seed: int, budget: float, workers: int, exp
         options = dataclasses.replace(options, registered_model="")
         started = time.time()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            session = tune(
+            outcome = tune(
                 experiment,
                 settings,
                 options,
@@ -70,7 +70,7 @@ def run_study(settings, method: str, seed: int, budget: float, workers: int, exp
                 "finished_s": t.datetime_complete.timestamp() - started if t.datetime_complete else None,
                 "params": t.params,
             }
-            for t in session.study.trials
+            for t in outcome.study.trials
         ]
     return {"method": method, "seed": seed, "budget": budget, "workers": workers, "trials": trials}
 

@@ -1,8 +1,8 @@
 """The data: MNIST's LightningDataModule and its kin, a folder of your own pictures, and DATASETS.
 
 Each keeps its whole data set in memory on the training device, and a batch is a single
-indexing operation (machinery/data/in_memory.py): for networks this small, the original pipeline's
-per-image ToTensor through a DataLoader was most of an epoch. Images are served as pixels in
+indexing operation (machinery/data/in_memory.py): for networks this small, a per-image
+ToTensor through a DataLoader costs more than the network's step (docs/performance.md). Images are served as pixels in
 [0, 1]; the network standardizes them (networks.Standardize), so a user's picture needs
 nothing more either.
 

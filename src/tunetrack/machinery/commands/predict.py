@@ -8,7 +8,7 @@ import sys
 
 from tunetrack.machinery.cli import checks, flags
 from tunetrack.machinery.options import registered_name
-from tunetrack.machinery.runtime import collector, console
+from tunetrack.machinery.runtime import collector, console, user_files
 
 # An answer less likely than this is said to be uncertain: the picture may not show one thing
 # of the classes clearly.
@@ -35,7 +35,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
                         help="a Python file to import first, with a data set of your own registered in it")  # fmt: skip
     args = parser.parse_args(argv)
-    flags.import_files(parser, tuple(args.imports))
+    user_files.import_files(parser, tuple(args.imports))
 
     import numpy as np
 

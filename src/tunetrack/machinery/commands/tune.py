@@ -49,7 +49,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     http_patience(options.server_patience)
     deadline = None if options.timeout is None else started + options.timeout
     try:
-        session = tune(
+        outcome = tune(
             experiment,
             settings,
             options,
@@ -71,6 +71,6 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         if interrupts.requested() != signal.SIGINT and options.resume_attempts:
             what = "finished trials are kept, the others go on from their last epoch in the study's next run"
         flags.fail(parser.prog, f"{interrupts.describe()}; {what}", interrupts.exit_code())
-    for problem in session.problems:
+    for problem in outcome.problems:
         print(f"{parser.prog}: error: {problem}", file=sys.stderr)
-    return 1 if session.problems else 0
+    return 1 if outcome.problems else 0

@@ -4,7 +4,8 @@ network near a plain PyTorch loop's.
 A subclass says what its data is and reads it (:meth:`InMemoryImages.read`); this class
 splits it, keeps every split on the training device, as uint8 where the pictures are bytes
 (a quarter of float32's memory), and serves each batch as one indexing operation, converted
-to pixels in [0, 1] on the way out: a DataLoader's per-picture work was most of an epoch.
+to pixels in [0, 1] on the way out: a DataLoader's per-picture work costs more than a small
+network's step (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class InMemoryImages(pl.LightningDataModule):
             self._shuffle.set_state(state["shuffle"].cpu())
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        return batch  # already there (setup); Lightning's generic move costs 90 µs a batch
+        return batch  # already there (setup): Lightning's generic move would walk it for nothing
 
     def train_dataloader(self) -> InMemoryBatches:
         return InMemoryBatches(*self.splits["train"], self.batch_size, self._shuffle)

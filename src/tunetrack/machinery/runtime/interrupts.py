@@ -130,7 +130,7 @@ def check() -> None:
     """Stop now if a request came inside an interruptible block and did not stop it.
 
     The handler's KeyboardInterrupt is raised in whatever Python runs at that instant; when
-    that is a garbage collector's weakref callback (seen: SQLAlchemy's class registry), Python
+    that is a garbage collector's weakref callback (SQLAlchemy's class registry has them), Python
     prints it as "Exception ignored" and goes on. Training calls this at every step, so the
     request takes effect one step later, and :func:`handling` keeps that print off the screen.
     """

@@ -13,8 +13,6 @@ import typing
 from dataclasses import dataclass
 
 from tunetrack.machinery.options import DEFAULT_STORAGE
-from tunetrack.machinery.study.studies import SETTINGS_ATTR, STUDY_UID_TAG
-from tunetrack.machinery.training.fit import THREADS
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,11 @@ class NotRecorded(ValueError):
 
 def from_trial(storage: str, spec: str) -> Recorded:
     """The settings that the trial ``spec`` ("STUDY:NUMBER") of ``storage`` trained with."""
-    import optuna
+    import optuna  # here, as below: train.py reads its flags before it needs Optuna, MLflow or torch
 
+    from tunetrack.machinery.study.studies import SETTINGS_ATTR
     from tunetrack.machinery.tracking.stores import StoreUnusable, check_database, public, reason
+    from tunetrack.machinery.training.fit import THREADS
 
     study_name, _, number = spec.rpartition(":")
     if not study_name or not number.isdigit():
@@ -72,7 +72,9 @@ def from_run(tracking_uri: str, run_id: str, settings_class: type) -> Recorded:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from tunetrack.machinery.study.studies import STUDY_UID_TAG
     from tunetrack.machinery.tracking.stores import public, reason
+    from tunetrack.machinery.training.fit import THREADS
 
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)

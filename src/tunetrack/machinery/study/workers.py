@@ -46,7 +46,7 @@ def default_workers() -> int:
     """One worker per core, up to 8: the SQLite stores stay at a handful of writers. The same on
     GPUs, dealt to them in turn (machinery.runtime.devices): a worker's steps are small kernels that
     wait on its Python, so a core per worker is what it needs, whichever device does the
-    arithmetic; cli.check_workers keeps them to what the GPUs' memory holds."""
+    arithmetic; cli.checks.check_workers keeps them to what the GPUs' memory holds."""
     return min(available_cores(), 8)
 
 

@@ -64,10 +64,10 @@ class RetryingClient:
 
     A SQLite transaction reads before it writes; when two worker processes turn reader into
     writer at the same moment, SQLite fails one of them at once instead of letting it wait
-    (seen here with two workers logging to mlflow.db). MLflow rolls the failed call back
+    (two workers logging to one mlflow.db, say). MLflow rolls the failed call back
     whole, so it is safe to make again. A KeyboardInterrupt inside a call, by contrast, could
-    leave its transaction open and the database locked for every other process (seen here:
-    two workers waiting on each other after a Ctrl-C), so it is held until the call returns.
+    leave its transaction open and the database locked for every other process (two workers
+    would wait on each other after a Ctrl-C), so it is held until the call returns.
     """
 
     ATTEMPTS = 20
@@ -285,8 +285,8 @@ class Tracker:
             dataset = Dataset(split.name, split.digest, "local", source, schema, profile)
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
         # Two workers' first trials log the same new data set at the same moment: both find it
-        # missing and insert it, and the loser's call fails on the dataset's key (seen on
-        # PostgreSQL). MLflow rolls that call back whole; made again, it finds the data set
+        # missing and insert it, and the loser's call fails on the dataset's key (PostgreSQL
+        # says so; SQLite may serialize them). MLflow rolls that call back whole; made again, it finds the data set
         # and only links it to the run.
         retried(lambda: self.client.log_inputs(run_id, datasets=inputs), attempts=3, again=lost_a_race, pause=0.5)
 

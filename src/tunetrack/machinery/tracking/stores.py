@@ -53,9 +53,9 @@ def retried(call: Callable[[], T], attempts: int, again: Callable[[Exception], b
 def create_once(url: str, create: Callable[[], T], make_tables: Callable[[str], None] | None = None) -> T:
     """``create()`` opens the store at ``url``, making its tables on first use.
 
-    Two processes making the tables of one empty store at the same moment fail each other
-    (seen with two tune.py in an empty folder: "table datasets already exists", or an Alembic
-    migration that found its row gone). On SQLite, an exclusive flock on the database's folder
+    Two processes making the tables of one empty store at the same moment fail each other (two
+    tune.py started in an empty folder: "table datasets already exists", or an Alembic migration
+    that finds its row gone). On SQLite, an exclusive flock on the database's folder
     makes them take turns; a server database gets a few tries instead, since the loser's
     transaction is rolled back whole and on its next try finds the tables made.
 

@@ -191,7 +191,7 @@ def fit(
     """Train ``model`` on ``data`` for ``settings.max_epochs`` epochs, logging every setting, the
     per-epoch curves and the best epoch's checkpoint to the MLflow run ``run_id``; with
     ``evaluate_test``, also the test metrics of the best epoch's weights. ``options`` say where
-    to train and how many minibatches a Lightning step carries (speed.SeveralPerStep);
+    to train and how many minibatches a Lightning step carries (several_per_step.SeveralPerStep);
     ``trainer_arguments`` are the experiment's own (its callbacks, gradient clipping, ...).
 
     The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).

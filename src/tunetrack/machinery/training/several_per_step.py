@@ -115,7 +115,7 @@ class SeveralPerStep(pl.Callback):
                     optimizer.zero_grad()
                     if lean:
                         # What manual_backward and optimizer.step come to when no hook listens and
-                        # nothing scales the loss, without the ~50 µs of hook dispatch: the backward
+                        # nothing scales the loss, without Lightning's hook dispatch: the backward
                         # pass, the clipping automatic optimization would make, and the step
                         # counted as Lightning counts it (global_step).
                         loss.backward()
