@@ -146,6 +146,7 @@ def lock_free(*databases) -> bool:
     return True
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # the reckoner's heartbeat
 def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_took_up(run_script, tiny_data, tmp_path):
     """A worker stopped for longer than the grace period (a VM paused, a laptop's lid closed)
     has its trial handed back by another process, which takes it up from its last epoch and
