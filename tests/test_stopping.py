@@ -116,11 +116,10 @@ def test_workers_end_soon_after_their_tune_py_is_killed_outright(run_script, tin
 def test_train_py_ends_its_run_and_exits_143_on_sigterm(run_script, tiny_data, tmp_path):
     args = ["--data-dir", str(tiny_data), "--max-epochs", "5000"]
     process = run_script("train.py", *args, background=True)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def training() -> bool:
-        # Read-only, as SQLite: an MLflow client would create the store's tables itself while
-        # train.py is making them.
+        # Read-only, as SQLite: an MLflow client (made at once, as its constructor opens the
+        # store) would make the store's tables itself while train.py is making them.
         try:
             with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'mlflow.db'}?mode=ro", uri=True)) as db:
                 return bool(db.execute("SELECT count(*) FROM metrics WHERE key = 'val_loss'").fetchone()[0])
@@ -132,7 +131,7 @@ def test_train_py_ends_its_run_and_exits_143_on_sigterm(run_script, tiny_data, t
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143
     assert stderr.strip().splitlines()[-1] == "train.py: error: terminated (SIGTERM); the MLflow run is marked KILLED"
-    [run] = client.search_runs(["1"])
+    [run] = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
     assert run.info.status == "KILLED" and run.data.tags["error"] == "terminated (SIGTERM)"
 
 
