@@ -18,11 +18,15 @@ tune: $(VENV)/installed  ## the study: 50 trials, tracked in MLflow
 train: $(VENV)/installed  ## train the default configuration once
 	$(PY) scripts/train.py
 
+# A test process per core (at most 4: each holds torch, Lightning and MLflow, and many start
+# processes of their own); while one test waits on a process, a server or a lock, another runs.
+TESTS_AT_ONCE := --numprocesses auto --maxprocesses 4
+
 test: $(VENV)/installed  ## every test: faults, servers, browser and the real MNIST included
-	$(PY) -m pytest
+	$(PY) -m pytest $(TESTS_AT_ONCE)
 
 test-fast: $(VENV)/installed  ## the tests that start no script in a process of its own, no server, no browser
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(TESTS_AT_ONCE) -m "not slow"
 
 # MLflow 3's server starts job-queue consumers for its GenAI features that take about a core
 # even when idle; nothing here needs them, and a study running beside the UI wants that core.

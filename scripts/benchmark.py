@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         "--minibatches-per-step", type=flags.positive_int, default=Options().minibatches_per_step,
         help="of (a), as train.py's flag: 1 times Lightning's own loop (default: %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--startup-rounds", type=flags.positive_int, default=3,
+        help="new processes timed per way of starting, alternated (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--skip-study", action="store_true", help="time epochs only")
     parser.add_argument(
         "--servers",
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    startup = time_startup(base)
+    startup = time_startup(base, args.startup_rounds)
     print("\nstart-up, paid once per process (a train.py run, a tune worker):")
     for name, seconds in startup.items():
         print(f"  {name:<60} {seconds:5.2f} s")

@@ -331,7 +331,8 @@ def test_the_benchmark_of_docs_performance_times_an_epoch_of_each_way(tmp_path):
     import runpy
 
     main = runpy.run_path(str(ROOT / "scripts" / "benchmark.py"))["main"]
-    args = ["--skip-study", "--batch-sizes", "256", "--epochs", "2", "--data-dir", str(REAL_DATA_DIR)]
+    args = ["--skip-study", "--batch-sizes", "256", "--epochs", "2", "--startup-rounds", "1",
+            "--data-dir", str(REAL_DATA_DIR)]  # fmt: skip
     assert main([*args, "--json", str(tmp_path / "figures.json")]) == 0
     figures = json.loads((tmp_path / "figures.json").read_text())
     [row] = figures["epochs"]
@@ -340,3 +341,4 @@ def test_the_benchmark_of_docs_performance_times_an_epoch_of_each_way(tmp_path):
     assert row["a_over_c"] > 0 and row["b_over_a"] > 0
     keeping = figures["keeping"]  # each epoch's state, written, uploaded and named: a cost, of an epoch
     assert keeping["keeping_s"] > 0 and keeping["share"] == pytest.approx(keeping["keeping_s"] / keeping["epoch_s"])
+    assert len(figures["startup"]) == 5 and all(seconds > 0 for seconds in figures["startup"].values())

@@ -257,8 +257,9 @@ def time_keeping(settings: Settings, device: str, minibatches_per_step: int, war
             "share": statistics.median(kept) / statistics.median(epochs)}  # fmt: skip
 
 
-def time_startup(settings: Settings) -> dict[str, float]:
-    """What a new process pays before its first step, piece by piece (and at its exit)."""
+def time_startup(settings: Settings, rounds: int = 3) -> dict[str, float]:
+    """What a new process pays before its first step, piece by piece (and at its exit): the
+    median of ``rounds`` processes for each way of starting."""
     import subprocess
     import sys
 
@@ -273,7 +274,7 @@ def time_startup(settings: Settings) -> dict[str, float]:
         ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in commands}
-    for round_ in range(3):  # alternated, as the machine's speed drifts
+    for round_ in range(rounds):  # alternated, as the machine's speed drifts
         for name, command in list(commands.items())[:: 1 if round_ % 2 == 0 else -1]:
             started = time.perf_counter()
             subprocess.run([sys.executable, "-c", command], check=True)
