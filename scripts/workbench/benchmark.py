@@ -257,7 +257,7 @@ def time_keeping(settings: Settings, device: str, minibatches_per_step: int, war
             "share": statistics.median(kept) / statistics.median(epochs)}  # fmt: skip
 
 
-def time_startup(settings: Settings, rounds: int = 3) -> dict[str, float]:
+def time_startup(settings: Settings, rounds: int) -> dict[str, float]:
     """What a new process pays before its first step, piece by piece (and at its exit): the
     median of ``rounds`` processes for each way of starting."""
     import subprocess
