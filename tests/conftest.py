@@ -101,8 +101,10 @@ def study_env(tiny_settings, tmp_path, tracking_uri):
 
     def tune_here(study_name: str, n_trials: int, options: dict | None = None, **changes):
         settings = dataclasses.replace(tiny_settings, **changes)
+        # No repeats and no baseline unless a test asks: they have tests of their own.
         chosen = TuneOptions(n_trials=n_trials, workers=1, accelerator="cpu", study_name=study_name,
-                             storage=f"sqlite:///{tmp_path / 'optuna.db'}", **(options or {}))  # fmt: skip
+                             storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                             **{"repeats": 0, "baseline": "none", **(options or {})})  # fmt: skip
         return tune(TINY, settings, chosen.resolved(settings), lambda: tracker)
 
     tune_here.tracker = tracker
@@ -245,5 +247,6 @@ def running_trial_with_run(storage: str):
 
 
 def tune_args(data_dir, *extra: str) -> list[str]:
-    """tune.py's flags for a study on the tiny data, and ``extra``."""
-    return ["--data-dir", str(data_dir), "--accelerator", "cpu", *extra]
+    """tune.py's flags for a study on the tiny data, and ``extra``: no repeats and no baseline,
+    which have tests of their own (test_objectives.py)."""
+    return ["--data-dir", str(data_dir), "--accelerator", "cpu", "--repeats", "0", "--baseline", "none", *extra]

@@ -67,7 +67,7 @@ def test_the_mlp_is_the_original_pipelines_and_the_cnn_lenets():
 def test_build_puts_the_settings_together_and_draws_the_same_weights_from_the_same_seed():
     settings = Settings(model="cnn", hidden_dim=40, lr=3e-3, weight_decay=0.05, batch_size=32, val_size=200, seed=3)
     model, data = build(settings)
-    assert isinstance(model, LitClassifier) and model.hparams == {"lr": 3e-3, "weight_decay": 0.05}
+    assert isinstance(model, LitClassifier) and model.hparams == {"num_classes": 10, "lr": 3e-3, "weight_decay": 0.05}
     standardize, cnn = model.net
     assert isinstance(standardize, Standardize) and isinstance(cnn, CNN)
     assert standardize.mean.flatten().tolist() == pytest.approx([0.1307]) and data.std == 0.3081
@@ -94,7 +94,7 @@ def test_the_network_takes_pixels_in_zero_to_one_and_standardizes_each_channel_i
 def test_lightning_trains_it_as_its_docs_say_the_loss_falls_and_the_lr_decays():
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    model = LitClassifier(MLP((1, 28, 28), 10, 64), lr=1e-2)
+    model = LitClassifier(MLP((1, 28, 28), 10, 64), num_classes=10, lr=1e-2)
     before = torch.nn.functional.cross_entropy(model(x), y).item()
     trainer_ = pl.Trainer(
         max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -123,7 +123,7 @@ def test_the_objective_suggests_builds_fits_and_returns_from_a_seed_of_its_own()
     fitted = []
 
     class Result:
-        val_loss = 0.25
+        value = 0.25
 
     def fit_(model, data, settings):
         fitted.append((model, data, settings))
@@ -318,7 +318,7 @@ def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, mo
     with tracker.run("one epoch") as run_id:
         model, data = build(settings)
         result = fit(model, data, settings, Options(), tracker, run_id, progress_bar=False)
-    assert result.val_acc >= 0.95 and result.test_acc >= 0.95
+    assert result.metrics["val_acc"] >= 0.95 and result.test["test_acc"] >= 0.95
     assert "(MD5 verified)" in capsys.readouterr().out
     run = tracker.client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["val_size"] == "None"
@@ -342,3 +342,45 @@ def test_the_benchmark_of_docs_performance_times_an_epoch_of_each_way(tmp_path):
     keeping = figures["keeping"]  # each epoch's state, written, uploaded and named: a cost, of an epoch
     assert keeping["keeping_s"] > 0 and keeping["share"] == pytest.approx(keeping["keeping_s"] / keeping["epoch_s"])
     assert len(figures["startup"]) == 5 and all(seconds > 0 for seconds in figures["startup"].values())
+
+
+# What it logs, and what a study can optimize.
+
+
+def test_its_f1_is_the_macro_f1_of_the_whole_split_not_a_mean_of_batches(tmp_path):
+    """Three classes in batches of 4: a mean of per-batch F1 scores would differ from the epoch's."""
+    from sklearn.metrics import f1_score
+
+    root = pictures_of(tmp_path / "fruit", per_class=40)
+    settings = Settings(dataset="folder", data_dir=str(root), max_epochs=1)
+    model, data = build(settings)  # untrained: its answers are a mix of right and wrong
+    data.setup("fit")
+    images, labels = data.splits["val"]
+    batches = InMemoryBatches(images, labels, 4)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    [logged] = trainer.validate(model, dataloaders=batches, verbose=False)
+    with torch.no_grad():
+        predicted = model(images.float() / 255).argmax(dim=1)
+    whole = f1_score(labels, predicted, average="macro")
+    assert logged["val_f1"] == pytest.approx(whole, abs=1e-6)
+    per_batch = [f1_score(labels[i : i + 4], predicted[i : i + 4], average="macro") for i in range(0, len(labels), 4)]
+    assert len(per_batch) > 2 and np.mean(per_batch) != pytest.approx(whole, abs=1e-3)
+
+
+def test_a_study_of_val_f1_logs_its_curve_for_every_trial_and_maximizes_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import call_command
+
+    root = pictures_of(tmp_path / "fruit", per_class=12)
+    result = call_command(ROOT / "scripts" / "tune.py", Settings, "tunetrack.experiment.search:EXPERIMENT",
+                          "--dataset", "folder", "--data-dir", root, "--n-trials", "2", "--max-epochs", "2",
+                          "--workers", "1", "--objective", "val_f1", "--repeats", "0", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "val_f1 " in result.stdout.split("best: trial")[1].splitlines()[0]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = [r for r in client.search_runs(["1"]) if "optuna.trial" in r.data.tags]
+    assert len(trials) == 2
+    for run in trials:
+        curve = [m.value for m in client.get_metric_history(run.info.run_id, "val_f1")]
+        assert len(curve) == 2 and run.data.metrics["best_val_f1"] == max(curve)

@@ -21,7 +21,7 @@ from tunetrack.experiment.settings import Settings
 
 MACHINERY = ROOT / "src" / "tunetrack" / "machinery"
 # What machinery.contract says the machinery may read of the settings.
-CONTRACT = {"seed", "max_epochs", "task", "study"}
+CONTRACT = {"seed", "max_epochs", "task", "study", "split_seed"}
 
 
 def experiment_names() -> set[str]:

@@ -49,7 +49,7 @@ def champion(tmp_path_factory):
         model, data = build(settings)
         result = fit(model, data, settings, Options(), tracker, run_id, progress_bar=False)
         model_id = registry.log_model(tracker, run_id, result.model, data, settings.task, DATASETS)
-    registry.register(tracker, model_id, "mnist-classifier", {}, result.val_loss)
+    registry.register(tracker, model_id, "mnist-classifier", {}, registry.Score("val_loss", "minimize", result.value))
 
     test_images, test_labels = MNISTDataModule(settings).read()["test"]
     images, labels = test_images[:200, 0], test_labels[:200]

@@ -56,17 +56,18 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
         with tracker.run(f"study of val_loss {val_loss}") as run_id:
             model_id = registry.log_model(tracker, run_id, model, data, "digits", tiny.DATASETS)
         tags = {"study_uid": "u", "trial": trial}
-        return registry.register(tracker, model_id, "digits", tags, val_loss, same=("study_uid", "trial"))
+        score = registry.Score("val_loss", "minimize", val_loss)
+        return registry.register(tracker, model_id, "digits", tags, score, same=("study_uid", "trial"))
 
     first = register(0.5, trial=1)
     assert (first.version, first.champion) == (1, 1)
     assert first.line() == "registered as digits version 1: now models:/digits@champion (the best so far)"
     worse = register(0.7, trial=2)
     assert (worse.version, worse.champion) == (2, 1)
-    assert "models:/digits@champion stays version 1, whose val_loss 0.5000 is lower" in worse.line()
+    assert "models:/digits@champion stays version 1, whose val_loss, 0.5000, is no higher" in worse.line()
     better = register(0.3, trial=3)
     assert (better.version, better.champion, better.previous_champion) == (3, 3, 1)
-    assert better.line().endswith("(the best so far, was version 1)")
+    assert better.line().endswith("(the best so far, was version 1: val_loss 0.3000 against 0.5000)")
     again = register(0.3, trial=3)  # the same trial of the same study, from a later session
     assert (again.version, again.champion) == (3, 3)
     assert again.line() == "digits version 3 is this best model, as registered before: still models:/digits@champion"
@@ -85,14 +86,16 @@ def test_a_champion_validated_on_other_data_that_cannot_be_measured_keeps_the_al
         with tracker.run(f"validated on {validation}") as run_id:
             model_id = registry.log_model(tracker, run_id, model, data, "digits", tiny.DATASETS)
         tags = {"validation_data": validation}
-        return registry.register(tracker, model_id, "digits", tags, val_loss, validated_on="validation_data")
+        score = registry.Score("val_loss", "minimize", val_loss)
+        return registry.register(tracker, model_id, "digits", tags, score, validated_on="validation_data")
 
     first = register(0.5, "mnist 60-images")
     elsewhere = register(0.01, "mnist 20-images")
     assert (elsewhere.version, elsewhere.champion) == (2, 1)
     assert elsewhere.line() == (
-        "registered as digits version 2; models:/digits@champion stays version 1, validated on other data, whose "
-        "val_loss says nothing of this one's (--registered-model NAME starts a registered model of its own)"
+        "registered as digits version 2; models:/digits@champion stays version 1, chosen on other data or by another "
+        "objective, which cannot be measured on this one's (--registered-model NAME starts a registered model of its "
+        "own)"
     )
     better = register(0.3, "mnist 60-images")
     assert (first.champion, better.version, better.champion) == (1, 3, 3)
@@ -112,7 +115,8 @@ def test_a_champion_of_a_lucky_split_is_measured_on_the_next_ones_and_gives_the_
     [line] = [line for line in usual.stdout.splitlines() if "blocks-classifier" in line]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert int(client.get_model_version_by_alias("blocks-classifier", "champion").version) == 2, line
-    measured = float(line.split("has a val_loss of ")[1].split(" ")[0])
+    assert "was version 1, chosen on other data or by another objective and measured on this one's: val_loss " in line
+    measured = float(line.split(" against ")[1].rstrip(")"))
     assert line.startswith("registered as blocks-classifier version 2: now models:/blocks-classifier@champion")
 
     # What it was measured by: the first model's weights on the second's validation split.
@@ -148,17 +152,21 @@ def test_two_studies_that_register_at_the_same_moment_agree_on_the_champion(tiny
         if raced:  # the other study's call, and ours after the race
             return set_alias(name, alias, version)
         raced.append(version)
-        registry.register(tracker, model_ids["theirs"], name, {"study": "theirs"}, 0.3)
+        registry.register(
+            tracker, model_ids["theirs"], name, {"study": "theirs"}, registry.Score("val_loss", "minimize", 0.3)
+        )
         if store == "refuses":
             raise mlflow.exceptions.MlflowException('duplicate key value violates unique constraint "alias_pk"')
         return set_alias(name, alias, version)
 
     tracker.client.set_registered_model_alias = racing
-    ours = registry.register(tracker, model_ids["ours"], "digits", {"study": "ours"}, 0.5)
+    ours = registry.register(
+        tracker, model_ids["ours"], "digits", {"study": "ours"}, registry.Score("val_loss", "minimize", 0.5)
+    )
     assert raced == ["1"]  # this study found no champion and set its own version, as the other did
     assert (ours.version, ours.champion) == (1, 2)
     assert ours.line() == (
-        "registered as digits version 1; models:/digits@champion stays version 2, whose val_loss 0.3000 is lower"
+        "registered as digits version 1; models:/digits@champion stays version 2, whose val_loss, 0.3000, is no higher"
     )
     assert int(tracker.client.get_model_version_by_alias("digits", "champion").version) == 2
 
@@ -174,7 +182,7 @@ def test_a_refusal_that_is_no_race_is_said_as_it_is(tiny_settings, tracking_uri)
 
     tracker.client.set_registered_model_alias = refused
     with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
-        registry.register(tracker, model_id, "digits", {}, 0.1)
+        registry.register(tracker, model_id, "digits", {}, registry.Score("val_loss", "minimize", 0.1))
 
 
 def test_a_study_registers_its_best_model_and_says_so(study_env, capsys):
@@ -186,7 +194,7 @@ def test_a_study_registers_its_best_model_and_says_so(study_env, capsys):
     version = tracker.client.get_model_version_by_alias("blocks-classifier", "champion")
     best = min(session.study.trials, key=lambda t: t.value)
     assert version.tags["study"] == "registers" and version.tags["trial"] == str(best.number)
-    assert float(version.tags["val_loss"]) == best.value
+    assert float(version.tags["val_loss"]) == best.value and version.tags["objective"] == "val_loss"
     assert float(version.tags["test_acc"]) == pytest.approx(session.test["test_acc"])
     assert version.tags["dataset"] == "blocks" and version.tags["model"] == "dense"
     assert version.tags["seed"] == str(best.number) and version.tags["lr"] == repr(best.params["lr"])  # exactly

@@ -11,6 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from tunetrack.machinery.options import PRUNERS, SAMPLERS
 from tunetrack.machinery.study.plots import study_figures
 from tunetrack.machinery.study.samplers import make_pruner, make_sampler
+from tunetrack.machinery.study.studies import objective_of
 from tunetrack.machinery.study.trial import TrialReport
 from workbench.report import groups_markdown, searched_params, top_trials_markdown
 
@@ -23,12 +24,17 @@ SPACE = {
 
 def test_a_trial_says_how_it_ended_in_one_aligned_line():
     params = {"batch_size": 64, "width": 77, "lr": 0.00123}
-    complete = TrialReport(3, "COMPLETE", params, SPACE, 0.12344, 0.95671, 12.34)
+    metrics = {"val_loss": 0.12344, "val_acc": 0.95671, "params": 1234.0, "latency_ms": 0.0123}
+    complete = TrialReport(3, "COMPLETE", params, SPACE, metrics, 12.34)
     assert complete.line() == (
         "trial   3 COMPLETE batch_size= 64 width= 77 lr=1.23e-03  val_loss 0.1234 val_acc 0.9567   12.3 s"
     )
+    # The objective's first, and params or latency_ms only where they are objectives.
+    assert complete.line(("val_acc", "params")) == (
+        "trial   3 COMPLETE batch_size= 64 width= 77 lr=1.23e-03  val_acc 0.9567 params 1,234 val_loss 0.1234   12.3 s"
+    )
     params = {**params, "width": 512}
-    pruned = TrialReport(12, "PRUNED", params, SPACE, None, None, 2.0, "pruned after epoch 2")
+    pruned = TrialReport(12, "PRUNED", params, SPACE, {}, 2.0, "pruned after epoch 2")
     assert pruned.line() == "trial  12 PRUNED   batch_size= 64 width=512 lr=1.23e-03  pruned after epoch 2    2.0 s"
 
 
@@ -51,7 +57,7 @@ def test_every_table_plot_and_column_follows_the_space_searched(study_env, capsy
     rows = groups_markdown(study, "kernel").splitlines()
     assert rows[0].startswith("| kernel | trials |") and len(rows) == 2 + 2
     assert sum(int(row.split("|")[2]) for row in rows[2:]) == len(study.trials)
-    slices = study_figures(study)["slice.png"]
+    slices = study_figures(study, objective_of(study))["slice.png"]
     assert "kernel" in {ax.get_xlabel() for ax in slices.axes}
 
     tracker = study_env.tracker

@@ -46,9 +46,10 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
             assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, name)] == list(
                 range(STUDY_EPOCHS)
             )
-        # The objective is the best epoch's val_loss, and its val_acc goes with it.
+        # The objective is the best epoch's val_loss, and its other metrics go with it.
         assert trial.value == pytest.approx(run.data.metrics["best_val_loss"])
-        assert trial.user_attrs["val_acc"] == pytest.approx(run.data.metrics["best_val_acc"])
+        assert trial.user_attrs["metrics"]["val_acc"] == pytest.approx(run.data.metrics["best_val_acc"])
+        assert trial.user_attrs["metrics"]["params"] == run.data.metrics["params"] > 0
         assert "test_acc" not in run.data.metrics  # the test set is not used for selection
 
     # The parent: best value, params, test metrics of the best trial, the CSV and Optuna's plots.
@@ -152,7 +153,7 @@ def test_a_trial_stopped_early_says_so_on_its_line(study_env, capsys):
     said = trial.user_attrs["stopped_early"]
     assert said.startswith("stopped early after ")
     assert said.endswith(f"of 20 epochs (best epoch {trial.user_attrs['best_epoch']})")
-    assert f"val_acc {trial.user_attrs['val_acc']:.4f} {said}" in capsys.readouterr().out
+    assert f"val_acc {trial.user_attrs['metrics']['val_acc']:.4f} {said}" in capsys.readouterr().out
 
 
 def test_the_summary_names_the_best_trial_exactly_and_how_to_train_it_again(study_env, capsys):

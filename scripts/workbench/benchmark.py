@@ -336,7 +336,9 @@ def time_study(settings: Settings, workers: int, trials: int, stores: str = "sql
 
     with study_stores(stores) as (storage, tracking_uri, stores_cpu):
         tracker = connect(tracking_uri, "benchmark")
-        options = TuneOptions(n_trials=trials, workers=workers, storage=storage, pruning=False).resolved(settings)
+        options = TuneOptions(
+            n_trials=trials, workers=workers, storage=storage, pruning=False, repeats=0, baseline="none"
+        ).resolved(settings)
         options = dataclasses.replace(options, study_name="benchmark", registered_model="")
         started, cpu_before, stores_before = time.perf_counter(), _study_cpu_seconds(), stores_cpu()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -150,6 +150,7 @@ def run_phase(workers: int, seconds: float, database, tracking, settings, folder
         n_trials=BUDGET, workers=workers, accelerator="cpu", storage=database.url("optuna"),
         tracking_uri=tracking.url, study_name=name, experiment=name,
         pruning=False, fixed=("lr",),  # every trial runs all its epochs: a too-high rate would diverge
+        repeats=0, baseline="none",  # the stores are measured, not the best
     ).resolved(settings)  # fmt: skip
     options = dataclasses.replace(options, registered_model="")  # nothing registered: resolved() names a model
     cpu = {

@@ -21,10 +21,11 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from tunetrack.machinery.objectives import sort_key
 from tunetrack.machinery.study.plots import SIZE, study_figures
 from tunetrack.machinery.study.results import param_names, table_rows, top_trials
 from tunetrack.machinery.study.space import format_value
-from tunetrack.machinery.study.studies import RUN_ATTR
+from tunetrack.machinery.study.studies import RUN_ATTR, metrics_of, objective_of
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 
 BINS = 4
@@ -34,7 +35,7 @@ CURVES = ("train_loss", "val_loss")
 def write_figures(study: optuna.Study, tracker: Tracker, out_dir: Path, n_curves: int = 3) -> list[Path]:
     """Optuna's plots and the learning curves of the ``n_curves`` best trials, as PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = study_figures(study)
+    figures = study_figures(study, objective_of(study))
     curves = [
         (f"trial {t.number}", {name: tracker.metric_history(t.user_attrs[RUN_ATTR], name) for name in CURVES})
         for t in top_trials(study, n_curves)
@@ -59,7 +60,7 @@ def _row(cells: list[str]) -> str:
 
 
 def top_trials_markdown(study: optuna.Study, n: int = 10) -> str:
-    header, rows = table_rows(top_trials(study, n))
+    header, rows = table_rows(top_trials(study, n), objective_of(study))
     return markdown_table(header, rows, "r" * len(header))
 
 
@@ -73,7 +74,10 @@ def searched_params(study: optuna.Study) -> dict[str, BaseDistribution]:
 
 
 def groups_markdown(study: optuna.Study, param: str) -> str:
-    """The trials grouped by one hyperparameter: how many finished, were pruned, and how well."""
+    """The trials grouped by one hyperparameter: how many finished, were pruned, and how well (by
+    the study's objective, and the best val_acc)."""
+    objective = objective_of(study)
+    metric, key = objective.first, sort_key(objective.directions[0])
     labels, group_of = groups(searched_params(study)[param])
     members: list[list[FrozenTrial]] = [[] for _ in labels]
     for trial in study.get_trials(deepcopy=False):
@@ -83,18 +87,18 @@ def groups_markdown(study: optuna.Study, param: str) -> str:
     for label, trials in zip(labels, members, strict=True):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         count = {state: sum(t.state == state for t in trials) for state in TrialState}
-        losses = [t.value for t in complete]
+        values = sorted((t.values[0] for t in complete), key=key)
         rows.append([
             label,
             str(len(trials)),
             str(count[TrialState.COMPLETE]),
             str(count[TrialState.PRUNED]),
             str(count[TrialState.FAIL]),
-            _fmt(min(losses, default=math.nan)),
-            _fmt(statistics.median(losses) if losses else math.nan),
-            _fmt(max((t.user_attrs["val_acc"] for t in complete), default=math.nan)),
+            _fmt(values[0] if values else math.nan),
+            _fmt(statistics.median(values) if values else math.nan),
+            _fmt(max((metrics_of(t).get("val_acc", math.nan) for t in complete), default=math.nan)),
         ])  # fmt: skip
-    header = [param, "trials", "complete", "pruned", "failed", "best val_loss", "median val_loss", "best val_acc"]
+    header = [param, "trials", "complete", "pruned", "failed", f"best {metric}", f"median {metric}", "best val_acc"]
     return markdown_table(header, rows, "l" + "r" * 7)
 
 

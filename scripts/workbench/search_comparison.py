@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tunetrack.experiment.search import EXPERIMENT
 from tunetrack.machinery.options import TuneOptions
+from tunetrack.machinery.study.studies import metrics_of
 from tunetrack.machinery.study.tuning import tune
 from tunetrack.machinery.tracking.mlflow_runs import connect
 
@@ -49,7 +50,7 @@ def run_study(settings, method: str, seed: int, budget: float, workers: int, exp
     with tempfile.TemporaryDirectory(prefix="search-") as folder:
         options = TuneOptions(
             n_trials=100_000, workers=workers, sampler=sampler, pruner=pruner, study_name=f"{method} {seed}",
-            storage=f"sqlite:///{folder}/optuna.db", accelerator="cpu",
+            storage=f"sqlite:///{folder}/optuna.db", accelerator="cpu", repeats=0, baseline="none",
         ).resolved(settings)  # fmt: skip
         options = dataclasses.replace(options, registered_model="")
         started = time.time()
@@ -66,7 +67,7 @@ def run_study(settings, method: str, seed: int, budget: float, workers: int, exp
                 "number": t.number,
                 "state": t.state.name,
                 "value": t.value,
-                "val_acc": t.user_attrs.get("val_acc"),
+                "val_acc": metrics_of(t).get("val_acc"),
                 "finished_s": t.datetime_complete.timestamp() - started if t.datetime_complete else None,
                 "params": t.params,
             }

@@ -63,7 +63,7 @@ class Blocks(InMemoryImages):
     files, sources = generated(PATTERNS["blocks"])
 
     def __init__(self, settings: TinySettings):
-        super().__init__(settings.batch_size, settings.val_size, settings.seed, held_out_by="val_size")
+        super().__init__(settings.batch_size, settings.val_size, settings.seed, "val_size", settings.split_seed)
         self.data_dir = settings.data_dir
 
     @property
@@ -178,7 +178,7 @@ def objective(trial, settings: TinySettings, fit) -> float:
     point = suggest(trial, search_space(settings))
     settings = dataclasses.replace(settings, **point, seed=settings.seed + trial.number)
     model, data = build(settings)
-    return fit(model, data, settings).val_loss
+    return fit(model, data, settings).value
 
 
 class HoldAtEpoch(pl.Callback):

@@ -20,6 +20,7 @@ class TinySettings:
     clip: float | None = setting(None, "the gradients' largest norm (default: no clipping)")
     seed: int = setting(0, "random seed", minimum=0, compared=False)
     val_size: int = setting(100, "training images held out to validate on")
+    split_seed: int = setting(0, "which training images are held out to validate on", minimum=0)
     data_dir: str = setting("data", "where the data sets are kept", compared=False)
 
     @property

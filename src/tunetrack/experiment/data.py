@@ -59,7 +59,7 @@ class MNISTDataModule(InMemoryImages):
             if getattr(settings, name) is not None:
                 raise SettingError(name, f"{self.name}'s pictures are as they are: it is for --dataset folder")
         val_size = 5_000 if settings.val_size is None else settings.val_size
-        super().__init__(settings.batch_size, val_size, settings.seed, held_out_by="val_size")
+        super().__init__(settings.batch_size, val_size, settings.seed, "val_size", settings.split_seed)
         self.data_dir = settings.data_dir
 
     @property
@@ -146,7 +146,7 @@ class ImageFolderDataModule(InMemoryImages):
             val_size = len(self.parts["val"])
         else:
             val_size = settings.val_size or tenth(len(self.parts["train"]))
-        super().__init__(settings.batch_size, val_size, settings.seed, held_out_by="val_size")
+        super().__init__(settings.batch_size, val_size, settings.seed, "val_size", settings.split_seed)
 
     @property
     def location(self) -> str:
@@ -159,6 +159,10 @@ class ImageFolderDataModule(InMemoryImages):
     @property
     def in_memory_bytes(self) -> int:
         return image_folders.nbytes(self.listing, self.size, self.channels)
+
+    @property
+    def own_validation(self) -> bool:
+        return "val" in self.parts
 
     def identity(self) -> tuple:
         return (*super().identity(), self.size, self.channels)

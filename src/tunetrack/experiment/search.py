@@ -20,7 +20,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from torch import nn
 
 from tunetrack.experiment.data import DATASETS
-from tunetrack.experiment.model import LitClassifier
+from tunetrack.experiment.model import METRICS, OBJECTIVE, LitClassifier
 from tunetrack.experiment.networks import NETWORKS, Standardize
 from tunetrack.experiment.settings import Settings
 from tunetrack.experiment.trainer import trainer
@@ -46,7 +46,8 @@ def build(settings: Settings) -> tuple[LitClassifier, pl.LightningDataModule]:
     data = DATASETS[settings.dataset](settings)
     kind = NETWORKS[settings.model]
     network = kind(data.dims, len(data.classes), **hyperparameters(kind, settings))
-    model = LitClassifier(nn.Sequential(Standardize(data.mean, data.std), network), settings.lr, settings.weight_decay)
+    model = LitClassifier(nn.Sequential(Standardize(data.mean, data.std), network), len(data.classes), settings.lr,
+                          settings.weight_decay)  # fmt: skip
     model.example_input_array = torch.zeros(1, *data.dims)  # Lightning's: what one input looks like
     return model, data
 
@@ -61,7 +62,8 @@ def hyperparameters(network: type[nn.Module], settings: Settings) -> dict:
 
 def objective(trial: optuna.Trial, settings: Settings, fit: Callable) -> float:
     """One trial: suggest a point of the space, build its model and data, fit (Lightning trains,
-    MLflow tracks, the pruner may stop it), and return the best epoch's val_loss.
+    MLflow tracks, the pruner may stop it), and return the objective's value at the best epoch
+    (val_loss, or what --objective names).
 
     ``fit(model, data, settings)`` is the machinery's: it trains with the Trainer of trainer.py,
     in an MLflow run of the trial's, and reports each epoch to the pruner. Each trial trains from
@@ -69,9 +71,9 @@ def objective(trial: optuna.Trial, settings: Settings, fit: Callable) -> float:
     point = suggest(trial, search_space(settings))
     settings = dataclasses.replace(settings, **point, seed=settings.seed + trial.number)
     model, data = build(settings)
-    return fit(model, data, settings).val_loss
+    return fit(model, data, settings).value
 
 
 # What the scripts hand the machinery.
 EXPERIMENT = Experiment(settings_class=Settings, build=build, search_space=search_space, objective=objective,
-                        trainer=trainer, datasets=DATASETS)  # fmt: skip
+                        trainer=trainer, datasets=DATASETS, metrics=METRICS, optimize=OBJECTIVE)  # fmt: skip

@@ -36,6 +36,10 @@ class Settings:
     val_size: int | None = setting(
         None, "training images held out to validate on (default: 5,000 of MNIST's; a tenth of a folder's)"
     )
+    split_seed: int = setting(
+        0, "which training images are held out to validate on, where the data has no validation folder; tune.py "
+        "--repeats trains the best again on others", minimum=0,
+    )  # fmt: skip
     data_dir: str = setting(
         "data",
         "where the data sets are kept, fetched on first use; with --dataset folder, your pictures' folder",

@@ -6,15 +6,19 @@ search space that keeps to it trains, tunes, tracks and registers unchanged.
 
 **The settings** (``Experiment.settings_class``): a frozen dataclass, every field with a default and a
 ``help`` in its metadata (each field is a flag; see machinery.cli.flags for the rest of the metadata).
-The machinery reads by name only ``seed`` (the sampler's), ``max_epochs`` (the Trainer's), and
-two properties: ``task`` (what models are compared on: it names the MLflow experiments and the
+The machinery reads by name only ``seed`` (the sampler's), ``max_epochs`` (the Trainer's),
+``split_seed`` where the settings have one (see the data module), and two properties: ``task``
+(what models are compared on: it names the MLflow experiments and the
 registered model) and ``study`` (the default study name).
 
 **The LightningModule** that ``build`` returns: ``forward`` maps a batch of inputs to outputs
-(it is the model MLflow logs); ``example_input_array`` (Lightning's) is one input; it logs
-``val_loss`` (what a study minimizes and what picks the best epoch) and ``val_acc`` each
-validation epoch, and ``test_loss`` and ``test_acc`` in testing; ``training_step(batch,
-batch_idx)`` returns the loss, so that machinery.training.several_per_step can carry several batches per step.
+(it is the model MLflow logs); ``example_input_array`` (Lightning's) is one input; it logs its
+metrics once per validation epoch as ``val_*`` (``val_loss`` at least: a run that diverges is
+told by it) and the same as ``test_*`` in testing; ``training_step(batch, batch_idx)`` returns
+the loss, so that machinery.training.several_per_step can carry several batches per step.
+``Experiment.metrics`` names the validation metrics and the direction that makes each better;
+``Experiment.optimize`` is the one a study optimizes, and a run keeps its best epoch by, unless
+``--objective`` names another (machinery.objectives).
 
 **The LightningDataModule**: batches are ``(inputs, targets)``; ``prepare_data`` makes the data
 present and verified and sets ``source`` (where it came from, in a few words); ``name`` names
@@ -22,7 +26,11 @@ the data set, ``fingerprint`` identifies its files (a study refuses other data),
 ``largest_batch`` is the most examples one step holds (the memory check sizes by it; an
 ``in_memory_bytes``, where it has one, is added to it), ``describe()`` returns a
 :class:`DataSplit` for each split, which every run records as its MLflow dataset inputs, and
-``classes`` names the classes, as the logged model's metadata says them. For predict.py, the
+``classes`` names the classes, as the logged model's metadata says them. Its ``val_dataloader``
+and ``test_dataloader`` give the same examples every time; ``train_dataloader`` gives the
+training split (a study's linear baseline learns from it). Where the settings have a
+``split_seed``, it chooses which examples are held out to validate on (``--repeats`` trains
+again on other splits); the test split never follows it. For predict.py, the
 data set's class in ``Experiment.datasets`` may have a ``picture(image, shape)`` that prepares
 a Pillow image as one input of that shape (a float32 array).
 
@@ -41,6 +49,8 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution
 
+from tunetrack.machinery.objectives import DEFAULT_METRIC, MAXIMIZE, MINIMIZE
+
 
 def _lightning_defaults(settings) -> dict:
     return {}
@@ -53,12 +63,17 @@ class Experiment:
     build: Callable[[Any], tuple[Any, Any]]
     # settings -> the searched settings, by name: what a study of these settings searches
     search_space: Callable[[Any], Mapping[str, BaseDistribution]]
-    # (trial, settings, fit) -> the value a study minimizes; fit(model, data, settings) trains and tracks
+    # (trial, settings, fit) -> fit(model, data, settings).value: the objective's value at the best epoch;
+    # fit trains and tracks
     objective: Callable[..., float]
     # settings -> the Trainer's keyword arguments of a run: callbacks, gradient clipping, precision, ...
     trainer: Callable[[Any], dict] = _lightning_defaults
     # the data sets by name (the settings' dataset), for predict.py: how a picture is prepared for one
     datasets: Mapping[str, type] = dataclasses.field(default_factory=dict)
+    # the metrics the LightningModule logs per validation epoch, and the direction that makes each better
+    metrics: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"val_loss": MINIMIZE, "val_acc": MAXIMIZE})
+    # the one of them a study optimizes unless --objective names others
+    optimize: str = DEFAULT_METRIC
 
 
 @dataclass(frozen=True)

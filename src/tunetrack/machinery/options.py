@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tunetrack.machinery.objectives import DEFAULT_METRIC, MINIMIZE, Objective
+
 # How a study searches, by name: study/samplers.py makes each.
 SAMPLERS = ("tpe", "gp", "random")
 PRUNERS = ("median", "hyperband", "halving")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# What a study trains beside its best, for reference: scikit-learn's models of the pixels as they are.
+BASELINES = ("linear", "svc", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 
 
@@ -38,6 +42,18 @@ class Options:
 
     verb = "train"  # names the MLflow experiment of the command's runs: TASK-train
 
+    objective: str | None = option(
+        None,
+        "the metric a run keeps its best epoch by and a study optimizes: one the LightningModule logs per validation "
+        "epoch (val_loss, val_acc, val_f1 here), or two, comma-separated, for a study of two objectives, params "
+        "(the network's size) and latency_ms (the time to classify one picture) among them (default: the "
+        "experiment's, val_loss)",
+    )
+    direction: str | None = option(
+        None,
+        "minimize or maximize: the direction of a metric of your own LightningModule's (one per metric of "
+        "--objective, comma-separated)",
+    )
     experiment: str | None = option(None, "MLflow experiment (default: TASK-train, TASK-tune for tune.py)")
     tracking_uri: str | None = option(
         None, "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default: sqlite:///mlflow.db here)"
@@ -64,6 +80,23 @@ class Options:
             experiment=self.experiment or f"{settings.task}-{self.verb}",
             registered_model=self.registered_model or registered_name(settings.task),
         )
+
+    def aimed(self, experiment) -> Options:
+        """These options with the objective chosen: --objective and --direction, or the experiment's
+        default; raises ObjectiveError for a choice that cannot be used."""
+        spec = self.objective or experiment.optimize
+        return self.aiming_at(Objective.parse(spec, self.direction, experiment.metrics))
+
+    def aiming_at(self, objective: Objective) -> Options:
+        """These options with ``objective``, every direction said."""
+        return dataclasses.replace(self, objective=objective.spec, direction=",".join(objective.directions))
+
+    @property
+    def goal(self) -> Objective:
+        """The objective, as :meth:`aimed` chose it (unchosen: the contract's default, val_loss)."""
+        if self.objective is None:
+            return Objective((DEFAULT_METRIC,), (MINIMIZE,))
+        return Objective.parse(self.objective, self.direction, {})
 
 
 @dataclass(frozen=True)
@@ -115,6 +148,20 @@ class TuneOptions(Options):
     )
     server_patience: float = option(
         120, "seconds to keep retrying a database or tracking server that does not answer, before the study stops"
+    )
+    repeats: int | None = option(
+        None,
+        "times each of the --repeat-best trials trains again, with new seeds (and new validation splits where the "
+        "data has no validation folder), before the best is chosen by the mean; 0: none (default: 2 where the "
+        "training split holds at most 10,000 examples, else 0)",
+        minimum=0,
+    )
+    repeat_best: int = option(3, "how many of the best trials --repeats trains again")
+    baseline: str = option(
+        "linear",
+        "a model that needs no tuning, trained, scored and logged beside the best: linear (scikit-learn's "
+        "LogisticRegression on the standardized pixels), svc (an RBF SVC too), none",
+        choices=BASELINES,
     )
     # The searched settings that the command line fixed (tune.py --batch-size 64): the study
     # searches the others. Not a flag: each setting's own flag fixes it.

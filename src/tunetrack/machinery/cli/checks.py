@@ -242,6 +242,23 @@ def studies_to_show(parser: argparse.ArgumentParser, url: str):
     return storage
 
 
+def check_objective(parser: argparse.ArgumentParser, experiment, options):
+    """The options with their objective chosen (--objective and --direction, or the experiment's),
+    or one line naming the flag that cannot be used."""
+    from tunetrack.machinery.objectives import ObjectiveError
+
+    try:
+        options = options.aimed(experiment)
+    except ObjectiveError as error:
+        parser.error(f"argument {error.flag}: {error}")
+    if options.goal.several and getattr(options, "repeats", None):
+        parser.error(
+            "argument --repeats: a study of two objectives registers its Pareto front's best on the first objective, "
+            "unrepeated; repeats compare the means of one objective"
+        )
+    return options
+
+
 def check_registered_model(parser: argparse.ArgumentParser, name: str) -> None:
     if set("'\"") & set(name):
         parser.error("argument --registered-model: give a name without quotes")

@@ -29,6 +29,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     import torch
 
     from tunetrack.machinery.contract import SettingError
+    from tunetrack.machinery.objectives import MEASURED, shown
     from tunetrack.machinery.runtime import interrupts
     from tunetrack.machinery.study import results
     from tunetrack.machinery.study.space import format_value
@@ -38,17 +39,20 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
 
     experiment = flags.load(experiment_path)
     collector.freeze_imports()
+    if found and options.objective is None and found[0].objective:  # a trial's study's, where no flag names one
+        options = dataclasses.replace(options, objective=found[0].objective, direction=found[0].direction)
+    options = checks.check_objective(parser, experiment, options)
     checks.check_memory(parser, experiment, settings, options.verbose)
     checks.prepare_data(parser, experiment, settings, options.verbose)
     tracker = checks.connect_tracking(parser, options.tracking_uri, options.experiment)
     if found:
         what = f"trial {options.from_trial}" if options.from_trial else f"run {options.from_run}"
-        shown = ", ".join(f"{k}={format_value(v, exact=True)}" for k, v in dataclasses.asdict(settings).items())
+        again = ", ".join(f"{k}={format_value(v, exact=True)}" for k, v in dataclasses.asdict(settings).items())
         threads = ""
         if found[0].threads:  # the same sums in the same order: on a CPU, the same metrics
             torch.set_num_threads(found[0].threads)
             threads = f", with {found[0].threads} thread(s) as it had"
-        print(f"training {what} again, as recorded and as the flags change it{threads}: {shown}", flush=True)
+        print(f"training {what} again, as recorded and as the flags change it{threads}: {again}", flush=True)
     searched = experiment.search_space(settings)
     run_name = " ".join([settings.study, *(f"{name}={format_value(getattr(settings, name))}" for name in searched)])
     registered = None
@@ -61,12 +65,13 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
                     result = fit(model, data, settings, options, tracker, run_id, trainer_arguments=arguments)
                 model_id = registry.log_model(tracker, run_id, result.model, data, settings.task, experiment.datasets)
             if options.register:
-                facts = {"run_id": run_id, "val_acc": result.val_acc, "test_acc": result.test_acc,
-                         "test_loss": result.test_loss}  # fmt: skip
+                facts = {"run_id": run_id, **result.metrics, **result.test}
                 tags = registry.version_tags(dataclasses.asdict(settings), data.describe(), **facts)
                 judge = results.judge_on(experiment, data, options.accelerator, tracker)
+                goal = options.goal
+                score = registry.Score(goal.first, goal.directions[0], result.metrics[goal.first])
                 registered = registry.register(
-                    tracker, model_id, options.registered_model, tags, result.val_loss, same=("run_id",),
+                    tracker, model_id, options.registered_model, tags, score, same=("run_id",),
                     validated_on="validation_data", judge=judge,
                 )  # fmt: skip
     except SettingError as error:
@@ -83,9 +88,12 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         flags.fail(parser.prog, f"{interrupts.describe()} after the run was complete", interrupts.exit_code())
 
     readable = getattr(data, "picture", None) is not None  # predict.py can prepare pictures for it
+    goal = options.goal
+    scores = {name: value for name, value in result.metrics.items() if name in goal.names or name not in MEASURED}
+    tests = [name.replace("val_", "test_", 1) for name in scores]
     lines = [
-        f"\nbest epoch {result.best_epoch}: val_loss {result.val_loss:.4f}, val_acc {result.val_acc:.4f}; "
-        f"test_acc {result.test_acc:.4f} (test_loss {result.test_loss:.4f}) in {result.seconds:.1f} s",
+        f"\nbest epoch {result.best_epoch} by {goal.per_epoch[0]}: {shown(scores, goal.names, ', ')}; "
+        f"{shown(result.test, tests, ', ')} in {result.seconds:.1f} s",
         result.stopped_early,
         f"MLflow run {result.run_id} in experiment {options.experiment!r} of {public(tracker.tracking_uri)}",
         f"the model: models:/{model_id}"

@@ -43,6 +43,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
 
     experiment = flags.load(experiment_path)
     collector.freeze_imports()
+    options = checks.check_objective(parser, experiment, options)
     options = dataclasses.replace(options, fixed=checks.fix_searched(parser, experiment, settings))
     options = dataclasses.replace(options, workers=checks.check_workers(parser, experiment, settings, options))
     checks.prepare_data(parser, experiment, settings, options.verbose)  # here, once, before any worker starts

@@ -20,6 +20,10 @@ class InMemoryBatches:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
+    @property
+    def examples(self) -> int:
+        return len(self.labels)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n, size = len(self.labels), self.batch_size
         if self.generator is None:
@@ -34,3 +38,14 @@ class InMemoryBatches:
 def pixels(images: Tensor) -> Tensor:
     """Images as float32 pixels in [0, 1]: bytes divided by 255, floats as they are."""
     return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def examples(loader) -> int:
+    """How many examples a pass of ``loader`` serves: an InMemoryBatches' or a DataLoader's
+    data set's length where they say it, else counted."""
+    if hasattr(loader, "examples"):
+        return loader.examples
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return sum(len(targets) for _, targets in loader)

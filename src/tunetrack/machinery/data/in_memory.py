@@ -21,7 +21,8 @@ from torch import Tensor
 from tunetrack.machinery.contract import DataSplit, SettingError
 from tunetrack.machinery.data.batches import InMemoryBatches
 
-# Fixed, and independent of the training seed: every run and every trial sees the same split.
+# Which pictures are held out to validate on, unless a data module is given another: fixed, and
+# independent of the training seed, so that every run and every trial sees the same split.
 SPLIT_SEED = 0
 # Evaluation needs no small batches; a large one makes validation a handful of steps.
 EVAL_BATCH_SIZE = 1_000
@@ -39,9 +40,9 @@ class InMemoryImages(pl.LightningDataModule):
     [0, 1] units: computed here, or set by the subclass where they are known.
 
     ``held_out`` pictures of the training split are held out to validate on (a fixed split,
-    the same for every seed), unless ``read`` returns a validation split of its own; a number
-    the data cannot spare is a SettingError of the setting ``held_out_by``. Training batches
-    are reshuffled every epoch from ``seed``.
+    the same for every seed; ``split_seed`` chooses another), unless ``read`` returns a
+    validation split of its own; a number the data cannot spare is a SettingError of the setting
+    ``held_out_by``. Training batches are reshuffled every epoch from ``seed``.
     """
 
     name: str
@@ -49,9 +50,10 @@ class InMemoryImages(pl.LightningDataModule):
     dims: tuple[int, ...]
     picture = None  # how predict.py prepares a photo: picture(image, dims) -> float32 array of dims, in [0, 1]
 
-    def __init__(self, batch_size: int, held_out: int, seed: int, held_out_by: str):
+    def __init__(self, batch_size: int, held_out: int, seed: int, held_out_by: str, split_seed: int = SPLIT_SEED):
         super().__init__()
         self.batch_size, self.held_out, self.seed, self.held_out_by = batch_size, held_out, seed, held_out_by
+        self.split_seed = split_seed
         self.source: str | None = None  # where prepare_data found the data, in a few words
         self.device = torch.device("cpu")
 
@@ -75,6 +77,11 @@ class InMemoryImages(pl.LightningDataModule):
         """What ``read`` returns depends on: one process reads each once."""
         return (type(self), self.location, self.fingerprint)
 
+    @property
+    def own_validation(self) -> bool:
+        """Whether ``read`` returns a validation split of its own (``split_seed`` then changes nothing)."""
+        return False
+
     # What this class gives.
 
     @property
@@ -96,7 +103,8 @@ class InMemoryImages(pl.LightningDataModule):
 
     def describe(self) -> list[DataSplit]:
         """Each split, as a run records it in MLflow: the digest follows the data and the split."""
-        split = {"training": ("train", self.held_out, SPLIT_SEED), "validation": ("val", self.held_out, SPLIT_SEED)}
+        seed = SPLIT_SEED if self.own_validation else self.split_seed
+        split = {"training": ("train", self.held_out, seed), "validation": ("val", self.held_out, seed)}
         return [
             DataSplit(
                 context,
@@ -141,7 +149,7 @@ class InMemoryImages(pl.LightningDataModule):
         channels = self.dims[0]
         if torch.empty(0).device.type == "meta":  # a model built for its shapes only: its tensors hold no values
             return (0.0,) * channels, (1.0,) * channels
-        key = (self.identity(), self.held_out)
+        key = (self.identity(), self.held_out, self.split_seed)
         if key not in _statistics_cache:
             _statistics_cache[key] = _channel_statistics(_splits(self, "cpu")["train"][0])
         return _statistics_cache[key]
@@ -169,7 +177,7 @@ _statistics_cache: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
 
 def _splits(data: InMemoryImages, device: str) -> dict[str, Split]:
-    key = (data.identity(), data.held_out, device)
+    key = (data.identity(), data.held_out, data.split_seed, device)
     if key not in _split_cache:
         if device != "cpu":
             _split_cache[key] = {
@@ -195,7 +203,7 @@ def _read_and_split(data: InMemoryImages) -> dict[str, Split]:
                 f"{data.held_out} of {n} images to validate on leaves {n - data.held_out} to train: fewer than a "
                 f"tenth; hold out at most {n - tenth(n)}",
             )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
         val, fit = order[: data.held_out], order[data.held_out :]
         splits = {**splits, "train": (images[fit], labels[fit]), "val": (images[val], labels[val])}
     return splits

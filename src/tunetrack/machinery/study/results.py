@@ -17,8 +17,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tunetrack.machinery.objectives import MEASURED, Objective, number, sort_key
 from tunetrack.machinery.study.space import format_value
-from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR
+from tunetrack.machinery.study.studies import METRICS_ATTR, RUN_ATTR, SETTINGS_ATTR, metrics_of, objective_of
 from tunetrack.machinery.tracking import registry
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import public, reason
@@ -28,9 +29,26 @@ class NotEvaluated(RuntimeError):
     """The best trial's weights cannot be had: its run, or the run's artifacts, are gone."""
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The complete trials, best first by the (first) objective."""
+    key = sort_key(objective_of(study).directions[0])
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda trial: trial.value) if complete else None
+    return sorted(complete, key=lambda trial: (key(trial.values[0]), trial.number))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial; in a study of two objectives, the Pareto front's best on the first."""
+    if objective_of(study).several:
+        front = pareto_front(study)
+        return front[0] if front else None
+    complete = complete_trials(study)
+    return complete[0] if complete else None
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The complete trials that no other beats on both objectives, best first on the first."""
+    ours = {trial.number for trial in study.best_trials}
+    return [trial for trial in complete_trials(study) if trial.number in ours]
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -44,19 +62,26 @@ def param_names(trials: list[FrozenTrial]) -> list[str]:
 
 
 def top_trials(study: optuna.Study, n: int = 10) -> list[FrozenTrial]:
-    """The ``n`` best complete trials, best first."""
-    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)[:n]
+    """The ``n`` best complete trials, best first; in a study of two objectives, its Pareto front's."""
+    return (pareto_front(study) if objective_of(study).several else complete_trials(study))[:n]
 
 
-def table_rows(trials: list[FrozenTrial]) -> tuple[list[str], list[list[str]]]:
-    """A header and one row per trial: its number, scores, params, best epoch and seconds."""
-    params = param_names(trials)
-    header = ["trial", "val_loss", "val_acc", *params, "best epoch", "seconds"]
+def metric_names(trials: list[FrozenTrial], objective: Objective) -> list[str]:
+    """The metrics a table of ``trials`` shows: the objective's, then the others their module
+    logged (params and latency_ms only where they are objectives)."""
+    logged = [name for trial in trials for name in metrics_of(trial) if name not in MEASURED]
+    return list(dict.fromkeys([*objective.names, *logged]))
+
+
+def table_rows(trials: list[FrozenTrial], objective: Objective) -> tuple[list[str], list[list[str]]]:
+    """A header and one row per trial: its number, scores (the objective's first), params, best
+    epoch and seconds."""
+    params, metrics = param_names(trials), metric_names(trials, objective)
+    header = ["trial", *metrics, *params, "best epoch", "seconds"]
     rows = [
         [
             str(trial.number),
-            f"{trial.value:.4f}",
-            f"{trial.user_attrs['val_acc']:.4f}",
+            *(number(name, value) if (value := metrics_of(trial).get(name)) is not None else "-" for name in metrics),
             *(format_value(trial.params[name]) if name in trial.params else "-" for name in params),
             str(trial.user_attrs["best_epoch"]),
             f"{trial.duration.total_seconds():.1f}",
@@ -68,7 +93,7 @@ def table_rows(trials: list[FrozenTrial]) -> tuple[list[str], list[list[str]]]:
 
 def top_trials_table(study: optuna.Study, n: int = 10) -> str:
     """The best trials as aligned text, for the console."""
-    header, rows = table_rows(top_trials(study, n))
+    header, rows = table_rows(top_trials(study, n), objective_of(study))
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in [header, *rows])
 
@@ -89,13 +114,14 @@ class Tested:
 
 
 def evaluate_best_trial(
-    study: optuna.Study, tracker: Tracker, parent_run_id: str, experiment, options
+    study: optuna.Study, tracker: Tracker, parent_run_id: str, experiment, options, best: FrozenTrial | None = None
 ) -> Tested | None:
-    """Evaluate the best trial's best-epoch weights on the test set, once, and log them, with
-    the model, on the parent run. The test set plays no part in choosing the trial."""
-    from tunetrack.machinery.training.fit import CHECKPOINT_ARTIFACT, evaluate_on_test, load_weights
+    """Evaluate the best trial's best-epoch weights (``best``'s, where the repeats chose another)
+    on the test set, once, and log them, with the model, on the parent run. The test set plays
+    no part in choosing the trial."""
+    from tunetrack.machinery.training.fit import CHECKPOINT_ARTIFACT, evaluate, load_weights
 
-    best = best_trial(study)
+    best = best or best_trial(study)
     if best is None:
         return None
     run_id = best.user_attrs[RUN_ATTR]
@@ -110,7 +136,7 @@ def evaluate_best_trial(
                 f"(its MLflow run {run_id}: {reason(error)})"
             ) from None
         load_weights(model, path)
-    test = evaluate_on_test(model, data, options.accelerator)
+    test = evaluate(model, data, options.accelerator, "test")
     tracker.log_datasets(parent_run_id, [split for split in data.describe() if split.context == "test"])
     tracker.log_metrics(parent_run_id, test, step=len(study.trials))
     tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
@@ -118,15 +144,16 @@ def evaluate_best_trial(
     return Tested(best, test, model_id, data.describe(), data)
 
 
-def judge_on(experiment, data, accelerator: str, tracker: Tracker) -> Callable[[dict[str, str]], float | None]:
-    """How a registered version does on ``data``'s validation split: its val_loss, measured by the
-    experiment's own module, built from the settings its tags hold and given the weights of the
-    checkpoint of the run its tags name. None where that cannot be had: a version registered
-    without them, a run whose artifacts are gone, a model for inputs of another shape."""
+def judge_on(experiment, data, accelerator: str, tracker: Tracker) -> Callable[[dict[str, str]], dict | None]:
+    """How a registered version does on ``data``'s validation split: what the experiment's own
+    module logs of it there (val_loss, val_acc, ...) and its params and latency_ms, the module
+    built from the settings its tags hold and given the weights of the checkpoint of the run its
+    tags name. None where that cannot be had: a version registered without them, a run whose
+    artifacts are gone, a model for inputs of another shape."""
     from tunetrack.machinery.study.retraining import typed
-    from tunetrack.machinery.training.fit import CHECKPOINT_ARTIFACT, evaluate, load_weights
+    from tunetrack.machinery.training.fit import CHECKPOINT_ARTIFACT, evaluate, load_weights, size_and_latency
 
-    def judge(tags: dict[str, str]) -> float | None:
+    def judge(tags: dict[str, str]) -> dict | None:
         settings = typed(experiment.settings_class, tags)
         if "run_id" not in tags or not settings:
             return None
@@ -134,7 +161,7 @@ def judge_on(experiment, data, accelerator: str, tracker: Tracker) -> Callable[[
             model, _ = experiment.build(settings_of(experiment.settings_class, settings))
             with tempfile.TemporaryDirectory() as tmp:
                 load_weights(model, tracker.download_artifact(tags["run_id"], str(CHECKPOINT_ARTIFACT), tmp))
-            return evaluate(model, data, accelerator, "val")["val_loss"]
+            return {**evaluate(model, data, accelerator, "val"), **size_and_latency(model)}
         except Exception:  # noqa: BLE001 - whatever stands in the way, the version cannot be measured here
             return None
 
@@ -148,26 +175,42 @@ def settings_of(settings_class: type, recorded: dict):
     return settings_class(**{name: value for name, value in recorded.items() if name in names})
 
 
-def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> None:
-    """Best params and value, trial counts, all trials as CSV and Optuna's plots, on the parent run."""
+def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str, best: FrozenTrial | None) -> None:
+    """The best trial's params and metrics (``best``: the one the study chose), trial counts, the
+    Pareto front of a study of two objectives, all trials as CSV and Optuna's plots, on the
+    parent run."""
     import matplotlib.pyplot as plt
 
     from tunetrack.machinery.study.plots import study_figures
 
-    step = len(study.trials)
+    step, objective = len(study.trials), objective_of(study)
     tracker.log_metrics(parent_run_id, {f"n_{state.lower()}": n for state, n in counts(study).items()}, step=step)
-    best = best_trial(study)
     if best is not None:
-        tracker.log_metrics(
-            parent_run_id, {"best_val_loss": best.value, "best_val_acc": best.user_attrs["val_acc"]}, step=step
-        )
-        tracker.set_tags(parent_run_id, {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+        tracker.log_metrics(parent_run_id, {f"best_{k}": v for k, v in metrics_of(best).items()}, step=step)
+        tags = {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}
+        if objective.several:
+            tags["pareto_front"] = " ".join(str(trial.number) for trial in pareto_front(study))
+        tracker.set_tags(parent_run_id, tags)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "trials.csv"
-        study.trials_dataframe().to_csv(csv, index=False)
+        trials_frame(study).to_csv(csv, index=False)
         tracker.log_artifact(parent_run_id, csv)
         if best is not None:
-            for name, figure in study_figures(study).items():
+            for name, figure in study_figures(study, objective).items():
                 figure.savefig(Path(tmp) / name, dpi=100, bbox_inches="tight")
                 plt.close(figure)
                 tracker.log_artifact(parent_run_id, Path(tmp) / name, "plots")
+
+
+def trials_frame(study: optuna.Study):
+    """Optuna's table of the trials (its value columns named after the objective: value_val_acc),
+    with a column for each metric of the best epochs in place of their dictionary."""
+    frame = study.trials_dataframe()
+    column = f"user_attrs_{METRICS_ATTR}"
+    if column in frame:
+        metrics = [metrics_of(trial) for trial in study.get_trials(deepcopy=False)]
+        names = list(dict.fromkeys(name for each in metrics for name in each))
+        for name in names:
+            frame[name] = [each.get(name) for each in metrics]
+        frame = frame.drop(columns=[column])
+    return frame

@@ -19,6 +19,8 @@ from tunetrack.machinery.options import DEFAULT_STORAGE
 class Recorded:
     settings: dict
     threads: int | None  # None: not recorded
+    objective: str | None = None  # what the trial's study optimized, as --objective says it (None: not recorded)
+    direction: str | None = None
 
 
 def train_again(study_name: str, number: int, storage: str = DEFAULT_STORAGE) -> str:
@@ -41,7 +43,7 @@ def from_trial(storage: str, spec: str) -> Recorded:
     """The settings that the trial ``spec`` ("STUDY:NUMBER") of ``storage`` trained with."""
     import optuna  # here, as below: train.py reads its flags before it needs Optuna, MLflow or torch
 
-    from tunetrack.machinery.study.studies import SETTINGS_ATTR
+    from tunetrack.machinery.study.studies import SETTINGS_ATTR, objective_of
     from tunetrack.machinery.tracking.stores import StoreUnusable, check_database, public, reason
     from tunetrack.machinery.training.fit import THREADS
 
@@ -64,7 +66,9 @@ def from_trial(storage: str, spec: str) -> Recorded:
         raise NotRecorded("--from-trial", f"study {study_name!r} has no trial {number} ({len(study.trials)} trials)")
     if SETTINGS_ATTR not in trial.user_attrs:
         raise NotRecorded("--from-trial", f"trial {number} of study {study_name!r} ended before it began to train")
-    return Recorded(dict(trial.user_attrs[SETTINGS_ATTR]), trial.user_attrs.get(THREADS))
+    objective = objective_of(study)
+    return Recorded(dict(trial.user_attrs[SETTINGS_ATTR]), trial.user_attrs.get(THREADS), objective.spec,
+                    ",".join(objective.directions))  # fmt: skip
 
 
 def from_run(tracking_uri: str, run_id: str, settings_class: type) -> Recorded:

@@ -28,6 +28,7 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from tunetrack.machinery.objectives import Objective
 from tunetrack.machinery.options import flag
 from tunetrack.machinery.runtime.interrupts import alive
 from tunetrack.machinery.tracking import stores
@@ -44,6 +45,8 @@ WORKER_ATTR, CUT_SHORT_ATTR, KEPT_ATTR = "worker", "cut_short", "kept_state"
 # The trial's user attributes that name its MLflow run and hold the settings it trained with,
 # and the run's tags that name its study and trial.
 RUN_ATTR, SETTINGS_ATTR = "mlflow_run_id", "settings"
+# The trial's user attribute that holds its best epoch's metrics (machinery.objectives).
+METRICS_ATTR = "metrics"
 STUDY_UID_TAG, TRIAL_TAG = "optuna.study_uid", "optuna.trial"
 # How long a process that finds a study just created by another one waits for its records.
 CREATOR_SECONDS = 30
@@ -225,7 +228,7 @@ for _name in [n for n in dir(BaseStorage) if not n.startswith("_")] + _CALLED_BY
 def definition(session_settings, space: dict[str, BaseDistribution], options, data: str) -> dict:
     """What makes the trials of a study comparable: how each trains, in every setting the search
     does not choose (but those marked compared=False: the seed only changes which points are
-    tried), the data's fingerprint, the search space, and how the study searches."""
+    tried), the data's fingerprint, the search space, what it optimizes, and how it searches."""
     settings = {
         field.name: getattr(session_settings, field.name)
         for field in dataclasses.fields(session_settings)
@@ -237,6 +240,7 @@ def definition(session_settings, space: dict[str, BaseDistribution], options, da
         "flags": flags,
         "data": data,
         "space": {name: distribution_to_json(d) for name, d in space.items()},
+        "objective": options.goal.record(),
         "search": {
             "sampler": options.sampler,
             "pruner": options.pruner if options.pruning else "none",
@@ -254,15 +258,16 @@ def open_study(storage: RDBStorage, name: str, wanted: dict) -> tuple[optuna.Stu
     definition; the others wait a moment for those records. A continuation whose definition
     differs raises StudyMismatch before anything in the storage changes.
     """
+    objective = Objective.recorded(wanted)
     try:
-        storage.create_new_study([StudyDirection.MINIMIZE], name)
+        storage.create_new_study([StudyDirection[d.upper()] for d in objective.directions], name)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         created = False
     study = optuna.load_study(study_name=name, storage=storage)
     if created:
         with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
-            study.set_metric_names(["val_loss"])  # what optuna-dashboard calls the objective
+            study.set_metric_names(list(objective.names))  # what optuna-dashboard calls the objectives
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
         study.set_user_attr(DEFINITION_ATTR, wanted)
         return study, True
@@ -274,6 +279,11 @@ def open_study(storage: RDBStorage, name: str, wanted: dict) -> tuple[optuna.Stu
     if UID_ATTR not in study.user_attrs:
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
     return study, False
+
+
+def objective_of(study: optuna.Study) -> Objective:
+    """What the study optimizes, as its definition records it."""
+    return Objective.recorded(study.user_attrs.get(DEFINITION_ATTR) or {})
 
 
 def uid(study: optuna.Study) -> str:
@@ -291,6 +301,13 @@ def _wait_for(study: optuna.Study, attr: str):
 
 
 def _check_definition(name: str, recorded: dict, wanted: dict) -> None:
+    was, now = Objective.recorded(recorded), Objective.recorded(wanted)
+    if was != now:
+        raise StudyMismatch(
+            "--objective",
+            f"study {name!r} optimizes {was}, not {now}: continue it with --objective {was.spec}, or start another "
+            "study with a new --study-name",
+        )
     for key, value in wanted["settings"].items():
         was = recorded["settings"].get(key, value)
         if was != value:
@@ -413,6 +430,16 @@ def resumes_from(trial: FrozenTrial) -> str:
     """What a trial that was handed back says of itself: why, and the epoch it goes on from."""
     cut = trial.user_attrs.get(CUT_SHORT_ATTR, {})
     return f"cut short ({cut.get('why', '?')}): it resumes from epoch {cut.get('epoch', 0)} on the next free worker"
+
+
+def metrics_of(trial: FrozenTrial) -> dict[str, float]:
+    """A complete trial's best epoch's metrics, the objective's first; a trial of a study from
+    before trials recorded them has its val_loss (its value) and val_acc."""
+    if METRICS_ATTR in trial.user_attrs:
+        return dict(trial.user_attrs[METRICS_ATTR])
+    if trial.state != TrialState.COMPLETE or "val_acc" not in trial.user_attrs:
+        return {}
+    return {"val_loss": trial.value, "val_acc": trial.user_attrs["val_acc"]}
 
 
 def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:

@@ -1,6 +1,6 @@
 """One trial of a study: the experiment's objective, inside an MLflow run of its own nested
-under the study's run, with a fit() that trains as train.py does and hands each epoch's
-val_loss to the pruner; and one line that says how the trial ended."""
+under the study's run, with a fit() that trains as train.py does and hands each epoch's value
+of the objective to the pruner; and one line that says how the trial ended."""
 
 from __future__ import annotations
 
@@ -21,14 +21,20 @@ from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
 from tunetrack.machinery.contract import Experiment
+from tunetrack.machinery.objectives import MEASURED, shown
 from tunetrack.machinery.runtime import devices, interrupts
 from tunetrack.machinery.study import studies
 from tunetrack.machinery.study.space import format_value, width
-from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
+from tunetrack.machinery.study.studies import METRICS_ATTR, RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import ServerUnavailable
 from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, fit
 from tunetrack.machinery.training.resumption import KEPT_FOLDER, KeepEachEpoch
+
+
+class ObjectiveMismatch(RuntimeError):
+    """The experiment's objective returned another number than its best epoch's value of the
+    objective: a study would compare, prune and register by a number under another's name."""
 
 
 class TakenOver(Exception):
@@ -53,7 +59,8 @@ class Session:
 
 
 def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
-    """Run the experiment's objective for ``trial``; its value is the best epoch's val_loss.
+    """Run the experiment's objective for ``trial``; its value is the best epoch's value of the
+    objective (``options.goal``).
 
     Why a trial did not complete is kept with it: ``pruned`` or ``fail_reason``. A trial cut short
     by a scheduler or a closed terminal (SIGTERM, SIGHUP) or by its tune.py's end is handed back
@@ -144,6 +151,7 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDB
                     trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
             after = kept and kept["artifact"]
             keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
+            pruned_by = None if session.options.goal.several else session.options.goal.first
             with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
                 fitted.append(fit(
                     model,
@@ -153,7 +161,7 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDB
                     tracker,
                     run_id,
                     trainer_arguments=session.experiment.trainer(settings),
-                    callbacks=[ReportToTrial(trial, still_ours), *keep],
+                    callbacks=[ReportToTrial(trial, still_ours, pruned_by), *keep],
                     evaluate_test=False,
                     progress_bar=session.options.verbose,
                     resume_from=resume_from,
@@ -178,9 +186,16 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDB
             with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
                 tracker.set_tags(run_id, {"optuna.state": "FAIL"})
             raise
+        if fitted and not _same(value, fitted[-1].value):
+            goal = session.options.goal
+            raise ObjectiveMismatch(
+                f"the experiment's objective returned {_shown(value)}, not its best epoch's {goal.spec} "
+                f"({_shown(fitted[-1].value)}): it returns fit(...).value; to optimize another metric, --objective "
+                "(docs/objectives.md)"
+            )
         try:
             if fitted:  # the last writes to the trial, just before its run is closed
-                trial.set_user_attr("val_acc", fitted[-1].val_acc)
+                trial.set_user_attr(METRICS_ATTR, fitted[-1].metrics)
                 trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
                 if fitted[-1].stopped_early:
                     trial.set_user_attr("stopped_early", fitted[-1].stopped_early)
@@ -188,6 +203,22 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDB
             raise TakenOver from None
         tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
     return value
+
+
+def _same(returned, expected) -> bool:
+    """Whether the objective returned the value(s) its fit found (a tensor's or numpy's number too)."""
+    try:
+        got = tuple(float(v) for v in returned) if isinstance(expected, tuple) else (float(returned),)
+    except (TypeError, ValueError):
+        return False
+    return got == (expected if isinstance(expected, tuple) else (expected,))
+
+
+def _shown(value) -> str:
+    try:
+        return ", ".join(f"{float(v):.4f}" for v in (value if isinstance(value, (tuple, list)) else (value,)))
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 @contextlib.contextmanager
@@ -216,27 +247,32 @@ def _taken_up(trial: optuna.Trial, tracker: Tracker) -> tuple[dict | None, str |
 
 
 class ReportToTrial(Callback):
-    """Hands each epoch's val_loss to Optuna and stops the trial when the pruner says so.
+    """Hands each epoch's ``metric`` (the objective's) to Optuna and stops the trial when the
+    pruner says so; with ``metric`` None (a study of two objectives, which Optuna does not
+    prune), only checks that the trial is still this process's.
 
     Optuna's own Lightning callback (optuna-integration) imports the ``lightning.pytorch``
     namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
     """
 
-    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None]):
-        self.trial, self.still_ours = trial, still_ours
+    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None):
+        self.trial, self.still_ours, self.metric = trial, still_ours, metric
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch, val_loss = trainer.current_epoch, float(trainer.callback_metrics["val_loss"])
+        epoch = trainer.current_epoch
+        value = float(trainer.callback_metrics[self.metric]) if self.metric in trainer.callback_metrics else None
         last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
         try:
             with interrupts.held():  # the study's storage is written and read here
                 self.still_ours()
-                self.trial.report(val_loss, step=epoch)
-                prune = not last_epoch and self.trial.should_prune()
+                prune = False
+                if value is not None:
+                    self.trial.report(value, step=epoch)
+                    prune = not last_epoch and self.trial.should_prune()
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None
         if prune:
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} at val_loss {val_loss:.4f}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} at {self.metric} {value:.4f}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, TakenOver):  # from here or from KeepEachEpoch, before the loggers' last write
@@ -265,8 +301,7 @@ class TrialReport:
     state: str
     params: dict
     distributions: dict[str, BaseDistribution]
-    value: float | None
-    val_acc: float | None
+    metrics: dict[str, float]  # at its best epoch (none for a trial that did not complete)
     seconds: float
     note: str = ""
     gpu: str = ""  # the GPU that trained it, as CUDA_VISIBLE_DEVICES names it; "" on a CPU
@@ -283,21 +318,23 @@ class TrialReport:
             trial.state.name,
             trial.params,
             trial.distributions,
-            trial.value,
-            trial.user_attrs.get("val_acc"),
+            studies.metrics_of(trial),
             seconds,
             note,
             # This process's GPU, for a trial it ran itself (not another process's, found dead).
             devices.this_process_id() if attrs.get(studies.WORKER_ATTR) == studies.worker_id() else "",
         )
 
-    def line(self) -> str:
+    def line(self, objective: tuple[str, ...] = ()) -> str:
+        """One line: the trial's number, state, point, and its scores, those of ``objective`` first
+        (params and latency_ms only where they are objectives)."""
         params = " ".join(
             f"{name}={format_value(value):>{width(self.distributions.get(name))}}"
             for name, value in self.params.items()
         )
+        metrics = {k: v for k, v in self.metrics.items() if k in objective or k not in MEASURED}
         scores = (
-            " ".join(filter(None, [f"val_loss {self.value:.4f} val_acc {self.val_acc:.4f}", self.note]))
+            " ".join(filter(None, [shown(metrics, objective), self.note]))
             if self.state == TrialState.COMPLETE.name
             else self.note
         )

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 from tqdm import tqdm
 
 from tunetrack.machinery.contract import Experiment
+from tunetrack.machinery.data.batches import examples
+from tunetrack.machinery.objectives import MEASURED, shown
 from tunetrack.machinery.runtime import interrupts
-from tunetrack.machinery.study import results, studies
+from tunetrack.machinery.study import repeats, results, studies
+from tunetrack.machinery.study.baseline import Baseline, run_baselines
 from tunetrack.machinery.study.retraining import train_again
 from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
 from tunetrack.machinery.study.trial import Session, TrialReport, close_run
@@ -38,6 +43,8 @@ class TuneOutcome:
     notes: list[str] = field(default_factory=list)  # what the summary said beyond the trials
     model_id: str | None = None  # the tested best trial's network, logged on the parent run
     registered: registry.Registered | None = None
+    repeated: list[repeats.Repeated] = field(default_factory=list)  # the best trials, trained again: best first
+    baselines: list[Baseline] = field(default_factory=list)
 
 
 def tune(
@@ -55,6 +62,10 @@ def tune(
     the summary still run, and then KeyboardInterrupt is raised.
     """
     quiet_libraries(options.verbose)
+    options = options.aimed(experiment)
+    if options.goal.several and options.pruning:
+        print("pruning is off: Optuna prunes no study of two objectives", flush=True)
+        options = dataclasses.replace(options, pruning=False)
     with torch.device("meta"):  # the data module's fingerprint: a study refuses other data
         _, data = experiment.build(settings)
     name, grace = options.study_name, options.grace_period
@@ -78,7 +89,7 @@ def tune(
         params = {
             "study_name": name,
             "storage": public(options.storage),
-            "objective": "val_loss (minimize)",
+            "objective": str(options.goal),
             **wanted["search"],
             **dataclasses.asdict(settings),
         }
@@ -89,35 +100,89 @@ def tune(
         bar = tqdm(total=options.n_trials, desc="study", unit="trial", dynamic_ncols=True)
 
         def report(trial: TrialReport) -> None:
-            bar.write(trial.line())
+            bar.write(trial.line(options.goal.names))
             bar.update()
 
-        problems, tested, registered = [], None, None
+        problems, tested, registered, end = [], None, None, _Ending(notes=notes)
         with contextlib.suppress(_EndedOnAnError), tracker.closing(parent_run_id):
             try:
                 problems = run_workers(session, options.n_trials, options.workers, report)
             finally:
                 bar.close()
-            interrupted = interrupts.requested()
             _close_what_dead_workers_left(tracker, storage, name, uid, options)
-            results.log_study_summary(study, tracker, parent_run_id)
-            if not interrupted and not problems:
+            finished = not interrupts.requested() and not problems
+            end.best = results.best_trial(study)
+            real = functools.cache(lambda: experiment.build(settings)[1])  # the study's data, to count and learn from
+            count = _repeats(options, real) if finished and end.best is not None else 0
+            if count:
+                candidates = results.complete_trials(study)[: options.repeat_best]
+                end.repeated, seconds = repeats.repeat_best(study, candidates, count, experiment, options, tracker,
+                                                            parent_run_id)  # fmt: skip
+                end.best = end.repeated[0].trial if end.repeated else end.best
+                end.repeats_said = _repeats_said(end.repeated, count, seconds, study, options)
+            results.log_study_summary(study, tracker, parent_run_id, end.best)
+            if finished and not interrupts.requested() and options.baseline != "none":
+                kinds = ["linear", "svc"] if options.baseline == "svc" else ["linear"]
+                tags = {"optuna.study": name, STUDY_UID_TAG: uid}
+                end.baselines, left_out = run_baselines(kinds, real(), tracker, parent_run_id, tags)
+                notes += left_out
+            if finished and not interrupts.requested():
                 try:
-                    tested = results.evaluate_best_trial(study, tracker, parent_run_id, experiment, options)
+                    tested = results.evaluate_best_trial(study, tracker, parent_run_id, experiment, options, end.best)
                 except results.NotEvaluated as why:
                     notes.append(f"test evaluation skipped: {why}")
-            if tested and options.registered_model:
+            if tested and options.registered_model and not interrupts.requested():
                 judge = results.judge_on(experiment, tested.datamodule, options.accelerator, tracker)
-                registered = _register(tracker, study.study_name, uid, tested, options.registered_model, judge)
+                chosen = next((r for r in end.repeated if r.trial.number == tested.trial.number), None)
+                registered = _register(tracker, study.study_name, uid, tested, options, judge, chosen)
                 notes.append(registered.line())
             notes += _still_running_elsewhere(study, grace)
-            test = tested.metrics if tested else None
-            _print_summary(study, tracker, parent_run_id, options, test, notes)
+            end.test = tested.metrics if tested else None
+            _print_summary(study, tracker, parent_run_id, options, end)
             if interrupts.requested():  # during the trials, or while the best was tested and logged
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
             if problems:
                 raise _EndedOnAnError("; ".join(problems))  # the parent run ends FAILED, and says why
-    return TuneOutcome(study, parent_run_id, problems, test, notes, tested and tested.model_id, registered)
+    return TuneOutcome(study, parent_run_id, problems, end.test, notes, tested and tested.model_id, registered,
+                       end.repeated, end.baselines)  # fmt: skip
+
+
+@dataclass
+class _Ending:
+    """What a session found after its trials, for its summary."""
+
+    notes: list[str]
+    best: FrozenTrial | None = None  # the trial it tests and registers
+    repeated: list[repeats.Repeated] = field(default_factory=list)
+    repeats_said: list[str] = field(default_factory=list)
+    baselines: list[Baseline] = field(default_factory=list)
+    test: dict[str, float] | None = None
+
+
+def _repeats(options, real: Callable) -> int:
+    """How many times each of the best trials trains again: --repeats, or by default as many as
+    are cheap on data of this size (``real()``: the study's; none for a study of two objectives)."""
+    if options.goal.several:
+        return 0
+    if options.repeats is not None:
+        return options.repeats
+    data = real()
+    data.prepare_data()
+    data.setup("fit")
+    return repeats.default_repeats(examples(data.train_dataloader()))
+
+
+def _repeats_said(repeated: list[repeats.Repeated], count: int, seconds: float, study, options) -> list[str]:
+    if not repeated:
+        return ["repeats stopped before the first trial had all of its runs"]
+    trials = sum(t.duration.total_seconds() for t in study.trials if t.duration)
+    metric = options.goal.first
+    lines = [
+        f"repeats: the best {len(repeated)} trials trained {count} more times each, with new seeds (and validation "
+        f"splits, where the data has no validation folder): {seconds:.1f} s, against {trials:.1f} s of trials"
+    ]
+    lines += [f"  {r.line(metric)}" for r in repeated]
+    return lines
 
 
 def _the_studys_own_store(study: optuna.Study, options, wait: bool) -> str | None:
@@ -137,15 +202,19 @@ def _the_studys_own_store(study: optuna.Study, options, wait: bool) -> str | Non
     return theirs[0] if theirs else None
 
 
-def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, name: str, judge):
+def _register(tracker: Tracker, study_name: str, uid: str, tested: results.Tested, options, judge, repeated):
     """Register the tested best trial's model, with what it is on the version (the trial's run:
-    its checkpoint, for a later study validated on other data to measure it by)."""
+    its checkpoint, for a later study validated on other data to measure it by) and its score
+    under the study's objective (the mean of its runs and their standard error, where it was
+    trained again)."""
     trial = tested.trial
-    facts = {"study": study_name, "study_uid": uid, "trial": trial.number, "run_id": trial.user_attrs[RUN_ATTR],
-             "val_acc": trial.user_attrs["val_acc"]}  # fmt: skip
-    tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **tested.metrics)
-    return registry.register(tracker, tested.model_id, name, tags, trial.value, same=("study_uid", "trial"),
-                             validated_on="validation_data", judge=judge)  # fmt: skip
+    facts = {"study": study_name, "study_uid": uid, "trial": trial.number, "run_id": trial.user_attrs[RUN_ATTR]}
+    metric, direction = options.goal.first, options.goal.directions[0]
+    score = repeated.score(metric, direction) if repeated else registry.Score(metric, direction, trial.values[0])
+    metrics = studies.metrics_of(trial)
+    tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **metrics, **tested.metrics)
+    return registry.register(tracker, tested.model_id, options.registered_model, tags, score,
+                             same=("study_uid", "trial"), validated_on="validation_data", judge=judge)  # fmt: skip
 
 
 def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, params: dict, notes: list[str]) -> str:
@@ -219,7 +288,7 @@ def _still_running_elsewhere(study: optuna.Study, grace: int) -> list[str]:
     ]
 
 
-def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
+def _print_summary(study, tracker, parent_run_id, options, end: _Ending) -> None:
     counts = results.counts(study)
     print(
         f"\nstudy {study.study_name!r}: {len(study.trials)} trials, {counts['COMPLETE']} complete, "
@@ -227,20 +296,30 @@ def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
         + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
         + (f", {counts['WAITING']} cut short, to resume" if counts["WAITING"] else "")
     )
-    best = results.best_trial(study)
+    objective, best = options.goal, end.best
     if best is None:
         print("no trial has completed yet")
     else:
-        print(results.top_trials_table(study, n=5))
+        if objective.several:
+            front = results.pareto_front(study)
+            print(f"Pareto front of {objective}: the {len(front)} trials that no other beats on both, best first on "
+                  f"{objective.first}")  # fmt: skip
+        print(results.top_trials_table(study, n=len(results.pareto_front(study)) if objective.several else 5))
+        for line in end.repeats_said:
+            print(line)
         seed = best.user_attrs.get(SETTINGS_ATTR, {}).get("seed")
-        print(
-            f"best: trial {best.number} ({results.describe_params(best, exact=True)}; seed {seed}): "
-            f"val_loss {best.value:.4f}, val_acc {best.user_attrs['val_acc']:.4f}"
-        )
-        if test:
-            scores = f"test_acc {test['test_acc']:.4f}, test_loss {test['test_loss']:.4f}"
-            print(f"test (the best trial's weights, evaluated once): {scores}")
-    for note in notes:
+        chosen = "the front's best on the first objective; " if objective.several else ""
+        chosen = "the best by the mean of its runs; " if end.repeated else chosen
+        metrics = studies.metrics_of(best)
+        scores = {name: value for name, value in metrics.items() if name in objective.names or name not in MEASURED}
+        print(f"best: trial {best.number} ({chosen}{results.describe_params(best, exact=True)}; seed {seed}): "
+              f"{shown(scores, objective.names, ', ')}")  # fmt: skip
+        if end.test:
+            tested = shown(end.test, _test_names(_names(objective, best)), ", ")
+            print(f"test (the best trial's weights, evaluated once): {tested}")
+    for baseline in end.baselines:
+        print(baseline.line(_names(objective, best)))
+    for note in end.notes:
         print(note)
     if best is not None:
         print(f"train it again: {train_again(study.study_name, best.number, options.storage)}")
@@ -248,3 +327,14 @@ def _print_summary(study, tracker, parent_run_id, options, test, notes) -> None:
         f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
         f"the study: {public(options.storage)}, study {study.study_name!r}; the same command continues it"
     )
+
+
+def _names(objective, best) -> list[str]:
+    """The metrics a baseline's line shows: those the best trial's line shows."""
+    logged = studies.metrics_of(best) if best is not None else {}
+    return [*objective.names, *(name for name in logged if name not in objective.names and name not in MEASURED)]
+
+
+def _test_names(names) -> list[str]:
+    """The test metrics that go with validation ones: test_acc for val_acc."""
+    return [name.replace("val_", "test_", 1) for name in names if name.startswith("val_")]

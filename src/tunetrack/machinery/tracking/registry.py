@@ -15,11 +15,14 @@ to a GPU and back would take. The model's metadata says which task it was traine
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from tunetrack.machinery.objectives import comparative, sort_key
 
 if TYPE_CHECKING:
     from tunetrack.machinery.tracking.mlflow_runs import Tracker
@@ -140,6 +143,72 @@ def version_tags(settings: Mapping[str, object], splits, **facts) -> dict[str, o
 
 
 @dataclass(frozen=True)
+class Score:
+    """What a registered version is compared by: its objective's name and direction, its value,
+    and, where it was trained again with other seeds, the mean and standard error of its runs
+    (``runs`` of them, the first included)."""
+
+    metric: str
+    direction: str
+    value: float
+    mean: float | None = None
+    sem: float | None = None
+    runs: int = 1
+
+    @property
+    def estimate(self) -> float:
+        """What it is compared by: the mean of its runs, or its one value."""
+        return self.value if self.mean is None else self.mean
+
+    @property
+    def spread(self) -> float | None:
+        """One run's standard deviation, where its runs measured it."""
+        return None if self.sem is None else self.sem * math.sqrt(self.runs)
+
+    def same_objective(self, other: Score) -> bool:
+        return (self.metric, self.direction) == (other.metric, other.direction)
+
+    def tags(self) -> dict[str, str]:
+        tags = {"objective": self.metric, "direction": self.direction, self.metric: repr(self.value)}
+        if self.mean is not None:
+            tags |= {f"{self.metric}_mean": repr(self.mean), f"{self.metric}_sem": repr(self.sem),
+                     "repeats": str(self.runs - 1)}  # fmt: skip
+        return tags
+
+    @classmethod
+    def of(cls, tags: Mapping[str, str]) -> Score | None:
+        """A version's score, as its tags say it; one registered before versions said their
+        objective was registered by its val_loss. None where the tags hold no score."""
+        metric = tags.get("objective", "val_loss")
+        direction = tags.get("direction", "minimize")
+        if metric not in tags:
+            return None
+        mean, sem = tags.get(f"{metric}_mean"), tags.get(f"{metric}_sem")
+        runs = int(tags.get("repeats", 0)) + 1
+        return cls(metric, direction, float(tags[metric]), mean and float(mean), sem and float(sem), runs)
+
+    def __str__(self) -> str:
+        if self.mean is None:
+            return f"{self.value:.4f}"
+        return f"{self.mean:.4f} ± {self.sem:.4f} (the mean of {self.runs} runs)"
+
+
+def margin(a: Score, b: Score) -> float:
+    """How much better one of ``a`` and ``b`` must be to be better beyond the noise: the standard
+    error of the difference of their estimates, sqrt(sem_a^2 + sem_b^2). A single run's noise is
+    unknown: it counts as one run of the other's, whose spread its repeats measured; with
+    neither measured, the values alone decide (the margin is 0)."""
+    errors = [s.sem if s.sem is not None else (other.spread or 0.0) for s, other in ((a, b), (b, a))]
+    return math.sqrt(sum(e * e for e in errors))
+
+
+def gain(challenger: Score, champion: Score) -> float:
+    """How much better ``challenger``'s estimate is than ``champion``'s (negative: worse)."""
+    difference = challenger.estimate - champion.estimate
+    return -difference if challenger.direction == "minimize" else difference
+
+
+@dataclass(frozen=True)
 class Registered:
     """A registered version, and where the champion alias points now."""
 
@@ -147,37 +216,46 @@ class Registered:
     version: int
     champion: int
     previous_champion: int | None
-    champion_val_loss: float
-    comparable: bool = True  # validated on the same data as the champion, or measured on this one's
-    judged_here: bool = False  # the champion's val_loss was measured on this version's validation data
-    rival_val_loss: float | None = None  # the former champion's, measured so, where this one took the alias
+    champion_score: Score | None  # the champion's now, as compared: measured on this one's validation data if judged
+    challenger: Score | None = None  # the best version's under this objective, on this data
+    comparable: bool = True  # the champion was chosen on the same data under the same objective, or measured so
+    judged_here: bool = False  # the champion was measured on this version's validation data, under its objective
+    beaten: Score | None = None  # the former champion's, as compared, where the alias moved
 
     def line(self) -> str:
         where = f"models:/{self.name}@{ALIAS}"
+        ours = f"registered as {self.name} version {self.version}"
+        champion, challenger = self.champion_score, self.challenger
         if not self.comparable:
             return (
-                f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, "
-                "validated on other data, whose val_loss says nothing of this one's (--registered-model NAME "
-                "starts a registered model of its own)"
-            )
-        if self.judged_here:
-            return (
-                f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, whose "
-                f"val_loss on this one's validation data, {self.champion_val_loss:.4f}, is no higher"
-            )
-        if self.rival_val_loss is not None and self.champion == self.version:
-            return (
-                f"registered as {self.name} version {self.version}: now {where} (version {self.previous_champion}, "
-                f"validated on other data, has a val_loss of {self.rival_val_loss:.4f} on this one's)"
+                f"{ours}; {where} stays version {self.champion}, chosen on other data or by another objective, which "
+                "cannot be measured on this one's (--registered-model NAME starts a registered model of its own)"
             )
         if self.champion == self.version == self.previous_champion:  # a study's best, registered before
             return f"{self.name} version {self.version} is this best model, as registered before: still {where}"
+        metric = challenger.metric
+        on_ours = " on this one's validation data" if self.judged_here else ""
         if self.champion == self.version:
-            was = "" if self.previous_champion is None else f", was version {self.previous_champion}"
-            return f"registered as {self.name} version {self.version}: now {where} (the best so far{was})"
+            if self.beaten is None:
+                return f"{ours}: now {where} (the best so far)"
+            how = (
+                ", chosen on other data or by another objective and measured on this one's" if self.judged_here else ""
+            )
+            noise = margin(challenger, self.beaten)
+            beyond = f", better by more than the noise, {noise:.4f}" if noise else ""
+            return (
+                f"{ours}: now {where} (the best so far, was version {self.previous_champion}{how}: {metric} "
+                f"{challenger} against {self.beaten}{beyond})"
+            )
+        if (improvement := gain(challenger, champion)) > 0:
+            return (
+                f"{ours}; {where} stays version {self.champion}: the best {metric} here, {challenger}, is "
+                f"{comparative(challenger.direction)} than its {champion}{on_ours} by {improvement:.4f}, "
+                f"within the noise ({margin(challenger, champion):.4f}: docs/objectives.md)"
+            )
         return (
-            f"registered as {self.name} version {self.version}; {where} stays version {self.champion}, "
-            f"whose val_loss {self.champion_val_loss:.4f} is lower"
+            f"{ours}; {where} stays version {self.champion}, whose {metric}{on_ours}, {champion}, is "
+            f"{'no higher' if champion.direction == 'minimize' else 'no lower'}"
         )
 
 
@@ -186,21 +264,26 @@ def register(
     model_id: str,
     name: str,
     tags: dict[str, object],
-    val_loss: float,
+    score: Score,
     same: tuple[str, ...] = (),
     validated_on: str | None = None,
-    judge: Callable[[dict[str, str]], float | None] | None = None,
+    judge: Callable[[dict[str, str]], dict[str, float] | None] | None = None,
 ) -> Registered:
     """Add the logged model ``model_id`` to the registered model ``name`` (created on first use),
-    with ``tags`` and its ``val_loss`` on the version, and point the alias at the version with
-    the lowest val_loss, which is this one when it is better than the champion. A version whose
-    ``same`` tags equal these (the same trial of the same study, registered by an earlier
-    session) is taken instead of a new one. Versions whose tag ``validated_on`` (the validation
-    data) equals this one's are compared by their val_loss. A champion validated on other data
-    is compared on this one's: ``judge(its tags)`` measures its val_loss there (a lucky split of
-    a few images keeps the alias no longer), and where it cannot, the champion stays.
+    with ``tags`` and its ``score`` on the version, and point the alias at the best version of
+    this objective on this data when it is better than the champion beyond the noise (see
+    :func:`margin`), which is this one when it is the best. A version whose ``same`` tags equal
+    these (the same trial of the same study, registered by an earlier session) is taken instead
+    of a new one.
 
-    Judged over every version rather than against the champion alone, so that two studies that
+    Versions are compared by their scores only under one objective and direction, and where their
+    tag ``validated_on`` (the validation data) is the same. A champion chosen under another
+    objective or on other data is measured on this one's validation data under this one's
+    objective: ``judge(its tags)`` gives its metrics there (a lucky split of a few images keeps
+    the alias no longer); where it cannot, the champion stays. A version of the same score as
+    the champion's, and newer, takes the alias: a model trained again to stand for a damaged one.
+
+    Judged over every version rather than against this one alone, so that two studies that
     register at the same moment agree on the result.
     """
     from mlflow.exceptions import MlflowException
@@ -213,10 +296,15 @@ def register(
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, "val_loss": repr(val_loss)}
+    version_tags = {**{k: str(v) for k, v in tags.items() if v is not None}, **score.tags()}
 
-    def data_of(tags_of_a_version: dict[str, str]) -> str | None:
+    def data_of(tags_of_a_version: Mapping[str, str]) -> str | None:
         return tags_of_a_version.get(validated_on) if validated_on else None
+
+    def like_ours(tags_of_a_version: Mapping[str, str]) -> Score | None:
+        theirs = Score.of(tags_of_a_version)
+        same_data = data_of(tags_of_a_version) == data_of(version_tags)
+        return theirs if theirs is not None and theirs.same_objective(score) and same_data else None
 
     versions = client.search_model_versions(f"name = '{name}'")
     twins = [v for v in versions if same and all(v.tags.get(key) == version_tags[key] for key in same)]
@@ -228,8 +316,8 @@ def register(
     # Another study may register at the same moment (two machines that end together). Setting
     # the alias overwrites whatever another study set after we read, and the first setting of a
     # new alias refuses the second as a duplicate key: so read again after every write, until a
-    # reading finds the alias on the best version registered.
-    before, judged, rival = None, {}, None
+    # reading finds the alias where the versions registered say it belongs.
+    before, judged, beaten = None, {}, None
     for attempt in range(5):
         versions = client.search_model_versions(f"name = '{name}'")
         try:
@@ -238,19 +326,30 @@ def register(
             previous = None
         if attempt == 0:
             before = previous  # what this study found: its line says what it changed
-        ours = [v for v in versions if "val_loss" in v.tags and data_of(v.tags) == data_of(version_tags)]
-        # On a tie, the newest: a model trained again to stand for a damaged one takes its place.
-        best = min(ours, key=lambda v: (float(v.tags["val_loss"]), -int(v.version)))
-        champion_version = next((v for v in versions if int(v.version) == previous), None)
-        if champion_version is not None and data_of(champion_version.tags) != data_of(version_tags):
-            if previous not in judged:  # its val_loss on this version's validation data
-                judged[previous] = judge(dict(champion_version.tags)) if judge else None
-            if judged[previous] is None:
-                return Registered(name, version, previous, before, float(champion_version.tags["val_loss"]), False)
-            if judged[previous] <= float(best.tags["val_loss"]):
-                return Registered(name, version, previous, before, judged[previous], judged_here=True)
-            rival = judged[previous]
-        champion = int(best.version)
+        ours = [(v, theirs) for v in versions if (theirs := like_ours(v.tags)) is not None]
+        key = sort_key(score.direction)
+        best, best_score = min(ours, key=lambda pair: (key(pair[1].estimate), -int(pair[0].version)))
+        held = next((v for v in versions if int(v.version) == previous), None)
+        champion, champion_score = int(best.version), best_score
+        if held is not None and int(held.version) != champion:
+            champion_score = like_ours(held.tags)
+            if champion_score is None:  # chosen on other data, or by another objective: measured on ours
+                if previous not in judged:
+                    judged[previous] = judge(dict(held.tags)) if judge else None
+                measured = (judged[previous] or {}).get(score.metric)
+                if measured is None:
+                    return Registered(name, version, previous, before, Score.of(held.tags), best_score, False)
+                # Measured once, on other data; where its repeats measured its noise under this
+                # objective, that noise still stands for it.
+                recorded = Score.of(held.tags)
+                noise = recorded if recorded is not None and recorded.metric == score.metric else None
+                champion_score = Score(score.metric, score.direction, measured, None, noise and noise.sem,
+                                       noise.runs if noise else 1)  # fmt: skip
+            improvement = gain(best_score, champion_score)
+            if not (improvement > margin(best_score, champion_score) or improvement == 0):
+                return Registered(name, version, previous, before, champion_score, best_score,
+                                  judged_here=previous in judged)  # fmt: skip
+            beaten = champion_score
         if champion == previous:
             break
         try:
@@ -258,4 +357,4 @@ def register(
         except MlflowException as error:
             if attempt == 4 or not lost_a_race(error):
                 raise
-    return Registered(name, version, champion, before, float(best.tags["val_loss"]), rival_val_loss=rival)
+    return Registered(name, version, champion, before, best_score, best_score, judged_here=bool(judged), beaten=beaten)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import tempfile
 import time
 import warnings
@@ -26,6 +27,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import Logger
 
+from tunetrack.machinery.objectives import Objective, better
 from tunetrack.machinery.runtime import devices, interrupts
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.training.several_per_step import NoProfiler, SeveralPerStep
@@ -38,6 +40,10 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 # Where each run keeps its best epoch's weights (a Lightning checkpoint), among its artifacts.
 CHECKPOINT_ARTIFACT = PurePosixPath("checkpoints/best.ckpt")
+
+# latency_ms: the median of this many forward passes of one input, or of those that fit in this
+# many seconds (a large network's), after a few that warm the caches up.
+LATENCY_RUNS, LATENCY_SECONDS, LATENCY_WARMUP = 50, 0.2, 3
 
 # A bar redraw costs about as much as a training step; every 20 steps it is still live.
 PROGRESS_BAR_REFRESH_STEPS = 20
@@ -58,13 +64,19 @@ class FitResult:
     run_id: str
     model: pl.LightningModule  # with the best epoch's weights
     best_epoch: int  # 0-based, as MLflow's step
-    val_loss: float  # at the best epoch (the lowest val_loss)
-    val_acc: float  # at the best epoch
+    # At the best epoch: what the LightningModule logged of its validation (val_*), and params
+    # and latency_ms (machinery.objectives).
+    metrics: dict[str, float]
+    objective: Objective  # what chose the best epoch, and what value() says
     seconds: float
     epochs: int  # trained: fewer than max_epochs when a callback stopped the run early
     max_epochs: int
-    test_loss: float | None = None
-    test_acc: float | None = None
+    test: dict[str, float] = dataclasses.field(default_factory=dict)  # test_*, where the test split was used
+
+    @property
+    def value(self) -> float | tuple[float, ...]:
+        """The objective's value at the best epoch: what a trial returns, and Optuna is told."""
+        return self.objective.value(self.metrics)
 
     @property
     def stopped_early(self) -> str | None:
@@ -89,24 +101,36 @@ class _CtrlC(Callback):
         interrupts.check()
 
 
+class ObjectiveNotLogged(RuntimeError):
+    """The metric that picks the best epoch is not among what the LightningModule logged."""
+
+
 class _BestEpoch(Callback):
-    """Keeps the best epoch (lowest val_loss): its number, metrics and a copy of its weights.
+    """Keeps the best epoch by ``metric`` (better as ``direction`` says): its number, what the
+    LightningModule logged of its validation, and a copy of its weights.
 
     In memory rather than ModelCheckpoint's file per improvement: Lightning calls every
     callback on every step, and ModelCheckpoint pays a repr() of its settings each time.
-    A val_loss that is not a number ends the run with TrainingDiverged.
+    A val_loss (or ``metric``) that is not a number ends the run with TrainingDiverged.
     """
 
-    def __init__(self):
-        self.epoch, self.metrics, self.weights = -1, {"val_loss": math.inf}, None
+    def __init__(self, metric: str, direction: str):
+        self.metric, self.direction = metric, direction
+        self.epoch, self.metrics, self.weights = -1, {}, None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = {name: float(trainer.callback_metrics[name]) for name in ("val_loss", "val_acc")}
-        if not math.isfinite(metrics["val_loss"]):
-            raise TrainingDiverged(
-                f"training diverged: val_loss is {metrics['val_loss']} after epoch {trainer.current_epoch}"
+        metrics = validation_metrics(trainer)
+        if self.metric not in metrics:
+            raise ObjectiveNotLogged(
+                f"--objective {self.metric}: the LightningModule logged no {self.metric} in its validation epoch "
+                f"(it logged {', '.join(metrics) or 'nothing'})"
             )
-        if metrics["val_loss"] < self.metrics["val_loss"]:
+        for name in dict.fromkeys(["val_loss", self.metric]):
+            if name in metrics and not math.isfinite(metrics[name]):
+                raise TrainingDiverged(
+                    f"training diverged: {name} is {metrics[name]} after epoch {trainer.current_epoch}"
+                )
+        if self.epoch < 0 or better(metrics[self.metric], self.metrics[self.metric], self.direction):
             self.epoch, self.metrics = trainer.current_epoch, metrics
             self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()}
 
@@ -115,6 +139,37 @@ class _BestEpoch(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.metrics, self.weights = state["epoch"], state["metrics"], state["weights"]
+
+
+def validation_metrics(trainer: pl.Trainer, split: str = "val") -> dict[str, float]:
+    """What the LightningModule logged of its last ``split`` epoch (its ``val_*`` metrics), as numbers."""
+    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith(f"{split}_")}
+
+
+def size_and_latency(model: pl.LightningModule) -> dict[str, float]:
+    """``params``, the network's parameter count, and ``latency_ms``, the median time its forward
+    takes for one input (``example_input_array``) on the device it is on, in milliseconds:
+    timed LATENCY_RUNS times, or for LATENCY_SECONDS if that comes first, after a warm-up."""
+    params = sum(p.numel() for p in model.parameters())
+    example = getattr(model, "example_input_array", None)
+    if not isinstance(example, torch.Tensor):
+        return {"params": float(params)}
+    example = example[:1].to(model.device)
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    was_training, times = model.training, []
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(LATENCY_WARMUP):
+            model(example)
+        synchronize()
+        deadline = time.perf_counter() + LATENCY_SECONDS
+        while len(times) < LATENCY_RUNS and (len(times) < 3 or time.perf_counter() < deadline):
+            started = time.perf_counter()
+            model(example)
+            synchronize()
+            times.append(time.perf_counter() - started)
+    model.train(was_training)
+    return {"params": float(params), "latency_ms": 1000 * statistics.median(times)}
 
 
 class EpochMetricsLogger(Logger):
@@ -217,7 +272,7 @@ def fit(
                 **devices.params(),  # which GPU, in a tune worker given one
             },
         )
-    best = _BestEpoch()
+    best = _BestEpoch(*options.goal.per_epoch)
     logger = EpochMetricsLogger(tracker, run_id, tracker.logged_steps(run_id) if resume_from else frozenset())
     trainer = pl.Trainer(
         accelerator=options.accelerator,
@@ -245,9 +300,10 @@ def fit(
 
     model.load_state_dict(best.weights)
     epochs = trainer.current_epoch  # the epochs completed
+    metrics = {**best.metrics, **size_and_latency(model)}
     summary = {"best_epoch": best.epoch, "epochs": epochs, **{f"best_{k}": v for k, v in best.metrics.items()}}
-    test = evaluate_on_test(model, data, options.accelerator) if evaluate_test else {}
-    tracker.log_metrics(run_id, {**summary, **test})
+    test = evaluate(model, data, options.accelerator, "test") if evaluate_test else {}
+    tracker.log_metrics(run_id, {**summary, **{k: v for k, v in metrics.items() if k not in best.metrics}, **test})
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
         path = Path(tmp) / CHECKPOINT_ARTIFACT.name
         trainer.save_checkpoint(path, weights_only=True)
@@ -256,26 +312,21 @@ def fit(
         run_id=run_id,
         model=model,
         best_epoch=best.epoch,
-        val_loss=best.metrics["val_loss"],
-        val_acc=best.metrics["val_acc"],
+        metrics=metrics,
+        objective=options.goal,
         seconds=time.perf_counter() - started,
         epochs=epochs,
         max_epochs=settings.max_epochs,
-        test_loss=test.get("test_loss"),
-        test_acc=test.get("test_acc"),
+        test=test,
     )
     if result.stopped_early:
         tracker.set_tags(run_id, {"stopped_early": result.stopped_early})
     return result
 
 
-def evaluate_on_test(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str) -> dict[str, float]:
-    """test_loss and test_acc of ``model`` on ``data``'s test split."""
-    return evaluate(model, data, accelerator, "test")
-
-
 def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str, split: str) -> dict[str, float]:
-    """``split``_loss and ``split``_acc of ``model`` on ``data``'s "test" or "val" split."""
+    """What the LightningModule logs of ``model`` on ``data``'s "test" or "val" split
+    (``test_loss``, ``test_acc``, ...)."""
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -286,7 +337,7 @@ def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerato
     )
     run = trainer.test if split == "test" else trainer.validate
     _interruptible(run, model, datamodule=data, verbose=False)
-    return {name: float(trainer.callback_metrics[name]) for name in (f"{split}_loss", f"{split}_acc")}
+    return validation_metrics(trainer, split)
 
 
 def load_weights(model: pl.LightningModule, checkpoint: str) -> pl.LightningModule:
