@@ -262,9 +262,9 @@ def test_every_study_prints_and_logs_a_linear_baseline_that_is_scikit_learns_own
     out = capsys.readouterr().out
     [linear, svc] = session.baselines
     m = linear.metrics
-    assert (f"linear baseline ({linear.seconds:.1f} s): val_loss {m['val_loss']:.4f}, val_acc {m['val_acc']:.4f}; "
+    assert (f"linear baseline ({linear.seconds:.2g} s): val_loss {m['val_loss']:.4f}, val_acc {m['val_acc']:.4f}; "
             f"test_loss {m['test_loss']:.4f}, test_acc {m['test_acc']:.4f}") in out  # fmt: skip
-    assert f"svc baseline ({svc.seconds:.1f} s): val_loss {svc.metrics['val_loss']:.4f}, val_acc " in out
+    assert f"svc baseline ({svc.seconds:.2g} s): val_loss {svc.metrics['val_loss']:.4f}, val_acc " in out
     runs = {r.data.tags.get("baseline"): r for r in runs_of(study_env.tracker.client)}
     assert runs["linear"].data.tags["mlflow.parentRunId"] == session.parent_run_id
     assert runs["linear"].data.metrics == pytest.approx(linear.metrics)

@@ -51,7 +51,7 @@ class Baseline:
                  shown({n: self.metrics[n] for n in tests if n in self.metrics}, tests, ", ")]  # fmt: skip
         sample = f"{self.examples:,} of the {self.of:,} training examples, " if self.examples < self.of else ""
         scores = "; ".join(filter(None, parts)) or "none of those metrics"
-        return f"{self.kind} baseline ({sample}{self.seconds:.1f} s): {scores}"
+        return f"{self.kind} baseline ({sample}{self.seconds:.2g} s): {scores}"
 
 
 def run_baselines(kinds: Iterable[str], data, tracker: Tracker, parent_run_id: str, tags: dict[str, str]):

@@ -218,6 +218,7 @@ class Registered:
     previous_champion: int | None
     champion_score: Score | None  # the champion's now, as compared: measured on this one's validation data if judged
     challenger: Score | None = None  # the best version's under this objective, on this data
+    best_version: int | None = None  # that version
     comparable: bool = True  # the champion was chosen on the same data under the same objective, or measured so
     judged_here: bool = False  # the champion was measured on this version's validation data, under its objective
     beaten: Score | None = None  # the former champion's, as compared, where the alias moved
@@ -248,10 +249,11 @@ class Registered:
                 f"{challenger} against {self.beaten}{beyond})"
             )
         if (improvement := gain(challenger, champion)) > 0:
+            best = "this one's" if self.best_version == self.version else f"version {self.best_version}'s"
             return (
-                f"{ours}; {where} stays version {self.champion}: the best {metric} here, {challenger}, is "
-                f"{comparative(challenger.direction)} than its {champion}{on_ours} by {improvement:.4f}, "
-                f"within the noise ({margin(challenger, champion):.4f}: docs/objectives.md)"
+                f"{ours}; {where} stays version {self.champion}: the best {metric} on this data, {best}, "
+                f"{challenger}, is {comparative(challenger.direction)} than its {champion}{on_ours} by "
+                f"{improvement:.4f}, within the noise ({margin(challenger, champion):.4f}: docs/objectives.md)"
             )
         return (
             f"{ours}; {where} stays version {self.champion}, whose {metric}{on_ours}, {champion}, is "
@@ -347,7 +349,7 @@ def register(
                                        noise.runs if noise else 1)  # fmt: skip
             improvement = gain(best_score, champion_score)
             if not (improvement > margin(best_score, champion_score) or improvement == 0):
-                return Registered(name, version, previous, before, champion_score, best_score,
+                return Registered(name, version, previous, before, champion_score, best_score, int(best.version),
                                   judged_here=previous in judged)  # fmt: skip
             beaten = champion_score
         if champion == previous:
