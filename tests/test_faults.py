@@ -188,7 +188,8 @@ def test_corrupt_data_is_reported_before_any_store_or_run_exists(call_script, ti
 def a_study_in(folder, data_dir) -> None:
     """What `tune.py --n-trials 1 --max-epochs 2` in ``folder`` leaves there, made in this process."""
     settings = TinySettings(max_epochs=2, data_dir=str(data_dir))
-    options = TuneOptions(n_trials=1, workers=1, accelerator="cpu", storage=f"sqlite:///{folder / 'optuna.db'}")
+    options = TuneOptions(n_trials=1, workers=1, accelerator="cpu", storage=f"sqlite:///{folder / 'optuna.db'}",
+                          repeats=0, baseline="none")  # fmt: skip
     tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "blocks-tune")
     tune(TINY, settings, options.resolved(settings), lambda: tracker)
 

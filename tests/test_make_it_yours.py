@@ -56,7 +56,10 @@ def test_a_data_set_and_a_network_of_ones_own_train_tune_and_register(tmp_path):
     assert "study 'shapes-tiny': 2 trials, 2 complete" in tuned.stdout
     assert "registered as shapes-classifier version 1: now models:/shapes-classifier@champion" in tuned.stdout
     runs = client.search_runs([client.get_experiment_by_name("shapes-tune").experiment_id])
-    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    kinds = [next((k for k in ("optuna.trial", "repeat_of", "baseline") if k in r.data.tags), "study") for r in runs]
+    # The study's run, its two trials, each trained twice more (a small data set), and its baseline.
+    assert sorted(kinds) == ["baseline", "optuna.trial", "optuna.trial", *["repeat_of"] * 4, "study"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
     version = client.get_model_version_by_alias("shapes-classifier", "champion")
     assert version.tags["dataset"] == "shapes" and version.tags["model"] == "tiny"
     assert {path: path.read_bytes() for path in (ROOT / "src").rglob("*.py")} == before  # nothing else touched

@@ -84,6 +84,7 @@ def machines(run_script, tiny_data, tmp_path, request):
         common = ["--storage", database.url("optuna", host=host), "--data-dir", "data"]
         common += ["--tracking-uri", tracking.url.replace("127.0.0.1", host)]
         common += ["--study-name", study, "--experiment", study, "--accelerator", "cpu"]
+        common += ["--repeats", "0", "--baseline", "none"]  # the servers are what is tested
         return run_script("tune.py", *common, *args, background=True, cwd=home, hostname=name, namespace=namespace,
                           env=env)  # fmt: skip
 

@@ -59,8 +59,9 @@ class TrackingUnavailable(RuntimeError):
 
 
 class RetryingClient:
-    """An MlflowClient whose calls Ctrl-C never cuts in half, and that wait their turn when
-    SQLite says "database is locked".
+    """An MlflowClient whose calls Ctrl-C never cuts in half, that wait their turn when SQLite
+    says "database is locked", and that go again on a new connection when a tracking server had
+    closed the one they were sent on.
 
     A SQLite transaction reads before it writes; when two worker processes turn reader into
     writer at the same moment, SQLite fails one of them at once instead of letting it wait
@@ -103,7 +104,13 @@ class RetryingClient:
         """Whether ``error`` is another writer's lock, to wait for; a server gone is given up on."""
         if not isinstance(error, mlflow.exceptions.MlflowException):
             return False
-        if _SERVER_GONE in str(error):  # MLflow's own retries ran out: see http_patience
+        if _STALE_CONNECTION in str(error):
+            # A kept-alive connection that the server closed while this machine was away (its
+            # network cut off, say): the request never reached it, and a new connection will.
+            return True
+        # MLflow's own retries ran out (see http_patience), or the server answers that its own
+        # database does not (HTTP 503: a PostgreSQL it shares with the study, stopped).
+        if _SERVER_GONE in str(error) or error.error_code == "TEMPORARILY_UNAVAILABLE":
             server = f"the MLflow tracking server {public(self._uri)}"
             down = self._given_up[self._uri] = f"{server} did not answer: {reason(error, self._uri)}"
             raise ServerUnavailable(down) from None
@@ -115,8 +122,11 @@ class RetryingClient:
         return True
 
 
-# How MLflow's client says that a tracking server did not answer, after its own retries.
+# How MLflow's client says that a tracking server did not answer, after its own retries; and
+# how a request sent on a connection that the server had closed fails (MLflow does not retry a
+# POST that failed so).
 _SERVER_GONE = "failed with exception"
+_STALE_CONNECTION = "Remote end closed connection without response"
 # How PostgreSQL and SQLite refuse a row whose key another transaction inserted first.
 _DUPLICATE_KEY = ("duplicate key value violates unique constraint", "UNIQUE constraint failed")
 

@@ -340,7 +340,8 @@ def register(
                     judged[previous] = judge(dict(held.tags)) if judge else None
                 measured = (judged[previous] or {}).get(score.metric)
                 if measured is None:
-                    return Registered(name, version, previous, before, Score.of(held.tags), best_score, False)
+                    return Registered(name, version, previous, before, Score.of(held.tags), best_score,
+                                      comparable=False)  # fmt: skip
                 # Measured once, on other data; where its repeats measured its noise under this
                 # objective, that noise still stands for it.
                 recorded = Score.of(held.tags)
