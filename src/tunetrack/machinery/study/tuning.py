@@ -179,7 +179,7 @@ def _repeats_said(repeated: list[repeats.Repeated], count: int, seconds: float, 
     metric = options.goal.first
     lines = [
         f"repeats: the best {len(repeated)} trials trained {count} more times each, with new seeds (and validation "
-        f"splits, where the data has no validation folder): {seconds:.1f} s, against {trials:.1f} s of trials"
+        f"splits, where the data has no validation folder): {seconds:.1f} s; the trials took {trials:.1f} s, added up"
     ]
     lines += [f"  {r.line(metric)}" for r in repeated]
     return lines
