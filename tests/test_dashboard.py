@@ -88,3 +88,20 @@ def test_make_dashboard_before_the_first_study_is_one_line_and_creates_nothing(t
     assert line.endswith(": make taste or make tune first")
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if before == "no file" else ["optuna.db"])
     assert not (tmp_path / "optuna.db").exists() or (tmp_path / "optuna.db").stat().st_size == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DASHBOARD.exists(), reason="optuna-dashboard is not installed: pip install -e '.[dashboard]'")
+def test_the_dashboard_shows_a_study_of_two_objectives_and_its_pareto_front(study_env):
+    session = study_env("two", n_trials=4, options={"objective": "val_acc,params"}, max_epochs=1)
+    port = free_port()
+    dashboard = subprocess.Popen([str(DASHBOARD), study_env.storage, "--host", "127.0.0.1", "--port", str(port),
+                                  "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        [summary] = wait_for(lambda: _studies(port), what="the dashboard's answer")
+        shown = api(port, f"/api/studies/{summary['study_id']}?after=0")
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    assert shown["directions"] == ["maximize", "minimize"] and shown["objective_names"] == ["val_acc", "params"]
+    assert sorted(t["number"] for t in shown["best_trials"]) == sorted(t.number for t in session.study.best_trials)
