@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= mnist
+# make ui PORT=5050, make serve PORT=8000: another port than each one's usual.
+PORT ?=
 
 .PHONY: help taste tune train test test-fast ui dashboard serve servers loadtest benchmark compare clean
 
@@ -12,8 +14,8 @@ help:  ## list the targets and what they do
 taste: $(VENV)/installed  ## a study of 4 short trials, to see it all in a minute
 	$(PY) scripts/tune.py --n-trials 4 --max-epochs 2 --study-name taste
 
-tune: $(VENV)/installed  ## the study: 50 trials, tracked in MLflow
-	$(PY) scripts/tune.py --n-trials 50
+tune: $(VENV)/installed  ## the study: 50 trials, tracked in MLflow (again: the rest of the 50, after an interruption)
+	$(PY) scripts/tune.py --until 50
 
 train: $(VENV)/installed  ## train the default configuration once
 	$(PY) scripts/train.py
@@ -31,17 +33,17 @@ test-fast: $(VENV)/installed  ## the tests that start no script in a process of 
 # MLflow 3's server starts job-queue consumers for its GenAI features that take about a core
 # even when idle; nothing here needs them, and a study running beside the UI wants that core.
 # A folder that moved has its store's artifact locations follow it first (machinery/tracking/moved_store.py).
-ui: $(VENV)/installed  ## mlflow ui on http://127.0.0.1:5000: the runs, their curves, the models
+ui: $(VENV)/installed  ## mlflow ui on http://127.0.0.1:5000 (PORT=...): the runs, their curves, the models
 	$(PY) -m tunetrack.machinery.tracking.moved_store mlflow.db
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --port $(or $(PORT),5000)
 
 dashboard: $(VENV)/installed  ## optuna-dashboard on http://127.0.0.1:8080: the studies of optuna.db
 	$(PY) scripts/dashboard.py
 
 # mlflow models serve starts uvicorn from PATH: this environment's.
-serve: $(VENV)/installed  ## serve the champion of DATA (default: mnist) over HTTP on port 5001: make serve DATA=flowers
+serve: $(VENV)/installed  ## serve the champion of DATA (default: mnist) over HTTP on port 5001 (PORT=...): make serve DATA=flowers
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/mlflow models serve \
-		-m "models:/$(DATA)-classifier@champion" --env-manager local --port 5001
+		-m "models:/$(DATA)-classifier@champion" --env-manager local --port $(or $(PORT),5001)
 
 servers: $(VENV)/installed  ## PostgreSQL and an mlflow server in servers/, to try many machines on one
 	$(PY) scripts/servers.py

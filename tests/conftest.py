@@ -250,3 +250,21 @@ def tune_args(data_dir, *extra: str) -> list[str]:
     """tune.py's flags for a study on the tiny data, and ``extra``: no repeats and no baseline,
     which have tests of their own (test_objectives.py)."""
     return ["--data-dir", str(data_dir), "--accelerator", "cpu", "--repeats", "0", "--baseline", "none", *extra]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of 500 KB of its own (a tmpfs), where the test can mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(disk)], capture_output=True
+    )
+    if not mounted or mounted.returncode != 0:
+        pytest.skip("a size-limited file system needs root and mount (a tmpfs of its own)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def grow(disk, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)

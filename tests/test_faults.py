@@ -69,6 +69,8 @@ BAD_TRAIN = [
     ("--model", "resnet"),
     ("--kernel", "4"),
     ("--minibatches-per-step", "0"),
+    *(("--registered-model", value) for value in ("odd name/with:chars", "a:b", "..", " ")),
+    *(("--objective", value) for value in ("val_auc", "val_acc,val_acc", "params")),
     ("--import", "{file}"),
     ("--accelerator", "tpu9"),
     ("--data-dir", "{file}"),
@@ -86,6 +88,8 @@ BAD_TUNE = [
     ("--sampler", "cma"),
     ("--pruner", "patient"),
     ("--registered-model", "a'b"),
+    ("--registered-model", "odd name/with:chars"),
+    *(("--until", value) for value in ("0", "-1")),
     *(("--storage", v) for v in ("nosuchdb://x", "sqlite:///{file}/optuna.db", "sqlite:///{readonly}")),
     ("--storage", "sqlite:///{missing}/optuna.db"),  # a folder that is not there is not made
     ("--storage", "postgresql://user:s3cret@127.0.0.1:9/optuna"),

@@ -52,7 +52,7 @@ def assert_resumed_whole(tmp_path, expected: dict[int, float], stdout: str) -> N
     assert [t.state for t in trials] == [TrialState.COMPLETE] * len(expected)  # each trial listed once
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(resumed.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["resumed"].startswith(f"from epoch {HELD_AT} after")
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"].startswith(f"from epoch {HELD_AT + 1} after")
     for metric in ("train_loss", "val_loss", "val_acc"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(EPOCHS))
     runs = [r for r in client.search_runs(["1"]) if "optuna.trial" in r.data.tags]
@@ -68,7 +68,7 @@ def test_a_trial_whose_tune_py_a_scheduler_stops_goes_on_in_the_next_run(run_scr
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
-    assert "cut short (terminated): it resumes from epoch 3" in stdout
+    assert f"cut short (terminated): it resumes from epoch {HELD_AT + 1}" in stdout  # counted from 1
     assert "1 cut short, to resume" in stdout
     [waiting] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert waiting.state == TrialState.WAITING and waiting.user_attrs[studies.KEPT_ATTR]["epoch"] == HELD_AT - 1

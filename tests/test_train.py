@@ -147,7 +147,7 @@ def test_a_run_that_stops_early_says_so_in_the_console_and_in_mlflow(call_script
     [run] = client.search_runs([client.get_experiment_by_name("blocks-train").experiment_id])
     epochs, best = int(run.data.metrics["epochs"]), int(run.data.metrics["best_epoch"])
     assert epochs < 30 and epochs == best + 2  # the best epoch, and one more without improvement
-    said = f"stopped early after {epochs} of 30 epochs (best epoch {best})"
+    said = f"stopped early after {epochs} of 30 epochs (best epoch {best + 1})"  # lines count epochs from 1
     assert run.data.tags["stopped_early"] == said and said in result.stdout.splitlines()
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == epochs
 

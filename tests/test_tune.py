@@ -80,7 +80,7 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, 
     children, [parent] = children_and_parents(runs_of(study_env.tracker.client))
     for run in children:
         assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
-        assert run.data.tags["pruned"].startswith("pruned after epoch 0")
+        assert run.data.tags["pruned"].startswith("pruned after epoch 1 ")  # counted from 1: it ran one
     assert parent.info.status == "FINISHED" and "test_acc" not in parent.data.metrics
 
 
@@ -152,7 +152,7 @@ def test_a_trial_stopped_early_says_so_on_its_line(study_env, capsys):
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["best_epoch"] < 18
     said = trial.user_attrs["stopped_early"]
     assert said.startswith("stopped early after ")
-    assert said.endswith(f"of 20 epochs (best epoch {trial.user_attrs['best_epoch']})")
+    assert said.endswith(f"of 20 epochs (best epoch {trial.user_attrs['best_epoch'] + 1})")
     assert f"val_acc {trial.user_attrs['metrics']['val_acc']:.4f} {said}" in capsys.readouterr().out
 
 

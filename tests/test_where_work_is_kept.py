@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import TINY_SCRIPTS, env_with_tiny, tune_args
+from conftest import TINY_SCRIPTS, env_with_tiny, grow, tune_args
 from tunetrack.machinery.study import results
 
 pytestmark = pytest.mark.slow
@@ -48,6 +47,9 @@ def test_a_folder_whose_name_has_a_space_and_an_accent_is_a_folder_like_any(call
     read = call_script("predict.py", "--model", "models:/blocks-classifier@champion", str(picture), cwd=folder)
     assert read.returncode == 0 and read.stdout.startswith(f"{picture}: "), read.stderr
     assert {run.info.status for run in runs_of(folder)} == {"FINISHED"}
+    # Nothing beside it: no percent-encoded twin (My%20Projects, r%C3%A9sultats) made of its name.
+    assert [p.name for p in (tmp_path / "My Projects").iterdir()] == ["résultats"]
+    assert "My Projects" in [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob("*%*"))
 
 
 def test_a_folder_that_moved_keeps_its_champion_its_checkpoints_and_its_study(call_script, tiny_data, tmp_path):
@@ -146,24 +148,6 @@ def test_another_writer_holding_the_store_is_waited_for_in_one_line(call_script,
     lines = lines_of("".join(said))
     assert code == 0 and "study 'blocks-dense': 2 trials, 2 complete" in stdout, "".join(said)
     assert lines == [f"sqlite:///{tmp_path / 'mlflow.db'} is locked by another writer: waiting for it"], lines
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A file system of 500 KB of its own (a tmpfs), where the test can mount one."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = shutil.which("mount") and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(disk)], capture_output=True
-    )
-    if not mounted or mounted.returncode != 0:
-        pytest.skip("a size-limited file system needs root and mount (a tmpfs of its own)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def grow(disk, size: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
 
 
 def test_a_disk_that_fills_as_a_store_is_first_made_leaves_no_half_made_store(run_script, tiny_data, small_disk):

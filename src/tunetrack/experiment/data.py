@@ -132,6 +132,7 @@ class ImageFolderDataModule(InMemoryImages):
     channel are the training pixels'."""
 
     picture = staticmethod(pictures.resized)
+    resized_by = "image_size"  # the setting that sizes every picture
 
     def __init__(self, settings: Settings):
         self.listing = _listing(str(Path(settings.data_dir).resolve()))

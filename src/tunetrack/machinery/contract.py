@@ -30,7 +30,9 @@ the data set, ``fingerprint`` identifies its files (a study refuses other data),
 and ``test_dataloader`` give the same examples every time; ``train_dataloader`` gives the
 training split (a study's linear baseline learns from it). Where the settings have a
 ``split_seed``, it chooses which examples are held out to validate on (``--repeats`` trains
-again on other splits); the test split never follows it. For predict.py, the
+again on other splits); the test split never follows it. Where one setting sizes every input
+(a folder's ``--image-size``), ``resized_by`` names it: a network that cannot take the inputs is
+told, before anything trains, the smallest size it takes. For predict.py, the
 data set's class in ``Experiment.datasets`` may have a ``picture(image, shape)`` that prepares
 a Pillow image as one input of that shape (a float32 array).
 

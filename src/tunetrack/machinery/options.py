@@ -20,6 +20,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # What a study trains beside its best, for reference: scikit-learn's models of the pixels as they are.
 BASELINES = ("linear", "svc", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+DEFAULT_TRIALS = 50
 
 
 def option(default, help: str, **more):
@@ -120,7 +121,12 @@ class TuneOptions(Options):
 
     verb = "tune"
 
-    n_trials: int = option(50, "trials to add to the study")
+    n_trials: int | None = option(None, f"trials to add to the study (default: {DEFAULT_TRIALS}, or what --until leaves)")
+    until: int | None = option(
+        None,
+        "the study's total: add trials until it holds this many that ended with a result (complete or pruned) or are "
+        "under way, so that the same command after an interruption adds the rest",
+    )
     timeout: float | None = option(
         None,
         "the study's wall time in seconds, counted from the command's start: no trial starts after it but "
@@ -169,6 +175,11 @@ class TuneOptions(Options):
 
     def resolved(self, settings) -> TuneOptions:
         return dataclasses.replace(super().resolved(settings), study_name=self.study_name or settings.study)
+
+    @property
+    def most_trials(self) -> int:
+        """The most trials this session adds: --n-trials, or at most --until's total."""
+        return self.n_trials if self.n_trials is not None else (self.until or DEFAULT_TRIALS)
 
 
 def registered_name(task: str) -> str:

@@ -77,13 +77,42 @@ def check_memory(parser: argparse.ArgumentParser, experiment, settings, verbose:
 
     with experiments_own_errors(parser, settings, verbose):
         available, needed = memory.available_bytes(), memory.bytes_to_train(experiment, settings)
-    if available is None or needed <= available:
-        return
+    if available is not None and needed > available:
+        _too_large(parser, experiment, settings, needed, available)
+
+
+def _too_large(parser: argparse.ArgumentParser, experiment, settings, needed: int, available: int):
+    """One line naming the setting whose smallest value alone would make ``settings`` fit."""
+    from tunetrack.machinery.runtime import memory
+
     field = memory.to_blame(experiment, settings, available)
     parser.error(
         f"argument {flag(field)}: {getattr(settings, field.name)} needs about {memory.gigabytes(needed)} of memory "
         f"to train; this machine has {memory.gigabytes(available)} available"
     )
+
+
+def check_network(parser: argparse.ArgumentParser, experiment, settings, verbose: bool = False) -> None:
+    """Build the model for the data's real input shape, on the meta device (no weights drawn, no
+    picture decoded), and run an example batch through it. A network that cannot take the data's
+    inputs is one line that names it, its file and line, the layer that refused and why, and,
+    where the data module says which setting sizes its inputs (``resized_by``), the smallest
+    size the network takes and that setting's flag."""
+    from tunetrack.machinery.runtime.shapes import refusal, smallest_size
+
+    with experiments_own_errors(parser, settings, verbose):
+        refused, data = refusal(experiment, settings)
+    if refused is None:
+        return
+    if verbose:
+        traceback.print_exception(refused.error)
+    setting = getattr(data, "resized_by", None)
+    field = next((f for f in dataclasses.fields(settings) if f.name == setting), None)
+    if field is None:
+        fail(parser.prog, str(refused))
+    side = smallest_size(experiment, settings, setting)
+    fits = f"it takes them from {side}x{side}: {flag(field)} {side}" if side else "no size up to 4096 fits it"
+    parser.error(f"argument {flag(field)}: {refused}; {fits}")
 
 
 def check_workers(parser: argparse.ArgumentParser, experiment, settings, options) -> int:
@@ -93,13 +122,14 @@ def check_workers(parser: argparse.ArgumentParser, experiment, settings, options
     from tunetrack.machinery.runtime import devices, memory
     from tunetrack.machinery.study.workers import available_cores, default_workers
 
-    wanted = min(options.workers or default_workers(), options.n_trials)
+    wanted = min(options.workers or default_workers(), options.most_trials)
     with experiments_own_errors(parser, settings, options.verbose):
-        each = memory.bytes_to_train(experiment, memory.most_demanding(experiment, settings, options.fixed))
+        demanding = memory.most_demanding(experiment, settings, options.fixed)
+        each = memory.bytes_to_train(experiment, demanding)
     available = memory.available_bytes()
     fit = wanted if available is None else (available - memory.PROCESS_BYTES) // each
-    if fit < 1:
-        parser.error(f"argument --workers: not even one worker fits: it needs about {memory.gigabytes(each)}")
+    if fit < 1:  # not even one: the settings are what does not fit, not the workers
+        _too_large(parser, experiment, demanding, each, available)
     if wanted > fit:
         if options.workers is not None:
             parser.error(
@@ -161,17 +191,27 @@ def raised_where(error: BaseException) -> str:
 
 def prepare_data(parser: argparse.ArgumentParser, experiment, settings, verbose: bool = False) -> str:
     """Make the data present and verified (fetched on first use), and read it once as the
-    settings split it, before any store is touched; return where it came from. Unusable data,
-    or settings it cannot be split by (a --val-size larger than the data), end the command in
-    one line, before a study has a trial to fail."""
+    settings split it, before any store is touched; return where it came from and the size of
+    each split, in a line. Unusable data, or settings it cannot be split by (a --val-size larger
+    than the data), end the command in one line, before a study has a trial to fail; so does a
+    Ctrl-C while the data is fetched or decoded (nothing half-made is kept: see data.files and
+    data.image_folders)."""
     import torch
 
-    with experiments_own_errors(parser, settings, verbose):
-        with torch.device("meta"):  # the data module is what is wanted here: no weights drawn for nothing
-            _, data = experiment.build(settings)
-        data.prepare_data()
-        data.setup("fit")  # a split these settings cannot make fails here, not in every trial
-    return data.source
+    from tunetrack.machinery.data.batches import examples
+
+    try:
+        with experiments_own_errors(parser, settings, verbose):
+            with torch.device("meta"):  # the data module is what is wanted here: no weights drawn for nothing
+                _, data = experiment.build(settings)
+            data.prepare_data()
+            data.setup("fit")  # a split these settings cannot make fails here, not in every trial
+            train, val = examples(data.train_dataloader()), examples(data.val_dataloader())
+            data.setup("test")
+            test = examples(data.test_dataloader())
+    except KeyboardInterrupt:
+        fail(parser.prog, "interrupted while the data was read: nothing half-made was kept; run again", 130)
+    return f"data: {data.source}: {train:,} to train, {val:,} to validate, {test:,} to test"
 
 
 def connect_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None, experiment_name: str):
@@ -260,5 +300,9 @@ def check_objective(parser: argparse.ArgumentParser, experiment, options):
 
 
 def check_registered_model(parser: argparse.ArgumentParser, name: str) -> None:
+    """A name the Model Registry takes (MLflow's rule: no '/' or ':', not a path that is not
+    itself, such as '..'), and that its search filters can say (no quotes)."""
+    if not name.strip() or name in (".", "..") or set("/:") & set(name):
+        parser.error(f"argument --registered-model: {name!r} is no name the Model Registry takes (no '/' or ':')")
     if set("'\"") & set(name):
         parser.error("argument --registered-model: give a name without quotes")

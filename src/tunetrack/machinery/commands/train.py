@@ -42,8 +42,9 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     if found and options.objective is None and found[0].objective:  # a trial's study's, where no flag names one
         options = dataclasses.replace(options, objective=found[0].objective, direction=found[0].direction)
     options = checks.check_objective(parser, experiment, options)
+    checks.check_network(parser, experiment, settings, options.verbose)
     checks.check_memory(parser, experiment, settings, options.verbose)
-    checks.prepare_data(parser, experiment, settings, options.verbose)
+    print(checks.prepare_data(parser, experiment, settings, options.verbose), flush=True)
     tracker = checks.connect_tracking(parser, options.tracking_uri, options.experiment)
     if found:
         what = f"trial {options.from_trial}" if options.from_trial else f"run {options.from_run}"
@@ -92,7 +93,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     scores = {name: value for name, value in result.metrics.items() if name in goal.names or name not in MEASURED}
     tests = [name.replace("val_", "test_", 1) for name in scores]
     lines = [
-        f"\nbest epoch {result.best_epoch} by {goal.per_epoch[0]}: {shown(scores, goal.names, ', ')}; "
+        f"\nbest epoch {result.best_epoch + 1} by {goal.per_epoch[0]}: {shown(scores, goal.names, ', ')}; "
         f"{shown(result.test, tests, ', ')} in {result.seconds:.1f} s",
         result.stopped_early,
         f"MLflow run {result.run_id} in experiment {options.experiment!r} of {public(tracker.tracking_uri)}",

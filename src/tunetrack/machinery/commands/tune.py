@@ -24,13 +24,15 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         its imports (torch, Lightning, MLflow, Optuna, the experiment) run beside this process's."""
         from tunetrack.machinery.study import fork_server
 
-        if min(options.workers or fork_server.available_cores(), options.n_trials) > 1:
+        if min(options.workers or fork_server.available_cores(), options.most_trials) > 1:
             fork_server.start([experiment_path.partition(":")[0]])
 
     # Every flag, store address and size is checked before any data is fetched or any store is
     # created.
     parser, settings, options = flags.parse(doc, settings_class, TuneOptions, argv, on_parsed=start_workers_imports)
     checks.check_registered_model(parser, options.registered_model)
+    if options.until is not None and options.n_trials is not None:
+        parser.error("argument --until: give --n-trials (trials to add) or --until (the study's total), not both")
     checks.check_accelerator(parser, options.accelerator)
     checks.check_storage(parser, options.storage)
     checks.check_tracking(parser, options.tracking_uri)
@@ -45,8 +47,10 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     collector.freeze_imports()
     options = checks.check_objective(parser, experiment, options)
     options = dataclasses.replace(options, fixed=checks.fix_searched(parser, experiment, settings))
+    checks.check_network(parser, experiment, settings, options.verbose)
     options = dataclasses.replace(options, workers=checks.check_workers(parser, experiment, settings, options))
-    checks.prepare_data(parser, experiment, settings, options.verbose)  # here, once, before any worker starts
+    # Here, once, before any worker starts.
+    print(checks.prepare_data(parser, experiment, settings, options.verbose), flush=True)
     http_patience(options.server_patience)
     deadline = None if options.timeout is None else started + options.timeout
     try:

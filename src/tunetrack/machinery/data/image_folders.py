@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -86,6 +87,13 @@ def scan(root: str | os.PathLike) -> Listing:
         raise FolderUnreadable(f"{str(root)!r} is not a folder")
     splits = _split_folders(root)
     if splits:
+        split_names = {folder.name for folder in splits.values()}
+        if beside := sorted(name for name in _subfolders(root) if name not in split_names):
+            raise FolderUnreadable(
+                f"{root} has class folders ({', '.join(f'{name}/' for name in beside)}) beside its "
+                f"{', '.join(f'{name}/' for name in sorted(split_names))}: move them into a split's folder, or the "
+                "splits' classes out of theirs"
+            )
         class_folders = {split: _subfolders(folder) for split, folder in splits.items()}
         if "train" not in class_folders:
             raise FolderUnreadable(f"{root} has {', '.join(f.name for f in splits.values())}/ but no train/ folder")
@@ -110,6 +118,13 @@ def scan(root: str | os.PathLike) -> Listing:
         )
     if len(classes) < 2:
         raise FolderUnreadable(f"{root} has one class ({classes[0]}): a classifier needs two or more subfolders")
+    taught = {label for _, label, split in files if split in (None, "train")}
+    if empty := [name for label, name in enumerate(classes) if label not in taught]:
+        where = f"{splits['train'].name}/" if splits else ""
+        raise FolderUnreadable(
+            f"class folder {', '.join(f'{where}{name}/' for name in empty)} of {root} holds no pictures to learn "
+            "from: a model would have a class it can never answer; add pictures, or remove the folder"
+        )
     cache = _cache_folder(root)
     known = _read_manifest(cache)
     pictures, manifest = [], {}
@@ -241,12 +256,29 @@ def _read_manifest(cache: Path) -> dict:
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
-    """Whole or not at all: a run killed while it writes leaves the old file, or none."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    """Whole or not at all: a run killed while it writes leaves the old file, or none. The file
+    is readable as the user's umask says (a temporary file is made for its owner alone), so that
+    the others who share a data folder share its cache. A disk that fills is said in one line
+    that names the folder."""
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    except OSError as error:
+        raise _unwritable(path, error) from None
     try:
         with handle:
             handle.write(content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
         os.replace(handle.name, path)
-    except BaseException:
+    except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _unwritable(path, error) from None
         raise
+
+
+def _unwritable(path: Path, error: OSError) -> Exception:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FolderUnreadable(f"the disk of {path.parent} is full: free some space there, and run again")
+    return error

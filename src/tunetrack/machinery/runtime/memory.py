@@ -46,15 +46,25 @@ def to_blame(experiment, settings, available: int) -> dataclasses.Field:
     """The whole-number setting whose smallest value alone would make ``settings`` fit: one the
     user changed from its default if there is one, else the first."""
     hints = typing.get_type_hints(type(settings))
+    whole = [f for f in dataclasses.fields(settings) if int in (typing.get_args(hints[f.name]) or (hints[f.name],))]
+    whole = [f for f in whole if "choices" not in f.metadata and f.metadata.get("compared", True)]
     candidates = [
         field
-        for field in dataclasses.fields(settings)
-        if hints[field.name] is int
-        and bytes_to_train(experiment, dataclasses.replace(settings, **{field.name: _smallest(field)})) <= available
+        for field in whole
+        if _fits(experiment, dataclasses.replace(settings, **{field.name: _smallest(field)}), available)
     ]
     changed = [field for field in candidates if getattr(settings, field.name) != field.default]
-    fields = changed or candidates or [f for f in dataclasses.fields(settings) if hints[f.name] is int]
+    fields = changed or candidates or whole
     return fields[0]
+
+
+def _fits(experiment, settings, available: int) -> bool:
+    """Whether ``settings`` train within ``available`` bytes; settings that cannot be built (a
+    size too small for the network) do not."""
+    try:
+        return bytes_to_train(experiment, settings) <= available
+    except Exception:  # noqa: BLE001 - a network that refuses so small an input
+        return False
 
 
 def _smallest(field: dataclasses.Field) -> int:

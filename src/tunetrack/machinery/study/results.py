@@ -83,7 +83,7 @@ def table_rows(trials: list[FrozenTrial], objective: Objective) -> tuple[list[st
             str(trial.number),
             *(number(name, value) if (value := metrics_of(trial).get(name)) is not None else "-" for name in metrics),
             *(format_value(trial.params[name]) if name in trial.params else "-" for name in params),
-            str(trial.user_attrs["best_epoch"]),
+            str(trial.user_attrs["best_epoch"] + 1),  # counted from 1, as every line counts them
             f"{trial.duration.total_seconds():.1f}",
         ]
         for trial in trials

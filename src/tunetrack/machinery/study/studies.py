@@ -429,7 +429,7 @@ def cut_short(storage: BaseStorage, trial: FrozenTrial, why: str, attempts: int,
 def resumes_from(trial: FrozenTrial) -> str:
     """What a trial that was handed back says of itself: why, and the epoch it goes on from."""
     cut = trial.user_attrs.get(CUT_SHORT_ATTR, {})
-    return f"cut short ({cut.get('why', '?')}): it resumes from epoch {cut.get('epoch', 0)} on the next free worker"
+    return f"cut short ({cut.get('why', '?')}): it resumes from epoch {cut.get('epoch', 0) + 1} on the next free worker"
 
 
 def metrics_of(trial: FrozenTrial) -> dict[str, float]:
@@ -440,6 +440,17 @@ def metrics_of(trial: FrozenTrial) -> dict[str, float]:
     if trial.state != TrialState.COMPLETE or "val_acc" not in trial.user_attrs:
         return {}
     return {"val_loss": trial.value, "val_acc": trial.user_attrs["val_acc"]}
+
+
+# The trials that count toward a study's total (--until): those that ended with a result, and
+# those under way, which will (a trial cut short, WAITING, goes on from where it stopped).
+TOWARD_TOTAL = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def toward_total(storage: BaseStorage, study_name: str) -> int:
+    """How many of the study's trials count toward its total (TOWARD_TOTAL)."""
+    study_id = storage.get_study_id_from_name(study_name)
+    return len(storage.get_all_trials(study_id, deepcopy=False, states=TOWARD_TOTAL))
 
 
 def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:

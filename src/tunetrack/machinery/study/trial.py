@@ -240,7 +240,7 @@ def _taken_up(trial: optuna.Trial, tracker: Tracker) -> tuple[dict | None, str |
         return None, None
     run_id, kept, cut = attrs[RUN_ATTR], attrs.get(studies.KEPT_ATTR), attrs[studies.CUT_SHORT_ATTR]
     if kept and tracker.reopen(run_id):
-        tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 1} after it was cut short "
+        tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 2} after it was cut short "
                                   f"({cut['why']}), {cut['times']} time(s)"})  # fmt: skip
         return kept, run_id
     return None, run_id
@@ -272,7 +272,7 @@ class ReportToTrial(Callback):
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None
         if prune:
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} at {self.metric} {value:.4f}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {self.metric} {value:.4f}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, TakenOver):  # from here or from KeepEachEpoch, before the loggers' last write

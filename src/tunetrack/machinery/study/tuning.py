@@ -78,9 +78,8 @@ def tune(
         tracker = connect(store, options.experiment) if store else open_tracker()
         uid = studies.uid(study)
         _close_what_dead_workers_left(tracker, storage, name, uid, options)
-        before = len(study.trials)
-        where = f"{public(options.storage)}, study {name!r}"
-        print(f"continuing {where}: {before} trials so far" if before else f"new study in {where}", flush=True)
+        to_add = _to_add(options, storage)
+        print(_first_line(study, options, to_add), flush=True)
         if options.fixed:
             searched = [name for name in wanted["space"] if name not in options.fixed]
             fixed = ", ".join(f"{name}={getattr(settings, name)}" for name in options.fixed)
@@ -97,7 +96,7 @@ def tune(
         session = Session(
             experiment, settings, options, tracker.tracking_uri, tracker.experiment_id, uid, parent_run_id, deadline
         )
-        bar = tqdm(total=options.n_trials, desc="study", unit="trial", dynamic_ncols=True)
+        bar = tqdm(total=to_add, desc="study", unit="trial", dynamic_ncols=True)
 
         def report(trial: TrialReport) -> None:
             bar.write(trial.line(options.goal.names))
@@ -106,7 +105,7 @@ def tune(
         problems, tested, registered, end = [], None, None, _Ending(notes=notes)
         with contextlib.suppress(_EndedOnAnError), tracker.closing(parent_run_id):
             try:
-                problems = run_workers(session, options.n_trials, options.workers, report)
+                problems = run_workers(session, to_add, options.workers, report) if to_add else []
             finally:
                 bar.close()
             _close_what_dead_workers_left(tracker, storage, name, uid, options)
@@ -157,6 +156,23 @@ class _Ending:
     repeats_said: list[str] = field(default_factory=list)
     baselines: list[Baseline] = field(default_factory=list)
     test: dict[str, float] | None = None
+
+
+def _to_add(options, storage) -> int:
+    """The trials this session adds: --n-trials, or what --until's total leaves."""
+    if options.until is None:
+        return options.most_trials
+    return min(options.most_trials, max(0, options.until - studies.toward_total(storage, options.study_name)))
+
+
+def _first_line(study: optuna.Study, options, to_add: int) -> str:
+    where = f"{public(options.storage)}, study {study.study_name!r}"
+    total = f", to a total of {options.until} (--until)" if options.until is not None else ""
+    if not study.trials:
+        return f"new study in {where}: adding {to_add} trials{total}"
+    counted = sum(t.state in studies.TOWARD_TOTAL for t in study.get_trials(deepcopy=False))
+    return (f"continuing {where}: {len(study.trials)} trials so far, {counted} of them complete, pruned or under way; "
+            f"adding {to_add}{total}")  # fmt: skip
 
 
 def _repeats(options, real: Callable) -> int:
@@ -323,9 +339,12 @@ def _print_summary(study, tracker, parent_run_id, options, end: _Ending) -> None
         print(note)
     if best is not None:
         print(f"train it again: {train_again(study.study_name, best.number, options.storage)}")
+    again = "the same command continues it"
+    if options.until is not None:
+        again = f"the same command adds what its {options.until} lack; a larger --until, or --n-trials N, adds more"
     print(
         f"look at it: {tracker.ui_command()}   then {tracker.run_url(parent_run_id)}\n"
-        f"the study: {public(options.storage)}, study {study.study_name!r}; the same command continues it"
+        f"the study: {public(options.storage)}, study {study.study_name!r}; {again}"
     )
 
 

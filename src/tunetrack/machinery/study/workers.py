@@ -90,6 +90,8 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
     given_up = f"given up by another process after {options.grace_period} s without a heartbeat"
     try:
         while claim():
+            if options.until is not None and studies.toward_total(storage, options.study_name) >= options.until:
+                break  # the study holds its total, with the trials of every machine
             # A trial that died on any machine goes back to the study first, for this ask() to take up.
             for dead in studies.take_back_dead_trials(
                 storage, options.study_name, options.grace_period, options.resume_attempts, silent=True

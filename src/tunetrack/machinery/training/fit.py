@@ -63,7 +63,7 @@ THREADS = "threads"
 class FitResult:
     run_id: str
     model: pl.LightningModule  # with the best epoch's weights
-    best_epoch: int  # 0-based, as MLflow's step
+    best_epoch: int  # 0-based, as MLflow's step (lines count epochs from 1)
     # At the best epoch: what the LightningModule logged of its validation (val_*), and params
     # and latency_ms (machinery.objectives).
     metrics: dict[str, float]
@@ -83,7 +83,7 @@ class FitResult:
         """How the run stopped early, as the console and MLflow say it; None if it did not."""
         if self.epochs >= self.max_epochs:
             return None
-        return f"stopped early after {self.epochs} of {self.max_epochs} epochs (best epoch {self.best_epoch})"
+        return f"stopped early after {self.epochs} of {self.max_epochs} epochs (best epoch {self.best_epoch + 1})"
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,7 +128,7 @@ class _BestEpoch(Callback):
         for name in dict.fromkeys(["val_loss", self.metric]):
             if name in metrics and not math.isfinite(metrics[name]):
                 raise TrainingDiverged(
-                    f"training diverged: {name} is {metrics[name]} after epoch {trainer.current_epoch}"
+                    f"training diverged: {name} is {metrics[name]} after epoch {trainer.current_epoch + 1}"
                 )
         if self.epoch < 0 or better(metrics[self.metric], self.metrics[self.metric], self.direction):
             self.epoch, self.metrics = trainer.current_epoch, metrics
