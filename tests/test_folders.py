@@ -125,7 +125,8 @@ def test_a_ctrl_c_while_pictures_are_decoded_is_one_line_and_leaves_nothing_half
     monkeypatch.setattr(image_folders, "to_array", pressed)
     stopped = run("train.py", "--dataset", "folder", "--data-dir", folder, cwd=tmp_path)
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
-    assert stopped.stderr.strip() == "train.py: error: interrupted while the data was read: nothing half-made was kept; run again"
+    said = "train.py: error: interrupted while the data was read: nothing half-made was kept; run again"
+    assert stopped.stderr.strip() == said
     cache = folder / image_folders.CACHE_FOLDER
     assert sorted(p.name for p in cache.iterdir()) == [image_folders.MANIFEST] and made(tmp_path) == []
 

@@ -7,6 +7,7 @@ tiny experiment's HoldAtEpoch), not a time."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 from pathlib import Path
@@ -127,3 +128,74 @@ def test_a_trial_cut_short_more_often_than_allowed_fails_and_says_why(tmp_path):
     assert again.number == 0
     assert optuna.storages.RDBStorage._get_stale_trial_ids(storage, study._study_id) == [again._trial_id]
     assert storage._get_stale_trial_ids(study._study_id) == []
+
+
+def cut_short_by_a_scheduler(run_script, tiny_data, tmp_path) -> tuple[str, str]:
+    """A study whose one trial a SIGTERM cut short at its fourth epoch: that trial's run, and the
+    folder of the state it kept there."""
+    process, _ = held(run_script, tiny_data, tmp_path, workers=1)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    [waiting] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert waiting.state == TrialState.WAITING and waiting.user_attrs[studies.KEPT_ATTR]
+    run_id = waiting.user_attrs["mlflow_run_id"]
+    [kept] = list(tmp_path.glob(f"mlruns/*/{run_id}/artifacts/kept"))
+    return run_id, kept
+
+
+def assert_started_again(tmp_path, expected: dict[int, float], stdout: str, old_run: str, why: str) -> None:
+    [trial] = read_trials(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert trial.state == TrialState.COMPLETE and trial.value == expected[0]  # trained whole, as if never cut
+    assert "trial   0 COMPLETE" in stdout and f"started again from epoch 1: {why}" in stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    new = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert new.info.run_id != old_run and new.info.status == "FINISHED"
+    assert new.data.tags["continues"] == old_run and new.data.tags["restarted"].startswith(why)
+    assert [m.step for m in client.get_metric_history(new.info.run_id, "val_loss")] == list(range(EPOCHS))
+    assert client.get_run(old_run).info.status == "KILLED"
+    assert "kept" not in [a.path for a in client.list_artifacts(new.info.run_id)]
+
+
+@pytest.mark.slow
+def test_a_trial_whose_kept_state_is_gone_starts_again_and_the_study_goes_on(
+    run_script, call_script, tiny_data, tmp_path
+):
+    expected = uninterrupted(call_script, tiny_data, tmp_path / "uninterrupted", workers=1)
+    run_id, kept = cut_short_by_a_scheduler(run_script, tiny_data, tmp_path)
+    shutil.rmtree(kept)  # what a store that lost its artifacts leaves
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1", *COMMON), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_started_again(tmp_path, expected, again.stdout, run_id, "its kept state is gone")
+
+
+@pytest.mark.slow
+def test_a_trial_whose_kept_state_no_longer_fits_the_network_starts_again(
+    run_script, call_script, tiny_data, tmp_path, monkeypatch
+):
+    run_id, _ = cut_short_by_a_scheduler(run_script, tiny_data, tmp_path)
+    monkeypatch.setenv("TINY_EXTRA_FILTERS", "2")  # the network edited between the two runs
+    expected = uninterrupted(call_script, tiny_data, tmp_path / "uninterrupted", workers=1)
+    again = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "1", "--workers", "1", *COMMON), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_started_again(tmp_path, expected, again.stdout, run_id, "its kept state does not fit the network")
+    assert "Error(s) in loading state_dict for Classifier" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_past_its_resume_attempts_keeps_no_state(run_script, tiny_data, tmp_path):
+    """Its worker killed twice, with --resume-attempts 1: taken up once from its last epoch, then
+    failed, and the state it kept is deleted with it."""
+    args = tune_args(tiny_data, "--n-trials", "2", "--workers", "2", "--resume-attempts", "1", *COMMON)
+    for hold_at in (HELD_AT, HELD_AT + 1):  # the second time, in the epoch after the one it went on from
+        hold = tmp_path / f"held at {hold_at}"
+        env = {"TINY_HOLD_AT_EPOCH": str(hold_at), "TINY_HOLD_FILE": str(hold)}
+        process = run_script("tune.py", *args, background=True, env=env)
+        wait_for(lambda hold=hold: hold.exists() and hold.read_text(), what="a trial held", process=process)
+        os.kill(int(hold.read_text()), signal.SIGKILL)
+        stdout, _ = process.communicate(timeout=120)
+    [dead] = [t for t in read_trials(f"sqlite:///{tmp_path / 'optuna.db'}") if t.state == TrialState.FAIL]
+    assert dead.user_attrs[studies.CUT_SHORT_ATTR]["times"] == 1 and dead.user_attrs[studies.KEPT_ATTR]
+    assert "cut short 2 times, more than --resume-attempts 1" in dead.user_attrs["fail_reason"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(dead.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "kept" not in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -121,7 +121,9 @@ class TuneOptions(Options):
 
     verb = "tune"
 
-    n_trials: int | None = option(None, f"trials to add to the study (default: {DEFAULT_TRIALS}, or what --until leaves)")
+    n_trials: int | None = option(
+        None, f"trials to add to the study (default: {DEFAULT_TRIALS}, or what --until leaves)"
+    )
     until: int | None = option(
         None,
         "the study's total: add trials until it holds this many that ended with a result (complete or pruned) or are "

@@ -45,8 +45,9 @@ WORKER_ATTR, CUT_SHORT_ATTR, KEPT_ATTR = "worker", "cut_short", "kept_state"
 # The trial's user attributes that name its MLflow run and hold the settings it trained with,
 # and the run's tags that name its study and trial.
 RUN_ATTR, SETTINGS_ATTR = "mlflow_run_id", "settings"
-# The trial's user attribute that holds its best epoch's metrics (machinery.objectives).
-METRICS_ATTR = "metrics"
+# The trial's user attribute that holds its best epoch's metrics (machinery.objectives); and the
+# one that says why a trial cut short started again from its first epoch.
+METRICS_ATTR, RESTARTED_ATTR = "metrics", "restarted"
 STUDY_UID_TAG, TRIAL_TAG = "optuna.study_uid", "optuna.trial"
 # How long a process that finds a study just created by another one waits for its records.
 CREATOR_SECONDS = 30

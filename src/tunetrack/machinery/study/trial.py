@@ -25,11 +25,18 @@ from tunetrack.machinery.objectives import MEASURED, shown
 from tunetrack.machinery.runtime import devices, interrupts
 from tunetrack.machinery.study import studies
 from tunetrack.machinery.study.space import format_value, width
-from tunetrack.machinery.study.studies import METRICS_ATTR, RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
+from tunetrack.machinery.study.studies import (
+    METRICS_ATTR,
+    RESTARTED_ATTR,
+    RUN_ATTR,
+    SETTINGS_ATTR,
+    STUDY_UID_TAG,
+    TRIAL_TAG,
+)
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
-from tunetrack.machinery.tracking.stores import ServerUnavailable
+from tunetrack.machinery.tracking.stores import ServerUnavailable, reason
 from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, fit
-from tunetrack.machinery.training.resumption import KEPT_FOLDER, KeepEachEpoch
+from tunetrack.machinery.training.resumption import KEPT_FOLDER, KeepEachEpoch, KeptStateUnusable
 
 
 class ObjectiveMismatch(RuntimeError):
@@ -117,19 +124,47 @@ def _keep(trial: optuna.Trial, key: str, value) -> None:
         raise TakenOver from None
 
 
+class _StartAgain(Exception):
+    """The trial's kept state turned out unusable as it was loaded: its run is closed, and the
+    trial starts again from its first epoch, in a new one."""
+
+
 def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
+    """Train the trial: from where it was cut short, if it was and its kept state can be used;
+    else from its first epoch, saying why (a trial cut short always ends in a result or in its
+    own failure, never in the study's)."""
+    try:
+        return _attempt(trial, session, tracker, storage)
+    except _StartAgain as why:
+        return _attempt(trial, session, tracker, storage, restart=str(why))
+
+
+def _attempt(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage,
+             restart: str | None = None) -> float:  # fmt: skip
     me = studies.worker_id()
     trial.set_user_attr(studies.WORKER_ATTR, me)
     name = session.options.study_name
     tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number)}
-    kept, run_id = _taken_up(trial, tracker)
-    if kept:
-        opened = tracker.closing(run_id, finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))
-    else:
-        if run_id:  # cut short before it kept an epoch: from the start, in a run that says what it continues
-            tags["continues"] = run_id
-        opened = tracker.run(f"trial {trial.number}", parent_run_id=session.parent_run_id, tags=tags,
-                             finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="taken-up-") as folder:
+        kept, run_id, resume_from, restart = _taken_up(trial, tracker, folder, restart)
+        if restart:  # what it kept is of no use: from the start, and never from that state again
+            trial.set_user_attr(studies.KEPT_ATTR, None)
+            trial.set_user_attr(RESTARTED_ATTR, restart)
+            tags["restarted"] = f"{restart}: it started again from epoch 1"
+        if kept:
+            opened = tracker.closing(run_id, finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver, _StartAgain))
+        else:
+            if run_id:  # cut short before it kept an epoch: from the start, in a run that says what it continues
+                tags["continues"] = run_id
+            opened = tracker.run(f"trial {trial.number}", parent_run_id=session.parent_run_id, tags=tags,
+                                 finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))  # fmt: skip
+        with opened as run_id:
+            return _in_run(trial, session, tracker, storage, run_id, kept, resume_from, me)
+
+
+def _in_run(trial, session: Session, tracker: Tracker, storage: RDBStorage, run_id: str, kept: dict | None,
+            resume_from: str | None, me: dict) -> float:  # fmt: skip
+    """The trial's objective, in its open MLflow run ``run_id``, going on from ``resume_from``."""
 
     def still_ours() -> None:
         if storage.get_trial(trial._trial_id).user_attrs.get(studies.WORKER_ATTR) != me:
@@ -138,70 +173,72 @@ def _train(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDB
     def record_kept(epoch: int, artifact: str) -> None:
         trial.set_user_attr(studies.KEPT_ATTR, {"epoch": epoch, "artifact": artifact})
 
-    with opened as run_id, tempfile.TemporaryDirectory(prefix="taken-up-") as folder:
-        trial.set_user_attr(RUN_ATTR, run_id)
-        resume_from = tracker.download_artifact(run_id, kept["artifact"], folder) if kept else None
-        keeping = session.options.resume_attempts > 0
-        fitted: list[FitResult] = []
+    trial.set_user_attr(RUN_ATTR, run_id)
+    keeping = session.options.resume_attempts > 0
+    fitted: list[FitResult] = []
 
-        def fit_in_this_run(model: pl.LightningModule, data: pl.LightningDataModule, settings) -> FitResult:
-            with interrupts.held():
-                trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
-                if not kept:
-                    trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
-            after = kept and kept["artifact"]
-            keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
-            pruned_by = None if session.options.goal.several else session.options.goal.first
-            with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
-                fitted.append(fit(
-                    model,
-                    data,
-                    settings,
-                    session.options,
-                    tracker,
-                    run_id,
-                    trainer_arguments=session.experiment.trainer(settings),
-                    callbacks=[ReportToTrial(trial, still_ours, pruned_by), *keep],
-                    evaluate_test=False,
-                    progress_bar=session.options.verbose,
-                    resume_from=resume_from,
-                ))  # fmt: skip
-            return fitted[-1]  # the test set is never used to choose
+    def fit_in_this_run(model: pl.LightningModule, data: pl.LightningDataModule, settings) -> FitResult:
+        with interrupts.held():
+            trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
+            if not kept:
+                trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
+        after = kept and kept["artifact"]
+        keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
+        pruned_by = None if session.options.goal.several else session.options.goal.first
+        with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
+            fitted.append(fit(
+                model,
+                data,
+                settings,
+                session.options,
+                tracker,
+                run_id,
+                trainer_arguments=session.experiment.trainer(settings),
+                callbacks=[ReportToTrial(trial, still_ours, pruned_by), *keep],
+                evaluate_test=False,
+                progress_bar=session.options.verbose,
+                resume_from=resume_from,
+            ))  # fmt: skip
+        return fitted[-1]  # the test set is never used to choose
 
-        try:
-            with interrupts.interruptible():
-                value = session.experiment.objective(trial, session.settings, fit_in_this_run)
-        except optuna.TrialPruned as pruned:
-            tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": str(pruned)})
-            raise
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise TakenOver from None  # Optuna refused a write: another process finished the trial
-        except TakenOver:
-            raise
-        except KeyboardInterrupt:
-            with contextlib.suppress(ServerUnavailable):
-                tracker.set_tags(run_id, {"optuna.state": "WAITING" if _cut_short() else "FAIL"})
-            raise
-        except BaseException:
-            with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
-                tracker.set_tags(run_id, {"optuna.state": "FAIL"})
-            raise
-        if fitted and not _same(value, fitted[-1].value):
-            goal = session.options.goal
-            raise ObjectiveMismatch(
-                f"the experiment's objective returned {_shown(value)}, not its best epoch's {goal.spec} "
-                f"({_shown(fitted[-1].value)}): it returns fit(...).value; to optimize another metric, --objective "
-                "(docs/objectives.md)"
-            )
-        try:
-            if fitted:  # the last writes to the trial, just before its run is closed
-                trial.set_user_attr(METRICS_ATTR, fitted[-1].metrics)
-                trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
-                if fitted[-1].stopped_early:
-                    trial.set_user_attr("stopped_early", fitted[-1].stopped_early)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise TakenOver from None
-        tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+    try:
+        with interrupts.interruptible():
+            value = session.experiment.objective(trial, session.settings, fit_in_this_run)
+    except optuna.TrialPruned as pruned:
+        tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": str(pruned)})
+        raise
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise TakenOver from None  # Optuna refused a write: another process finished the trial
+    except TakenOver:
+        raise
+    except KeptStateUnusable as unusable:  # found as it was loaded, before an epoch was trained
+        tracker.end_run(run_id, "KILLED", {"optuna.state": "WAITING", "error": f"{unusable}: the trial started "
+                                           "again from epoch 1, in a run of its own"})  # fmt: skip
+        raise _StartAgain(str(unusable)) from None
+    except KeyboardInterrupt:
+        with contextlib.suppress(ServerUnavailable):
+            tracker.set_tags(run_id, {"optuna.state": "WAITING" if _cut_short() else "FAIL"})
+        raise
+    except BaseException:
+        with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
+            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+        raise
+    if fitted and not _same(value, fitted[-1].value):
+        goal = session.options.goal
+        raise ObjectiveMismatch(
+            f"the experiment's objective returned {_shown(value)}, not its best epoch's {goal.spec} "
+            f"({_shown(fitted[-1].value)}): it returns fit(...).value; to optimize another metric, --objective "
+            "(docs/objectives.md)"
+        )
+    try:
+        if fitted:  # the last writes to the trial, just before its run is closed
+            trial.set_user_attr(METRICS_ATTR, fitted[-1].metrics)
+            trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
+            if fitted[-1].stopped_early:
+                trial.set_user_attr("stopped_early", fitted[-1].stopped_early)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise TakenOver from None
+    tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
     return value
 
 
@@ -232,18 +269,28 @@ def _threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _taken_up(trial: optuna.Trial, tracker: Tracker) -> tuple[dict | None, str | None]:
-    """For a trial handed back to the study: the last epoch it kept and its run, reopened, to go
-    on in; (None, the old run) where it kept none or the run is gone; (None, None) for a new one."""
+def _taken_up(trial: optuna.Trial, tracker: Tracker, folder: str, restart: str | None):
+    """For a trial handed back to the study: ``(kept, run, checkpoint, None)``, the last epoch it
+    kept, its run, reopened, to go on in, and that epoch's state fetched into ``folder``; or
+    ``(None, the old run, None, why)`` where it starts again from its first epoch (``restart``,
+    or its kept state gone); ``(None, None, None, None)`` for a new trial."""
     attrs = trial.user_attrs
     if studies.CUT_SHORT_ATTR not in attrs or RUN_ATTR not in attrs:
-        return None, None
+        return None, None, None, restart
     run_id, kept, cut = attrs[RUN_ATTR], attrs.get(studies.KEPT_ATTR), attrs[studies.CUT_SHORT_ATTR]
-    if kept and tracker.reopen(run_id):
-        tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 2} after it was cut short "
-                                  f"({cut['why']}), {cut['times']} time(s)"})  # fmt: skip
-        return kept, run_id
-    return None, run_id
+    if restart or not kept:
+        return None, run_id, None, restart
+    try:
+        checkpoint = tracker.download_artifact(run_id, kept["artifact"], folder)
+    except ServerUnavailable:
+        raise
+    except Exception as error:  # noqa: BLE001 - MLflow says "not found" in several ways
+        return None, run_id, None, f"its kept state is gone ({reason(error)})"
+    if not tracker.reopen(run_id):
+        return None, run_id, None, None  # its run is gone: from the start, in a new one
+    tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 2} after it was cut short "
+                              f"({cut['why']}), {cut['times']} time(s)"})  # fmt: skip
+    return kept, run_id, checkpoint, None
 
 
 class ReportToTrial(Callback):
@@ -284,13 +331,16 @@ class ReportToTrial(Callback):
 def close_run(tracker: Tracker, trial: FrozenTrial, run_id: str | None = None) -> None:
     """End, as KILLED, the MLflow run (``run_id``, or the one the trial names) of a trial that
     another process found dead; KILLED even if its curves were complete, since the trial
-    never recorded its result. A trial handed back reopens it when it is taken up."""
+    never recorded its result. A trial handed back reopens it when it is taken up; one that
+    failed (past --resume-attempts) keeps no state to go on from."""
     run_id = run_id or trial.user_attrs.get(RUN_ATTR)
     if run_id and trial.state == TrialState.WAITING:
         tracker.end_run(run_id, "KILLED", {"optuna.state": "WAITING", "error": studies.resumes_from(trial)})
     elif run_id:
-        reason = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
-        tracker.end_run(run_id, "KILLED", {"optuna.state": trial.state.name, "error": f"trial failed: {reason}"})
+        why = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
+        tracker.end_run(run_id, "KILLED", {"optuna.state": trial.state.name, "error": f"trial failed: {why}"})
+        if trial.user_attrs.get(studies.KEPT_ATTR):  # it ended: no state to go on from is worth its space
+            tracker.delete_artifacts(run_id, str(KEPT_FOLDER))
 
 
 @dataclass(frozen=True)
@@ -313,6 +363,8 @@ class TrialReport:
         if trial.state == TrialState.WAITING:
             note = note or studies.resumes_from(trial)
         note = note or attrs.get("pruned") or attrs.get("fail_reason") or attrs.get("stopped_early", "")
+        if attrs.get(RESTARTED_ATTR) and trial.state.is_finished():
+            note = "; ".join(filter(None, [f"started again from epoch 1: {attrs[RESTARTED_ATTR]}", note]))
         return cls(
             trial.number,
             trial.state.name,

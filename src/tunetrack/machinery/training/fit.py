@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import Logger
 from tunetrack.machinery.objectives import Objective, better
 from tunetrack.machinery.runtime import devices, interrupts
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
+from tunetrack.machinery.training.resumption import check_kept
 from tunetrack.machinery.training.several_per_step import NoProfiler, SeveralPerStep
 
 # Lightning advertises its cloud services in the log of every run; the rest of its log stays.
@@ -251,12 +252,15 @@ def fit(
 
     The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).
     ``resume_from``, a checkpoint of machinery.training.resumption's, goes on from the epoch after it in
-    the same run, which already holds the settings and the curves up to there.
+    the same run, which already holds the settings and the curves up to there; one that does not
+    load into ``model`` raises KeptStateUnusable before anything is logged.
     """
     arguments = dict(trainer_arguments or {})
     if owned := [name for name in OWN_TRAINER_ARGUMENTS if name in arguments]:
         raise ValueError(f"the experiment's trainer() sets {', '.join(owned)}, which the machinery sets itself")
     own_callbacks = list(arguments.pop("callbacks", None) or [])
+    if resume_from is not None:
+        check_kept(model, resume_from)
     started = time.perf_counter()
     data.prepare_data()
     if resume_from is None:

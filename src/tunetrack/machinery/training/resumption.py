@@ -28,6 +28,29 @@ KEPT_FOLDER = PurePosixPath("kept")
 SLOTS = ("a.ckpt", "b.ckpt")
 
 
+class KeptStateUnusable(RuntimeError):
+    """A trial's kept state cannot be gone on from: it does not load, or does not fit the network
+    as it is now (a layer changed between runs). The trial starts again from its first epoch."""
+
+
+def check_kept(model: pl.LightningModule, path: str) -> None:
+    """Raise KeptStateUnusable unless the checkpoint at ``path`` loads into ``model`` (whose
+    weights it then holds, as Lightning's restore would make them)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]  # written by KeepEachEpoch
+    except Exception as error:  # noqa: BLE001 - truncated, garbled, not a checkpoint
+        raise KeptStateUnusable(f"its kept state cannot be read ({_first_line(error)})") from None
+    try:
+        model.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - missing or unexpected keys, other shapes
+        raise KeptStateUnusable(f"its kept state does not fit the network ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0].rstrip(':')}" if text else type(error).__name__
+
+
 class KeepEachEpoch(Callback):
     """Saves the training's state at the end of every epoch, and publishes it once the epoch's
     curves are in MLflow: uploaded to the run, then named by ``kept(epoch, artifact)``, after
