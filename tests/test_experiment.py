@@ -375,7 +375,8 @@ def test_a_study_of_val_f1_logs_its_curve_for_every_trial_and_maximizes_it(tmp_p
     root = pictures_of(tmp_path / "fruit", per_class=12)
     result = call_command(ROOT / "scripts" / "tune.py", Settings, "tunetrack.experiment.search:EXPERIMENT",
                           "--dataset", "folder", "--data-dir", root, "--n-trials", "2", "--max-epochs", "2",
-                          "--workers", "1", "--objective", "val_f1", "--repeats", "0", cwd=tmp_path)  # fmt: skip
+                          "--workers", "1", "--objective", "val_f1", "--repeats", "0", "--no-pruning",
+                          cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "val_f1 " in result.stdout.split("best: trial")[1].splitlines()[0]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -57,7 +57,7 @@ def test_a_network_that_cannot_take_the_pictures_names_the_image_size_it_can_bef
 
 def test_a_network_of_ones_own_that_cannot_take_the_pictures_is_named_by_its_file_and_line(tmp_path):
     folder = pictures(tmp_path / "pictures", side=16)
-    mine = tmp_path / "mine.py"
+    mine = tmp_path / "broad_network.py"
     mine.write_text(
         "from torch import nn\n"
         "from tunetrack.experiment.networks import NETWORKS\n\n\n"
@@ -70,9 +70,9 @@ def test_a_network_of_ones_own_that_cannot_take_the_pictures_is_named_by_its_fil
     refused = run("train.py", "--import", mine, "--dataset", "folder", "--data-dir", folder, "--model", "broad",
                   cwd=tmp_path)  # fmt: skip
     assert_flag_error(refused, "train.py", "--image-size")
-    assert "the network Broad (mine.py:5) cannot take inputs of 1x16x16 at its layer 0 (Conv2d(1, 4" in refused.stderr
+    assert "the network Broad (broad_network.py:5) cannot take inputs of 1x16x16 at its layer 0 (Conv2d(1, 4" in refused.stderr
     assert refused.stderr.strip().endswith("it takes them from 32x32: --image-size 32")
-    assert made(tmp_path) == ["mine.py"]
+    assert made(tmp_path) == ["broad_network.py"]
 
 
 @pytest.mark.parametrize("script", ["train.py", "tune.py"])

@@ -85,16 +85,26 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_not_failed_in_mlflow(study_env, 
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value")
-def test_a_diverging_trial_fails_and_the_study_goes_on(study_env, capsys):
-    study = optuna.create_study(study_name="nan", storage=study_env.storage)
-    study.enqueue_trial({"batch_size": 32, "width": 16, "lr": 1e20})  # NaN after one epoch
-    study_env("nan", n_trials=2)
-    failed, complete = optuna.load_study(study_name="nan", storage=study_env.storage).trials
-    assert failed.state == TrialState.FAIL and "val_loss is nan" in failed.user_attrs["fail_reason"]
+@pytest.mark.parametrize(
+    ("lr", "said"),
+    [
+        (1e20, "pruned after epoch 1: val_loss is nan: training diverged"),
+        (3.0, "pruned after epoch 1: val_loss {loss} is no better than chance (1.3863, guessing every class alike)"),
+    ],
+)
+def test_a_diverging_trial_is_pruned_after_its_first_epoch_whatever_the_pruner(study_env, capsys, lr, said):
+    study = optuna.create_study(study_name="diverged", storage=study_env.storage)
+    study.enqueue_trial({"batch_size": 32, "width": 16, "lr": lr})  # far above the space's 0.3
+    study.enqueue_trial({"batch_size": 32, "width": 16, "lr": 0.05})
+    study_env("diverged", n_trials=2, max_epochs=4)
+    diverged, complete = optuna.load_study(study_name="diverged", storage=study_env.storage).trials
+    run = study_env.tracker.client.get_run(diverged.user_attrs["mlflow_run_id"])
+    losses = study_env.tracker.metric_history(run.info.run_id, "val_loss")
+    said = said.format(loss=f"{losses[0]:.4f}")
+    assert diverged.state == TrialState.PRUNED and diverged.user_attrs["pruned"] == said and len(losses) == 1
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
     assert complete.state == TrialState.COMPLETE
-    run = study_env.tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and "val_loss is nan" in run.data.tags["error"]
-    assert "trial   0 FAIL" in capsys.readouterr().out
+    assert f"trial   0 PRUNED   batch_size=32 lr={lr:.2e} width=16  {said}" in capsys.readouterr().out
 
 
 def test_running_again_continues_the_study_under_the_same_parent(study_env):

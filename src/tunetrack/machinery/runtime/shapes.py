@@ -22,12 +22,15 @@ class Refusal:
     shape: tuple[int, ...]  # one input's
     network: str  # the innermost module of the user's own, with its file and line
     layer: str  # the innermost module that refused
+    raised: str = ""  # the line of the network's own code that raised, where one did
 
     def __str__(self) -> str:
-        said = str(self.error).strip().splitlines()[0] if str(self.error).strip() else type(self.error).__name__
+        text = str(self.error).strip()
+        said = f"{type(self.error).__name__}: {text.splitlines()[0]}" if text else type(self.error).__name__
         shape = "x".join(map(str, self.shape))
         at = f" at {self.layer}" if self.layer else ""
-        return f"the network {self.network} cannot take inputs of {shape}{at}: {said}"
+        raised = f" ({self.raised})" if self.raised else ""
+        return f"the network {self.network} cannot take inputs of {shape}{at}{raised}: {said}"
 
 
 def refusal(experiment, settings) -> tuple[Refusal | None, object]:
@@ -55,7 +58,8 @@ def refusal(experiment, settings) -> tuple[Refusal | None, object]:
                 model(example.expand(2, *example.shape[1:]))
             return None, data
         except Exception as error:  # noqa: BLE001 - whatever a layer raises of a shape it cannot take
-            return Refusal(error, tuple(example.shape[1:]), *_where(entered, model)), data
+            network, layer = _where(entered, model)
+            return Refusal(error, tuple(example.shape[1:]), network, layer, _raised_in(error, network)), data
         finally:
             for hook in hooks:
                 hook.remove()
@@ -96,3 +100,13 @@ def _where(entered, model) -> tuple[str, str]:
     layer, module = entered[-1]
     layer = layer.removeprefix(f"{name}.") if name else layer
     return where, f"its layer {layer} ({repr(module).splitlines()[0]})"
+
+
+def _raised_in(error: BaseException, network: str) -> str:
+    """``file:line`` of the innermost frame of ``error`` in the network's own file (its forward,
+    say), or "" where none is (a layer of PyTorch's raised, in a network made of them)."""
+    import traceback
+
+    file = network.partition(" (")[2].rpartition(":")[0]
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if file and os.path.relpath(f.filename) == file]
+    return f"raised at {file}:{frames[-1].lineno}" if frames else ""

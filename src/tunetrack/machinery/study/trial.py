@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from tunetrack.machinery.study.studies import (
 )
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import ServerUnavailable, reason
-from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, fit
+from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, TrainingDiverged, fit
 from tunetrack.machinery.training.resumption import KEPT_FOLDER, KeepEachEpoch, KeptStateUnusable
 
 
@@ -185,6 +186,8 @@ def _in_run(trial, session: Session, tracker: Tracker, storage: RDBStorage, run_
         after = kept and kept["artifact"]
         keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
         pruned_by = None if session.options.goal.several else session.options.goal.first
+        classes = len(getattr(data, "classes", ()))
+        chance = math.log(classes) if classes > 1 and session.options.pruning else None
         with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
             fitted.append(fit(
                 model,
@@ -194,7 +197,7 @@ def _in_run(trial, session: Session, tracker: Tracker, storage: RDBStorage, run_
                 tracker,
                 run_id,
                 trainer_arguments=session.experiment.trainer(settings),
-                callbacks=[ReportToTrial(trial, still_ours, pruned_by), *keep],
+                callbacks=[ReportToTrial(trial, still_ours, pruned_by, chance), *keep],
                 evaluate_test=False,
                 progress_bar=session.options.verbose,
                 resume_from=resume_from,
@@ -211,6 +214,9 @@ def _in_run(trial, session: Session, tracker: Tracker, storage: RDBStorage, run_
         raise TakenOver from None  # Optuna refused a write: another process finished the trial
     except TakenOver:
         raise
+    except TrainingDiverged as diverged:  # its loss is no number: no epoch after this one would be
+        tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": f"pruned {diverged}"})
+        raise optuna.TrialPruned(f"pruned {diverged}") from None
     except KeptStateUnusable as unusable:  # found as it was loaded, before an epoch was trained
         tracker.end_run(run_id, "KILLED", {"optuna.state": "WAITING", "error": f"{unusable}: the trial started "
                                            "again from epoch 1, in a run of its own"})  # fmt: skip
@@ -296,18 +302,22 @@ def _taken_up(trial: optuna.Trial, tracker: Tracker, folder: str, restart: str |
 class ReportToTrial(Callback):
     """Hands each epoch's ``metric`` (the objective's) to Optuna and stops the trial when the
     pruner says so; with ``metric`` None (a study of two objectives, which Optuna does not
-    prune), only checks that the trial is still this process's.
+    prune), only checks that the trial is still this process's. Whatever the pruner, a trial
+    whose val_loss after its first epoch is no lower than ``chance`` (the cross-entropy of
+    guessing every class alike, ln of their number; None with --no-pruning) learned nothing,
+    and is pruned there: a learning rate so high stays at chance to its last epoch.
 
     Optuna's own Lightning callback (optuna-integration) imports the ``lightning.pytorch``
     namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
     """
 
-    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None):
-        self.trial, self.still_ours, self.metric = trial, still_ours, metric
+    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None,
+                 chance: float | None = None):  # fmt: skip
+        self.trial, self.still_ours, self.metric, self.chance = trial, still_ours, metric, chance
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        value = float(trainer.callback_metrics[self.metric]) if self.metric in trainer.callback_metrics else None
+        epoch, metrics = trainer.current_epoch, trainer.callback_metrics
+        value = float(metrics[self.metric]) if self.metric in metrics else None
         last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
         try:
             with interrupts.held():  # the study's storage is written and read here
@@ -318,6 +328,12 @@ class ReportToTrial(Callback):
                     prune = not last_epoch and self.trial.should_prune()
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None
+        loss = float(metrics["val_loss"]) if "val_loss" in metrics else None
+        if epoch == 0 and not last_epoch and self.chance is not None and loss is not None and loss >= self.chance:
+            raise optuna.TrialPruned(
+                f"pruned after epoch 1: val_loss {loss:.4f} is no better than chance ({self.chance:.4f}, guessing "
+                "every class alike)"
+            )
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {self.metric} {value:.4f}")
 

@@ -31,7 +31,6 @@ from tunetrack.machinery.study.samplers import make_pruner, make_sampler
 from tunetrack.machinery.study.trial import Session, TakenOver, TrialReport, close_run, objective
 from tunetrack.machinery.tracking.mlflow_runs import RetryingClient, Tracker
 from tunetrack.machinery.tracking.stores import DISK_FULL, disk_full, reason
-from tunetrack.machinery.training.fit import TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,9 @@ def default_workers() -> int:
 def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[TrialReport], None]) -> None:
     """One worker: while ``claim()`` grants another trial, run it and ``report`` how it ended.
 
-    A diverging trial (NaN loss) is recorded as failed and the study goes on; any other
-    error, and Ctrl-C, ends this worker after Optuna and MLflow have closed the trial (and
-    reported it).
+    A diverging trial (its loss no number, or no better than chance after its first epoch) is
+    pruned and the study goes on; an error of the trial's own, and Ctrl-C, end this worker after
+    Optuna and MLflow have closed the trial (and reported it).
     """
     tracker = Tracker(RetryingClient(session.tracking_uri), session.tracking_uri, session.experiment_id)
     options = session.options
@@ -99,7 +98,7 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
                 close_run(tracker, dead)
                 report(TrialReport.of(dead))
             try:
-                study.optimize(run_objective, n_trials=1, catch=(TrainingDiverged,), callbacks=tell)
+                study.optimize(run_objective, n_trials=1, callbacks=tell)
             except TakenOver:  # handed back while this worker was away, and taken up by another
                 report(TrialReport.of(storage.get_trial(running[0]), note=f"{given_up}: this attempt is discarded"))
             except ValueError as error:  # Optuna's "Cannot tell a ... trial": another process had finished it

@@ -129,7 +129,7 @@ class _BestEpoch(Callback):
         for name in dict.fromkeys(["val_loss", self.metric]):
             if name in metrics and not math.isfinite(metrics[name]):
                 raise TrainingDiverged(
-                    f"training diverged: {name} is {metrics[name]} after epoch {trainer.current_epoch + 1}"
+                    f"after epoch {trainer.current_epoch + 1}: {name} is {metrics[name]}: training diverged"
                 )
         if self.epoch < 0 or better(metrics[self.metric], self.metrics[self.metric], self.direction):
             self.epoch, self.metrics = trainer.current_epoch, metrics
