@@ -283,8 +283,9 @@ NETWORKS["unbuilt"], NETWORKS["misshapen"] = Unbuilt, Misshapen
     [
         ("unbuilt", "mine.py:7: RuntimeError: a layer I have not written yet"),
         # Found before anything trains: the example batch that goes through it on PyTorch's meta device.
-        ("misshapen", "the network Misshapen (mine.py:10) cannot take inputs of 1x16x16 at its layer 1 (Linear("
-                      "in_features=256, out_features=16, bias=True)) (raised at mine.py:12): RuntimeError: a and b must"),
+        ("misshapen", "the network Misshapen (mine.py:10) cannot take inputs of 1x16x16 at its layer 1 "
+                      "(Linear(in_features=256, out_features=16, bias=True)) (raised at mine.py:12): RuntimeError: "
+                      "a and b must"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("script", ["train.py", "tune.py"])

@@ -70,7 +70,8 @@ def test_a_network_of_ones_own_that_cannot_take_the_pictures_is_named_by_its_fil
     refused = run("train.py", "--import", mine, "--dataset", "folder", "--data-dir", folder, "--model", "broad",
                   cwd=tmp_path)  # fmt: skip
     assert_flag_error(refused, "train.py", "--image-size")
-    assert "the network Broad (broad_network.py:5) cannot take inputs of 1x16x16 at its layer 0 (Conv2d(1, 4" in refused.stderr
+    said = "the network Broad (broad_network.py:5) cannot take inputs of 1x16x16 at its layer 0 (Conv2d(1, 4"
+    assert said in refused.stderr
     assert refused.stderr.strip().endswith("it takes them from 32x32: --image-size 32")
     assert made(tmp_path) == ["broad_network.py"]
 

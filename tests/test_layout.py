@@ -29,15 +29,14 @@ def experiment_names() -> set[str]:
     ones, its registries' keys and classes, the data sets' folders, and its modules' top-level
     names (LitClassifier, MNISTDataModule, SEARCH_SPACE, ...)."""
     from tunetrack import experiment
-    from tunetrack.experiment import data, model, networks, pictures, search, trainer  # noqa: F401
+    from tunetrack.experiment import data, model, networks, search, trainer  # noqa: F401
 
     names = {field.name for field in dataclasses.fields(Settings)} | set(SEARCH_SPACE)
     names |= {name for network in NETWORKS.values() for name in network.search_space}
     names |= set(DATASETS) | {kind.__name__ for kind in DATASETS.values()}
     names |= {kind.folder for kind in DATASETS.values() if hasattr(kind, "folder")}
     names |= set(NETWORKS) | {net.__name__ for net in NETWORKS.values()}
-    modules = (experiment.data, experiment.model, experiment.networks, experiment.pictures, experiment.search,
-               experiment.trainer)  # fmt: skip
+    modules = (experiment.data, experiment.model, experiment.networks, experiment.search, experiment.trainer)
     for module in modules:
         names |= {name for name, value in vars(module).items() if getattr(value, "__module__", None) == module.__name__}
         names |= {name for name, value in vars(module).items() if name.isupper() and not inspect.ismodule(value)}

@@ -5,6 +5,7 @@ written."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -26,10 +27,10 @@ from PIL import Image
 
 from conftest import REAL_DATA_DIR, ROOT, call_command
 from tunetrack.experiment.data import DATASETS, MNISTDataModule
-from tunetrack.experiment.pictures import digit
 from tunetrack.experiment.search import build
 from tunetrack.experiment.settings import Settings
 from tunetrack.machinery.commands.predict import answer
+from tunetrack.machinery.data.pictures import digit
 from tunetrack.machinery.options import Options
 from tunetrack.machinery.tracking import registry
 from tunetrack.machinery.tracking.mlflow_runs import connect
@@ -269,13 +270,17 @@ def serving(model_uri: str, tracking_uri: str):
                 assert server.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
                 time.sleep(0.5)
 
-        def post(body: dict) -> np.ndarray:
+        def post(body: dict):
+            """The predictions, or (HTTP status, message) of a refusal."""
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
             )  # fmt: skip
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return np.array(json.load(response)["predictions"])
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.load(response)["predictions"]
+            except urllib.error.HTTPError as refused:
+                return refused.code, json.load(refused)["message"]
 
         yield post
     finally:
@@ -289,7 +294,7 @@ def test_mlflow_models_serve_answers_a_post_of_digits_with_their_scores(champion
     _, folder, digits = champion
     with serving("models:/mnist-classifier@champion", f"sqlite:///{folder / 'mlflow.db'}") as post:
         pixels = np.stack([pixels for pixels, _ in digits])[:, None] / 255
-        scores = post({"inputs": pixels.tolist()})
+        scores = np.array(post({"inputs": pixels.tolist()}))
     assert scores.shape == (10, 10)
     assert scores.argmax(axis=1).tolist() == [label for _, label in digits]
 
@@ -350,9 +355,27 @@ def test_a_folder_of_colour_pictures_is_tuned_registered_read_and_served(tmp_pat
     assert request.returncode == 0, request.stderr
     body = json.loads(request.stdout)
     assert np.array(body["inputs"]).shape == (5, 3, 32, 32)
+    pictures_as_text = [base64.b64encode(photo.read_bytes()).decode() for photo in photos]
+    nan = np.array(body["inputs"])
+    nan[0, 0, 0, 0] = np.nan
     with serving(model, f"sqlite:///{tmp_path / 'mlflow.db'}") as post:
-        scores = post(body)
+        scores = np.array(post(body))  # prepared pixels, as predict.py --as-request prints them
+        answered = post({"inputs": {"image": pictures_as_text}})  # the JPEG files themselves
+        as_records = post({"dataframe_records": [{"image": text} for text in pictures_as_text[:2]]})
+        refusals = [post({"inputs": nan.tolist()}), post({"inputs": (np.array(body["inputs"]) * 255).tolist()}),
+                    post({"inputs": {"image": ["bm90IGEgcGljdHVyZQ=="]}})]  # fmt: skip
     assert scores.shape == (5, 5) and [sorted(COLOURS)[i] for i in scores.argmax(axis=1)] == list(COLOURS)
+    assert [one["class"] for one in answered] == list(COLOURS)  # by name, as predict.py says them
+    for one, row in zip(answered, scores, strict=True):  # the same preparation as predict.py's (which rounds)
+        assert one["scores"] == pytest.approx(row.tolist(), rel=1e-3)
+        assert set(one["probabilities"]) == set(COLOURS) and one["probability"] == max(one["probabilities"].values())
+    assert [one["class"] for one in as_records] == list(COLOURS)[:2]  # the same pictures, as a table's rows
+    assert [status for status, _ in refusals] == [400, 400, 400]
+    said = [message.rpartition("Error: ")[2] for _, message in refusals]
+    assert said == ["some pixels are not numbers (NaN or infinite): pixels are numbers from 0 to 1",
+                    f"pixels from {np.float32(np.min(body['inputs']) * 255):g} to "
+                    f"{np.float32(np.max(body['inputs']) * 255):g}: pixels are numbers from 0 to 1",
+                    "picture 0: not a picture (PNG, JPEG, ...)"]  # fmt: skip
 
 
 @pytest.mark.slow

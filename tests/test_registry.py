@@ -43,7 +43,9 @@ def test_the_best_model_is_in_its_studys_experiment_and_loads_both_ways(study_en
     assert float(np.mean(by_torch == labels)) == pytest.approx(session.test["test_acc"], abs=1e-6)
     # Its pyfunc flavour loads on the CPU wherever it is loaded: no GPU machine refuses it.
     flavors = mlflow.models.get_model_info(uri).flavors
-    assert flavors["python_function"]["model_config"] == {"device": "cpu"}
+    served = flavors["python_function"]
+    assert served["loader_module"] == "tunetrack_served_model" and served["config"]["device"] == "cpu"
+    assert served["config"]["classes"] == list(tiny.CLASSES) and served["config"]["input_shape"] == [1, 16, 16]
     card = registry.card_of(uri)  # what predict.py prepares pictures for, and names the answers by
     assert (card.task, card.dataset, card.classes, card.input_shape) == ("blocks", "blocks", tiny.CLASSES, (1, 16, 16))
 

@@ -24,8 +24,8 @@ from tiny.settings import TinySettings
 from tunetrack.machinery.contract import Experiment, SettingError
 from tunetrack.machinery.data.files import FolderUnusable, Source, ensure_files
 from tunetrack.machinery.data.idx import idx_bytes, read_idx
-from tunetrack.machinery.data.image_folders import to_array
 from tunetrack.machinery.data.in_memory import InMemoryImages, digest
+from tunetrack.machinery.data.pictures import to_array
 from tunetrack.machinery.study.space import suggest
 
 SIDE, CLASSES = 16, ("north", "east", "south", "west")

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from tunetrack.experiment import mnist_from_pypi, pictures
+from tunetrack.experiment import mnist_from_pypi
 from tunetrack.experiment.settings import Settings
 from tunetrack.machinery.contract import SettingError
-from tunetrack.machinery.data import image_folders
+from tunetrack.machinery.data import image_folders, pictures
 from tunetrack.machinery.data.files import FolderUnusable, ensure_files, torchvision_download
 from tunetrack.machinery.data.idx import read_idx
 from tunetrack.machinery.data.in_memory import InMemoryImages, digest, tenth

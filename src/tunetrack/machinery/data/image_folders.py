@@ -31,6 +31,7 @@ import torch
 
 from tunetrack.machinery.data.files import DataUnavailable, md5_of
 from tunetrack.machinery.data.in_memory import digest
+from tunetrack.machinery.data.pictures import to_array
 from tunetrack.machinery.runtime import memory
 
 # What torchvision's ImageFolder takes, and what Pillow reads of it.
@@ -176,23 +177,6 @@ def decode(listing: Listing, size: tuple[int, int], channels: int) -> tuple[torc
     torch.save(images, buffer)
     _write_atomically(path, buffer.getvalue())
     return images, labels
-
-
-def to_array(picture, size: tuple[int, int], channels: int):
-    """One picture (a path, or a Pillow image) as uint8 of shape (channels, height, width):
-    turned upright by its EXIF orientation, converted as torchvision's loader converts (RGB, or
-    grey), and resized to ``size`` (width, height) with antialiasing."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    with contextlib.ExitStack() as stack:
-        image = stack.enter_context(Image.open(picture)) if isinstance(picture, (str, os.PathLike)) else picture
-        image.draft("L" if channels == 1 else "RGB", size)  # a JPEG decodes straight to near the size wanted
-        image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
-        if image.size != tuple(size):
-            image = image.resize(tuple(size), Image.Resampling.BILINEAR)
-        array = np.array(image, dtype=np.uint8)  # a copy torch may write
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def _split_folders(root: Path) -> dict[str, Path]:

@@ -2,14 +2,16 @@
 (in that run's experiment), loadable through mlflow.pytorch and mlflow.pyfunc on any machine,
 and registered in the Model Registry with the alias ``champion`` on the best version so far.
 
-The format is MLflow's pt2 (``torch.export``): a self-contained graph that loads with torch
-alone, without this package and without unpickling code. A pt2 file holds its weights on the
-device it was exported on, and MLflow's pyfunc refuses to load it on another one: exported on a
-CPU, it would not load on a machine with CUDA, where pyfunc picks the GPU by default. So the
-network is always exported from the CPU, and its pyfunc flavour is pinned to the CPU: it loads
-and predicts everywhere, and the small networks a CPU trains answer on a CPU faster than a copy
-to a GPU and back would take. The model's metadata says which task it was trained for (its
-``task``), so that a reader can prepare its input.
+The format is MLflow's pt2 (``torch.export``): a self-contained graph that mlflow.pytorch loads
+with torch alone, without this package and without unpickling code. Its pyfunc, what `mlflow
+models serve` runs, is served_model.py, which travels in the model's code folder with the
+module that prepares the data set's pictures: it takes pictures (base64 PNG or JPEG) as well as
+prepared pixels, with torch, NumPy, Pillow and SciPy alone. A pt2 file holds its weights on the
+device it was exported on: so the network is always exported from the CPU, and served there
+too: it loads and predicts everywhere, and the small networks a CPU trains answer on a CPU
+faster than a copy to a GPU and back would take. The model's metadata says which task it was
+trained for (its ``task``), its classes and the shape of one input, so that a reader can
+prepare its input.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunetrack.machinery.objectives import comparative, sort_key
@@ -31,26 +34,64 @@ ALIAS = "champion"
 MODEL_NAME = "model"  # the logged model's name in its run
 
 
-class _CpuPinnedPyTorch:
-    """mlflow.pytorch as a flavour for ``Model.log``, whose pyfunc loads on the CPU everywhere."""
+class _ServedPyTorch:
+    """mlflow.pytorch as a flavour for ``Model.log``: its pytorch flavour is mlflow.pytorch's (a
+    pt2 graph that torch alone loads), and its pyfunc is served_model.py's, copied into the
+    model's code folder with the module that prepares the data set's pictures: it takes pictures
+    as well as prepared pixels, on the CPU everywhere."""
 
     __name__ = "mlflow.pytorch"  # how MLflow records the flavour that logged it
 
     @staticmethod
-    def save_model(path, mlflow_model, **kwargs) -> None:
+    def save_model(path, mlflow_model, *, served: dict, **kwargs) -> None:
         import mlflow.pytorch
 
         mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-        mlflow_model.flavors["python_function"]["model_config"] = {"device": "cpu"}
+        # pt2 export reads the batch dimension off a tensor signature; the served model checks
+        # its inputs itself, pictures included, which that signature would refuse.
+        mlflow_model.signature = None
+        code = os.path.join(path, CODE_FOLDER)
+        os.makedirs(code, exist_ok=True)
+        for name, source in served.pop("files").items():
+            shutil.copyfile(source, os.path.join(code, f"{name}.py"))
+        pyfunc = mlflow_model.flavors["python_function"]
+        # Its "config" is what MLflow hands the loader (mlflow.models.model.MODEL_CONFIG).
+        pyfunc.update(loader_module=SERVED_MODULE, code=CODE_FOLDER, config={"device": "cpu", **served})
         mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+# What the served model imports, and its own code, as its code folder names it.
+SERVED_REQUIREMENTS = ("torch", "numpy", "pillow", "scipy")
+CODE_FOLDER, SERVED_MODULE, PICTURES_MODULE = "code", "tunetrack_served_model", "tunetrack_pictures"
+
+
+def _served(picture, classes, input_shape) -> dict:
+    """What the served model needs: its code's files by module name, its classes, the shape of
+    one input, and the function that prepares a picture, as "module:function" of those files."""
+    import inspect
+
+    from tunetrack.machinery.data import pictures
+    from tunetrack.machinery.tracking import served_model
+
+    files = {SERVED_MODULE: inspect.getsourcefile(served_model)}
+    preparation = None
+    if picture is not None and getattr(picture, "__name__", "<lambda>") != "<lambda>":
+        source = inspect.getsourcefile(picture)
+        module = PICTURES_MODULE if picture.__module__ == pictures.__name__ else Path(source).stem
+        files[module] = source
+        preparation = f"{module}:{picture.__name__}"
+    return {"files": files, "classes": list(classes), "input_shape": list(input_shape), "picture": preparation}
 
 
 def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: Mapping[str, type]) -> str:
     """Log ``model`` (its forward, on the CPU) as the model of the run ``run_id``, in the run's
     experiment, with the first five inputs of ``data``'s test split as its example; return its
     model id, so that ``models:/<id>`` loads it. Its metadata says what it was trained for: the
-    task, the data set's name in ``datasets`` (how predict.py prepares a picture for it), and
-    the classes its outputs score."""
+    task, the data set's name in ``datasets`` (how predict.py prepares a picture for it), the
+    classes its outputs score and the shape of one input. It has no signature: the served model
+    takes pictures as well as pixels, and checks each itself (served_model.py)."""
+    from importlib.metadata import version
+
     import mlflow
     import torch
     from mlflow.models import Model, infer_signature
@@ -58,8 +99,7 @@ def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: M
     data.setup("test")
     example = next(iter(data.test_dataloader()))[0][:5].cpu().numpy()
     module = model.cpu().eval()
-    with torch.no_grad():
-        output = module(torch.from_numpy(example)).numpy()
+    served = _served(getattr(type(data), "picture", None), [str(name) for name in data.classes], example.shape[1:])
     # log_model works through MLflow's fluent API: its store, and the experiment the logged
     # model belongs to (without this, MLflow's Default experiment, 0, not the run's).
     mlflow.set_tracking_uri(tracker.tracking_uri)
@@ -69,18 +109,20 @@ def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: M
         info = Model.log(
             artifact_path=None,  # MLflow 3 names a logged model instead
             name=MODEL_NAME,
-            flavor=_CpuPinnedPyTorch,
+            flavor=_ServedPyTorch,
             run_id=run_id,
             pytorch_model=module,
-            signature=infer_signature(example, output),
+            signature=infer_signature(example, module(torch.from_numpy(example)).detach().numpy()),
             input_example=example,
             serialization_format="pt2",
+            served=served,
             # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVED_REQUIREMENTS],
             metadata={
                 "task": task,
                 "dataset": next((name for name, kind in datasets.items() if type(data) is kind), None),
-                "classes": [str(name) for name in data.classes],
+                "classes": list(served["classes"]),  # copies: YAML would write a shared list as an anchor
+                "input_shape": list(served["input_shape"]),
             },
         )
     return info.model_id
@@ -129,7 +171,8 @@ def card_of(model_uri: str) -> ModelCard:
     info = mlflow.models.get_model_info(model_uri)
     metadata = info.metadata or {}
     inputs = info.signature.inputs.inputs if info.signature is not None else []
-    shape = tuple(inputs[0].shape[1:]) if inputs and getattr(inputs[0], "shape", None) else None
+    shape = tuple(inputs[0].shape[1:]) if inputs and getattr(inputs[0], "shape", None) else None  # a signature's
+    shape = tuple(metadata["input_shape"]) if metadata.get("input_shape") else shape
     classes = metadata.get("classes")
     return ModelCard(metadata.get("task"), metadata.get("dataset"), classes and tuple(classes), shape)
 

@@ -1,4 +1,6 @@
-"""A user's picture of one thing, prepared as a data set's images were, for scripts/predict.py.
+"""A user's picture of one thing, prepared as a data set's images were: for scripts/predict.py,
+and for a served model (machinery/tracking/served_model.py), which carries a copy of this file.
+It imports NumPy, Pillow and SciPy alone, so that the copy works wherever the model is served.
 
 Each function takes a Pillow image and the shape of one of the data set's images (channels,
 height, width), and returns a float32 array of that shape, pixels in [0, 1]:
@@ -8,17 +10,18 @@ height, width), and returns a float32 array of that shape, pixels in [0, 1]:
   of mass of the pixels": the digit light on a dark background;
 - garment: as Zalando describes Fashion-MNIST, each product photo trimmed, its longest edge
   resized to 28, the rest filled, and its colours negated (a light garment on black);
-- resized: as a folder's pictures were read, resized to the size and converted to the
-  channels (machinery/data/image_folders.py).
+- resized: as a folder's pictures were read (machinery/data/image_folders.py, with to_array),
+  resized to the size and converted to the channels.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
-from scipy import ndimage
+import contextlib
+import os
 
-from tunetrack.machinery.data.image_folders import to_array
+import numpy as np
+from PIL import Image, ImageOps
+from scipy import ndimage
 
 SIDE, DIGIT_BOX = 28, 20
 # Ink below this share of the strongest is paper: grain, JPEG noise.
@@ -28,6 +31,20 @@ PAPER = 0.2
 STROKE, NEAR_ITS_SIZE = 0.35, 0.2
 # Around each point, more of the picture is paper than ink.
 BACKGROUND_PERCENTILE = 70
+
+
+def to_array(picture, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One picture (a path, or a Pillow image) as uint8 of shape (channels, height, width):
+    turned upright by its EXIF orientation, converted as torchvision's loader converts (RGB, or
+    grey), and resized to ``size`` (width, height) with antialiasing."""
+    with contextlib.ExitStack() as stack:
+        image = stack.enter_context(Image.open(picture)) if isinstance(picture, (str, os.PathLike)) else picture
+        image.draft("L" if channels == 1 else "RGB", size)  # a JPEG decodes straight to near the size wanted
+        image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
+        if image.size != tuple(size):
+            image = image.resize(tuple(size), Image.Resampling.BILINEAR)
+        array = np.array(image, dtype=np.uint8)  # a copy torch may write
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def digit(image: Image.Image, dims: tuple[int, ...] = (1, SIDE, SIDE)) -> np.ndarray:
