@@ -4,7 +4,7 @@ your own classes.
 Each picture (a PNG or JPEG photo or scan of one thing, colour or grey, any size up to 200
 million pixels; for digits, dark on light or light on dark, or drawn on a transparent
 background) is prepared as the images of the data set the model learned were
-(src/tunetrack/experiment/pictures.py), and the model, by default models:/mnist-classifier@champion from
+(src/tunetrack/machinery/data/pictures.py), and the model, by default models:/mnist-classifier@champion from
 MLflow's store in this folder, says what it shows and how sure it is. Every picture gets a
 line of its own: a bad one is said on stderr and the others are read all the same (exit status
 1 if any was bad). --as-request prints, instead, the body of a request to `mlflow models serve`
