@@ -207,3 +207,26 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_took_up(run
     assert sorted(step for step, _ in points) == list(range(100))
     runs = client.search_runs(["1"])
     assert not [r for r in runs if r.info.status == "RUNNING"] and len(runs) == 1 + 2
+
+
+def test_a_study_given_its_total_and_stopped_adds_the_rest_when_run_again(run_script, call_script, tiny_data, tmp_path):
+    """tune.py --until 6, Ctrl-C once 3 trials have ended, and the same command again: the study
+    holds 6 trials that ended with a result, and each run's first line said what it would add."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = tune_args(tiny_data, "--until", "6", "--workers", "1", "--max-epochs", "20", "--no-pruning")
+    first = run_script("tune.py", *args, background=True)
+    wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in read_trials(storage)) >= 3, what="3 trials",
+             process=first)  # fmt: skip
+    os.killpg(first.pid, signal.SIGINT)
+    stdout, _ = first.communicate(timeout=120)
+    assert first.returncode == 130 and "new study in " in stdout
+    assert "adding 6 trials, to a total of 6 (--until)" in stdout
+    before = read_trials(storage)
+    done = sum(t.state == TrialState.COMPLETE for t in before)  # the one Ctrl-C stopped failed: it does not count
+    again = call_script("tune.py", *args)
+    assert again.returncode == 0, again.stderr
+    assert (f": {len(before)} trials so far, {done} of them complete, pruned or under way; adding {6 - done}, to a "
+            "total of 6 (--until)") in again.stdout  # fmt: skip
+    trials = read_trials(storage)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6 and len(trials) == 7
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1
