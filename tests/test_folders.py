@@ -6,6 +6,7 @@ decoded pictures shared as the user's umask says."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_flag_error, call_command, grow
+from tunetrack.experiment.networks import NETWORKS
 from tunetrack.experiment.settings import Settings
 from tunetrack.machinery.data import image_folders
 
@@ -55,8 +57,11 @@ def test_a_network_that_cannot_take_the_pictures_names_the_image_size_it_can_bef
     assert "data: 24 pictures, decoded: 18 to train, 3 to validate, 3 to test" in works.stdout
 
 
-def test_a_network_of_ones_own_that_cannot_take_the_pictures_is_named_by_its_file_and_line(tmp_path):
+def test_a_network_of_ones_own_that_cannot_take_the_pictures_is_named_by_its_file_and_line(tmp_path, monkeypatch):
     folder = pictures(tmp_path / "pictures", side=16)
+    # What --import registers, and the module it imports once a process, are taken out after the test.
+    monkeypatch.setitem(NETWORKS, "broad", None)
+    monkeypatch.delitem(sys.modules, "imported_broad_network", raising=False)
     mine = tmp_path / "broad_network.py"
     mine.write_text(
         "from torch import nn\n"

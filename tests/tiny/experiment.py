@@ -158,8 +158,7 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-# Every point of it learns something in its first epoch: a trial no better than chance then is pruned.
-SEARCH_SPACE = {"batch_size": CategoricalDistribution([16, 32, 64]), "lr": FloatDistribution(0.02, 0.3, log=True)}
+SEARCH_SPACE = {"batch_size": CategoricalDistribution([16, 32, 64]), "lr": FloatDistribution(3e-3, 0.3, log=True)}
 
 
 def search_space(settings: TinySettings) -> dict:

@@ -60,7 +60,8 @@ class Objective:
             if chosen not in (None, MINIMIZE, MAXIMIZE):
                 raise ObjectiveError("--direction", f"expected {MINIMIZE} or {MAXIMIZE}, got {chosen!r}")
             if name in known and chosen not in (None, known[name]):
-                raise ObjectiveError("--direction", f"{name} is better {_word(known[name])}: it is {known[name]}d")
+                said = f"{name} is better {comparative(known[name])}: it is {known[name]}d"
+                raise ObjectiveError("--direction", said)
             if name not in known and chosen is None:
                 raise ObjectiveError(
                     "--objective",
@@ -107,10 +108,6 @@ class Objective:
         return values if self.several else values[0]
 
 
-def direction_of(name: str, known: Mapping[str, str]) -> str:
-    return {**known, **MEASURED}[name]
-
-
 def better(a: float, b: float, direction: str) -> bool:
     """Whether ``a`` is strictly better than ``b``; a value that is no number never is."""
     if not math.isfinite(a):
@@ -118,27 +115,14 @@ def better(a: float, b: float, direction: str) -> bool:
     return not math.isfinite(b) or (a < b if direction == MINIMIZE else a > b)
 
 
-def best(values: Sequence[float], direction: str) -> int:
-    """The index of the best of ``values`` (the first, on a tie)."""
-    chosen = 0
-    for i, value in enumerate(values):
-        if better(value, values[chosen], direction):
-            chosen = i
-    return chosen
-
-
 def sort_key(direction: str):
     """A key that sorts values best first (a value that is no number last)."""
     return lambda value: (not math.isfinite(value), value if direction == MINIMIZE else -value)
 
 
-def _word(direction: str) -> str:
-    return "lower" if direction == MINIMIZE else "higher"
-
-
 def comparative(direction: str) -> str:
     """ "lower" or "higher": the way ``direction`` makes a value better."""
-    return _word(direction)
+    return "lower" if direction == MINIMIZE else "higher"
 
 
 def shown(metrics: Mapping[str, float], first: Sequence[str] = (), separator: str = " ") -> str:

@@ -44,7 +44,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     options = checks.check_objective(parser, experiment, options)
     checks.check_network(parser, experiment, settings, options.verbose)
     checks.check_memory(parser, experiment, settings, options.verbose)
-    print(checks.prepare_data(parser, experiment, settings, options.verbose), flush=True)
+    data_line = checks.prepare_data(parser, experiment, settings, options.verbose)
     tracker = checks.connect_tracking(parser, options.tracking_uri, options.experiment)
     if found:
         what = f"trial {options.from_trial}" if options.from_trial else f"run {options.from_run}"
@@ -54,6 +54,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
             torch.set_num_threads(found[0].threads)
             threads = f", with {found[0].threads} thread(s) as it had"
         print(f"training {what} again, as recorded and as the flags change it{threads}: {again}", flush=True)
+    print(data_line, flush=True)
     searched = experiment.search_space(settings)
     run_name = " ".join([settings.study, *(f"{name}={format_value(getattr(settings, name))}" for name in searched)])
     registered = None

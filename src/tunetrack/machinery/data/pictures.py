@@ -5,10 +5,10 @@ It imports NumPy, Pillow and SciPy alone, so that the copy works wherever the mo
 Each function takes a Pillow image and the shape of one of the data set's images (channels,
 height, width), and returns a float32 array of that shape, pixels in [0, 1]:
 
-- digit: as LeCun describes MNIST, each digit "size normalized to fit in a 20x20 pixel box
+- digit: as LeCun describes his handwritten digits, each "size normalized to fit in a 20x20 pixel box
   while preserving [its] aspect ratio" and "centered in a 28x28 image by computing the center
   of mass of the pixels": the digit light on a dark background;
-- garment: as Zalando describes Fashion-MNIST, each product photo trimmed, its longest edge
+- garment: as Zalando describes its 28x28 photos of clothes, each product photo trimmed, its longest edge
   resized to 28, the rest filled, and its colours negated (a light garment on black);
 - resized: as a folder's pictures were read (machinery/data/image_folders.py, with to_array),
   resized to the size and converted to the channels.
@@ -132,8 +132,8 @@ def _fit(thing: np.ndarray, box: int) -> np.ndarray:
 
 
 def _center_of_mass_to_middle(canvas: np.ndarray) -> np.ndarray:
-    """Shift by whole pixels so that the centre of mass lands on (14, 14), as in MNIST, whose
-    digits were centred in their 28x28 field by their centre of mass."""
+    """Shift by whole pixels so that the centre of mass lands on (14, 14), as LeCun's digits were
+    centred in their 28x28 field by their centre of mass."""
     rows, cols = np.indices(canvas.shape)
     total = canvas.sum()
     shift_rows = round(SIDE / 2 - (rows * canvas).sum() / total)

@@ -299,13 +299,19 @@ def _taken_up(trial: optuna.Trial, tracker: Tracker, folder: str, restart: str |
     return kept, run_id, checkpoint, None
 
 
+# Optimizer steps a trial takes before it is judged against chance.
+JUDGED_AFTER_STEPS = 50
+
+
 class ReportToTrial(Callback):
     """Hands each epoch's ``metric`` (the objective's) to Optuna and stops the trial when the
     pruner says so; with ``metric`` None (a study of two objectives, which Optuna does not
     prune), only checks that the trial is still this process's. Whatever the pruner, a trial
     whose val_loss after its first epoch is no lower than ``chance`` (the cross-entropy of
     guessing every class alike, ln of their number; None with --no-pruning) learned nothing,
-    and is pruned there: a learning rate so high stays at chance to its last epoch.
+    and is pruned there: a learning rate so high stays at chance to its last epoch. An epoch of
+    fewer than JUDGED_AFTER_STEPS optimizer steps (a few hundred pictures in large batches) is
+    too little to judge by: the first epoch by which the trial has taken that many is.
 
     Optuna's own Lightning callback (optuna-integration) imports the ``lightning.pytorch``
     namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
@@ -314,6 +320,7 @@ class ReportToTrial(Callback):
     def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None,
                  chance: float | None = None):  # fmt: skip
         self.trial, self.still_ours, self.metric, self.chance = trial, still_ours, metric, chance
+        self.judged = chance is None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, metrics = trainer.current_epoch, trainer.callback_metrics
@@ -328,12 +335,13 @@ class ReportToTrial(Callback):
                     prune = not last_epoch and self.trial.should_prune()
         except optuna.exceptions.UpdateFinishedTrialError:
             raise TakenOver from None
-        loss = float(metrics["val_loss"]) if "val_loss" in metrics else None
-        if epoch == 0 and not last_epoch and self.chance is not None and loss is not None and loss >= self.chance:
-            raise optuna.TrialPruned(
-                f"pruned after epoch 1: val_loss {loss:.4f} is no better than chance ({self.chance:.4f}, guessing "
-                "every class alike)"
-            )
+        if not self.judged and trainer.global_step >= JUDGED_AFTER_STEPS and "val_loss" in metrics:
+            self.judged, loss = True, float(metrics["val_loss"])
+            if loss >= self.chance and not last_epoch:
+                raise optuna.TrialPruned(
+                    f"pruned after epoch {epoch + 1}: val_loss {loss:.4f} is no better than chance "
+                    f"({self.chance:.4f}, guessing every class alike)"
+                )
         if prune:
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {self.metric} {value:.4f}")
 

@@ -24,6 +24,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import RestException
 from mlflow.tracking import MlflowClient
 
 from tunetrack.machinery.contract import DataSplit
@@ -110,7 +111,8 @@ class RetryingClient:
             return True
         # MLflow's own retries ran out (see http_patience), or the server answers that its own
         # database does not (HTTP 503: a PostgreSQL it shares with the study, stopped).
-        if _SERVER_GONE in str(error) or error.error_code == "TEMPORARILY_UNAVAILABLE":
+        server_503 = isinstance(error, RestException) and error.error_code == "TEMPORARILY_UNAVAILABLE"
+        if _SERVER_GONE in str(error) or server_503:
             server = f"the MLflow tracking server {public(self._uri)}"
             down = self._given_up[self._uri] = f"{server} did not answer: {reason(error, self._uri)}"
             raise ServerUnavailable(down) from None
