@@ -79,9 +79,8 @@ EDITS = [
     ),
     (
         "src/tunetrack/experiment/networks.py:CNN",
-        '    search_space: dict[str, BaseDistribution] = {"hidden_dim": IntDistribution(32, 512)}\n',
-        '    search_space: dict[str, BaseDistribution] = {"hidden_dim": IntDistribution(32, 512),\n'
-        '                                                 "dropout": FloatDistribution(0.0, 0.5)}\n',
+        '        "lr": FloatDistribution(1e-4, 1e-2, log=True),\n',
+        '        "lr": FloatDistribution(1e-4, 1e-2, log=True),\n        "dropout": FloatDistribution(0.0, 0.5),\n',
     ),
     (
         "src/tunetrack/experiment/networks.py:CNN",
@@ -92,11 +91,6 @@ EDITS = [
         "src/tunetrack/experiment/networks.py:CNN",
         "            nn.Linear(hidden_dim, num_classes),\n",
         "            nn.Dropout(dropout),\n            nn.Linear(hidden_dim, num_classes),\n",
-    ),
-    (
-        "src/tunetrack/experiment/networks.py",
-        "from optuna.distributions import BaseDistribution, IntDistribution\n",
-        "from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution\n",
     ),
     (
         "src/tunetrack/experiment/search.py",
