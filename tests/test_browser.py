@@ -46,7 +46,7 @@ def shown(tiny_data, tmp_path_factory):
         tracker = connect(f"sqlite:///{folder / 'mlflow.db'}", "shown")
         settings = TinySettings(data_dir=str(tiny_data))
         options = TuneOptions(n_trials=3, workers=1, study_name="pictured", storage=f"sqlite:///{folder / 'optuna.db'}",
-                              accelerator="cpu").resolved(settings)  # fmt: skip
+                              accelerator="cpu", repeats=0, baseline="none").resolved(settings)  # fmt: skip
         session = tune(TINY, settings, options, lambda: tracker)
     with serve(tracker.tracking_uri) as url:
         yield session.study, tracker, url, options.storage
