@@ -11,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from tunetrack.machinery.options import PRUNERS, SAMPLERS
 from tunetrack.machinery.study.plots import study_figures
 from tunetrack.machinery.study.samplers import make_pruner, make_sampler
-from tunetrack.machinery.study.studies import objective_of
+from tunetrack.machinery.study.studies import StudyMismatch, objective_of
 from tunetrack.machinery.study.trial import TrialReport
 from workbench.report import groups_markdown, searched_params, top_trials_markdown
 
@@ -101,3 +101,28 @@ def test_every_sampler_and_pruner_tune_py_offers_is_made_by_its_name():
     }  # fmt: skip
     with pytest.raises(KeyError):
         make_sampler("grid", seed=0)
+
+
+def test_a_new_study_tries_the_experiments_defaults_first_and_says_so(study_env, capsys, tiny_settings):
+    session = study_env("defaults", n_trials=2)
+    first = session.study.trials[0]
+    defaults = {name: getattr(tiny_settings, name) for name in ("batch_size", "width", "lr")}
+    assert first.params == defaults  # read back from optuna.db
+    assert session.study.user_attrs["definition"]["first_trials"] == [
+        {"from": "the experiment's defaults", "params": defaults}
+    ]
+    assert "first trials: the experiment's defaults (batch_size=32, lr=5.00e-02, width=16)" in capsys.readouterr().out
+    random = study_env("random", n_trials=1, options={"defaults_first": False})
+    assert random.study.trials[0].params != defaults
+
+
+def test_warm_start_tries_another_studys_best_where_its_space_holds_them(study_env, capsys):
+    dense = study_env("dense", n_trials=4, options={"defaults_first": False})
+    best = sorted(dense.study.trials, key=lambda t: t.value)[:2]
+    conv = study_env("conv", n_trials=3, model="conv", options={"defaults_first": False, "warm_start": "dense:2"})
+    out = capsys.readouterr().out
+    for trial, source in zip(conv.study.trials, best, strict=False):  # the conv network's kernel: its sampler's
+        assert {k: trial.params[k] for k in source.params} == source.params and "kernel" in trial.params
+    assert f"first trials: study 'dense', trial {best[0].number} (" in out
+    with pytest.raises(StudyMismatch, match="there is no study 'nowhere' in this storage"):
+        study_env("other", n_trials=1, options={"warm_start": "nowhere"})

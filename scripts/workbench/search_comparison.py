@@ -42,15 +42,18 @@ METHODS = {
 BASELINE = "random+median"
 
 
-def run_study(settings, method: str, seed: int, budget: float, workers: int, experiment=EXPERIMENT) -> dict:
+def run_study(settings, method: str, seed: int, budget: float, workers: int, experiment=EXPERIMENT,
+              defaults_first: bool = False) -> dict:  # fmt: skip
     """One study of ``method`` from ``seed`` for ``budget`` seconds on throwaway stores: every
-    trial's state, value, val_acc and finish time (seconds from the start)."""
+    trial's state, value, val_acc and finish time (seconds from the start). Its first trial is
+    the sampler's, random, as every method's is, unless ``defaults_first``."""
     sampler, pruner = METHODS[method]
     settings = dataclasses.replace(settings, seed=seed)
     with tempfile.TemporaryDirectory(prefix="search-") as folder:
         options = TuneOptions(
             n_trials=100_000, workers=workers, sampler=sampler, pruner=pruner, study_name=f"{method} {seed}",
             storage=f"sqlite:///{folder}/optuna.db", accelerator="cpu", repeats=0, baseline="none",
+            defaults_first=defaults_first,
         ).resolved(settings)  # fmt: skip
         options = dataclasses.replace(options, registered_model="")
         started = time.time()

@@ -141,6 +141,12 @@ class TuneOptions(Options):
         "and no more than fit in memory, the GPUs' too)",
     )
     sampler: str = option("tpe", "how trials are proposed (docs/search.md compares them)", choices=SAMPLERS)
+    defaults_first: bool = option(True, "propose a new study's first trial at random, not at the experiment's defaults")
+    warm_start: str | None = option(
+        None,
+        "another study of --storage whose best trials a new study tries first, in what of their settings its space "
+        "holds: STUDY, or STUDY:K for its K best (default 3)",
+    )
     pruner: str = option("median", "how poor trials are stopped early", choices=PRUNERS)
     pruning: bool = option(True, "train every trial for all its epochs")
     grace_period: int = option(

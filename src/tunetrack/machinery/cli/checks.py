@@ -244,15 +244,13 @@ def load_study(parser: argparse.ArgumentParser, storage: str, study_name: str):
 def fix_searched(parser: argparse.ArgumentParser, experiment, settings) -> tuple[str, ...]:
     """The searched settings that the command line names (tune.py --batch-size 64): a study
     fixes them and searches the others. A value the space does not hold is refused."""
+    from tunetrack.machinery.study.space import within
+
     space = experiment.search_space(settings)
     fixed = tuple(name for name in space if name in parser.named)
     for name in fixed:
         distribution, value = space[name], getattr(settings, name)
-        try:
-            inside = distribution._contains(distribution.to_internal_repr(value))
-        except (ValueError, TypeError):
-            inside = False
-        if not inside:
+        if not within(distribution, value):
             field = next(f for f in dataclasses.fields(settings) if f.name == name)
             parser.error(f"argument {flag(field)}: {value} is outside the space a study searches ({distribution})")
     return fixed

@@ -24,6 +24,14 @@ def _suggest(trial: optuna.Trial, name: str, d: BaseDistribution):
     raise TypeError(f"{name}: no suggest_* call for {type(d).__name__}")
 
 
+def within(distribution: BaseDistribution, value) -> bool:
+    """Whether ``value`` is a point of ``distribution``."""
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))  # Optuna says it nowhere else
+    except (ValueError, TypeError):
+        return False
+
+
 def format_value(value, exact: bool = False) -> str:
     """A parameter's value as tables and console lines show it: a float in three figures, or,
     ``exact``, in as many as read back as the same float."""

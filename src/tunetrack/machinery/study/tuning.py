@@ -19,7 +19,7 @@ from tunetrack.machinery.contract import Experiment
 from tunetrack.machinery.data.batches import examples
 from tunetrack.machinery.objectives import MEASURED, shown
 from tunetrack.machinery.runtime import interrupts
-from tunetrack.machinery.study import repeats, results, studies
+from tunetrack.machinery.study import first_trials, repeats, results, studies
 from tunetrack.machinery.study.baseline import Baseline, run_baselines
 from tunetrack.machinery.study.retraining import train_again
 from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
@@ -71,7 +71,10 @@ def tune(
     name, grace = options.study_name, options.grace_period
     with interrupts.handling():
         storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
-        wanted = studies.definition(settings, experiment.search_space(settings), options, data.fingerprint)
+        space = experiment.search_space(settings)
+        wanted = studies.definition(settings, space, options, data.fingerprint)
+        first = first_trials.first_points(settings, space, options, storage)
+        wanted["first_trials"] = first  # recorded with a new study; a continuation is not compared by it
         study, created = studies.open_study(storage, name, wanted)
         # Only now: a continuation that is refused creates no store or experiment.
         store = _the_studys_own_store(study, options, wait=not created)
@@ -80,6 +83,9 @@ def tune(
         _close_what_dead_workers_left(tracker, storage, name, uid, options)
         to_add = _to_add(options, storage)
         print(_first_line(study, options, to_add), flush=True)
+        if created and first:
+            first_trials.enqueue(study, first)
+            print(first_trials.said(first), flush=True)
         if options.fixed:
             searched = [name for name in wanted["space"] if name not in options.fixed]
             fixed = ", ".join(f"{name}={getattr(settings, name)}" for name in options.fixed)
