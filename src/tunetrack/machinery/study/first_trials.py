@@ -2,9 +2,9 @@
 
 Every trial of a fresh study would otherwise start from a random point of the space, and its
 first result can be a poor one. The experiment's defaults are a known-good model (what
-train.py trains with no flags), and another study's best trials are what was learned there:
-a CNN study can start from an MLP study's learning rate and batch size, Fashion-MNIST's from
-MNIST's. Each is enqueued (Optuna's ``enqueue_trial``) with the settings the space holds; what
+train.py trains with no flags), and another study's best trials are what was learned there: a
+study of one network can start from another's learning rate and batch size, a study of one
+data set from a like one's. Each is enqueued (Optuna's ``enqueue_trial``) with the settings the space holds; what
 it does not, the sampler proposes.
 """
 
