@@ -181,6 +181,12 @@ def call_script(tiny_data):
     return call
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process run with ``python -X importtime`` imported, from its stderr."""
+    lines = [line for line in stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines[1:]}  # the first is the table's header
+
+
 def assert_flag_error(result: subprocess.CompletedProcess, script: str, flag: str) -> None:
     """The script refused a value: exit status 2 and one line on stderr that names the flag."""
     assert result.returncode == 2, result.stderr

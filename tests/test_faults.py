@@ -22,10 +22,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import (
+    ROOT,
     TINY,
     TINY_TRAIN,
     TINY_VAL,
     assert_flag_error,
+    imported_modules,
     read_trials,
     running_trial_with_run,
     tune_args,
@@ -34,6 +36,7 @@ from conftest import (
 )
 from tiny import experiment as tiny
 from tiny.settings import TinySettings
+from tunetrack.machinery.cli import flags
 from tunetrack.machinery.options import TuneOptions
 from tunetrack.machinery.runtime import interrupts
 from tunetrack.machinery.study.tuning import tune
@@ -156,21 +159,6 @@ def test_a_tracking_uri_from_the_environment_is_named_as_such_in_one_short_line(
     assert result.returncode == 2 and line.startswith("train.py: error: environment variable MLFLOW_TRACKING_URI: ")
     assert "folder stores" in line and "sqlite:///mlflow.db" in line and len(line) < 250
     assert not [name for name in STORES if (tmp_path / name).exists()]
-
-
-@pytest.mark.slow  # a script in a process of its own
-def test_a_bad_value_from_a_process_of_its_own_is_one_line_before_torch_is_imported(run_script, tiny_data):
-    """The real process, for what the quick in-process calls above cannot show: the numbers are
-    checked before the seconds that importing torch and Lightning take (Python lists what it
-    imported, on stderr, with PYTHONPROFILEIMPORTTIME)."""
-    result = run_script("tune.py", "--data-dir", str(tiny_data), "--lr", "-1", env={"PYTHONPROFILEIMPORTTIME": "1"})
-    imported = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
-    said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
-    assert result.returncode == 2 and said == [
-        "tune.py: error: argument --lr: expected a number greater than 0, got '-1'"
-    ]
-    assert any(line.endswith(" optuna") for line in imported)  # what it did import is listed
-    assert not [line for line in imported if line.split("|")[-1].strip() in ("torch", "pytorch_lightning", "mlflow")]
 
 
 @pytest.mark.parametrize("script", ["train.py", "tune.py"])
@@ -303,6 +291,58 @@ def test_a_network_of_ones_own_that_raises_is_one_line_naming_its_file(
     assert not [name for name in STORES if (tmp_path / name).exists()]
     shown = call_script(script, "--import", "mine.py", "--model", model, "--data-dir", str(tiny_data), "--verbose")
     assert "Traceback" in shown.stderr and shown.stderr.strip().splitlines()[-1] == error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command",
+    [["train.py", "--help"], ["tune.py", "--help"], ["train.py", "--model", "nope"],
+     ["tune.py", "--dataset", "nope"], ["tune.py", "--lr", "0"]],
+)  # fmt: skip
+def test_help_and_a_refused_flag_answer_before_torch_is_imported(command):
+    """--help lists the data sets and networks, and a wrong one is refused, from the registries'
+    source: no torch, Lightning, MLflow or Optuna, each seconds to import (docs/performance.md)."""
+    script, *args = command
+    python = [sys.executable, "-X", "importtime", str(ROOT / "scripts" / script)]
+    result = subprocess.run([*python, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    imported = imported_modules(result.stderr)
+    assert "tunetrack.machinery.cli.flags" in imported  # the list is whole
+    assert not {name.split(".")[0] for name in imported} & {"torch", "pytorch_lightning", "mlflow", "optuna"}
+    if args == ["--help"]:
+        assert result.returncode == 0 and not said, result.stderr
+        assert "--dataset {mnist,fashion-mnist,kmnist,folder}" in result.stdout and "--model {mlp,cnn}" in result.stdout
+    else:
+        assert result.returncode == 2 and len(said) == 1 and said[0].startswith(f"{script}: error: argument {args[0]}")
+
+
+@pytest.mark.parametrize(
+    ("source", "keys"),
+    [
+        ('REGISTRY = {"a": int, "b": str}\n', ["a", "b"]),
+        ('REGISTRY: dict = {"a": int}\nOTHER = {"c": 1}\n', ["a"]),
+        ('REGISTRY = {"a": int}\nREGISTRY["b"] = str\n', None),  # what it holds is not all written in one place
+        ('REGISTRY = {"a": int}\nREGISTRY.update(b=str)\n', None),
+        ('REGISTRY = {"a": int}\nREGISTRY = {}\n', None),
+        ("REGISTRY = dict(a=int)\n", None),
+        ('KEY = "a"\nREGISTRY = {KEY: int}\n', None),
+        ('def f():\n    global REGISTRY\n    REGISTRY = {}\nREGISTRY = {"a": int}\n', None),
+    ],
+)
+def test_a_registrys_names_are_read_from_its_source_only_where_it_says_them_all(tmp_path, monkeypatch, source, keys):
+    (tmp_path / "registry_source.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert flags.literal_keys("registry_source", "REGISTRY") == keys
+    assert "registry_source" not in sys.modules  # read, not imported
+
+
+def test_help_lists_what_a_file_of_ones_own_registers(call_script, tmp_path, monkeypatch):
+    (tmp_path / "mine.py").write_text(NETWORK_OF_ONES_OWN)
+    monkeypatch.setitem(tiny.NETWORKS, "unbuilt", None)
+    monkeypatch.setitem(tiny.NETWORKS, "misshapen", None)
+    monkeypatch.delitem(sys.modules, "imported_mine", raising=False)
+    shown = call_script("train.py", "--import", "mine.py", "--help")
+    assert shown.returncode == 0 and "--model {dense,conv,unbuilt,misshapen}" in shown.stdout, shown.stderr
 
 
 def test_a_searched_setting_named_on_the_command_line_is_fixed_and_the_rest_searched(call_script, tiny_data, tmp_path):

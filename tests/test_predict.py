@@ -25,7 +25,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REAL_DATA_DIR, ROOT, call_command
+from conftest import REAL_DATA_DIR, ROOT, call_command, imported_modules
 from tunetrack.experiment.data import DATASETS, MNISTDataModule
 from tunetrack.experiment.search import build
 from tunetrack.experiment.settings import Settings
@@ -61,9 +61,9 @@ def champion(tmp_path_factory):
     return tracker, folder, [(images[i].numpy(), int(labels[i])) for i in digits]
 
 
-def run_predict(folder, *args):
+def run_predict(folder, *args, python_flags=()):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-    command = [sys.executable, "scripts/predict.py", *map(str, args)]
+    command = [sys.executable, *python_flags, "scripts/predict.py", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REAL_DATA_DIR.parent)
 
 
@@ -91,6 +91,21 @@ def test_predict_reads_pictures_of_real_digits(champion, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line[: len(e)] for line, e in zip(lines, expected, strict=True)] == expected
+
+
+@pytest.mark.slow
+def test_predict_imports_neither_optuna_nor_lightnings_trainer(champion, tmp_path):
+    """The model says how its pictures are prepared, so reading one needs no experiment: no
+    Optuna and no Lightning Trainer (seconds of imports) in predict.py's process."""
+    _, folder, digits = champion
+    (path, label), *_ = digit_pictures(digits[:1], tmp_path)
+    result = run_predict(folder, path, python_flags=("-X", "importtime"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: {label} (p=")
+    imported = imported_modules(result.stderr)
+    assert "torch" in imported and "mlflow" in imported  # what it does use: the list is whole
+    assert not {name for name in imported if name.split(".")[0] == "optuna"}
+    assert not {name for name in imported if name.startswith("pytorch_lightning")}
 
 
 # predict.py's own faults, with the tiny experiment's champion.

@@ -47,11 +47,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from optuna.distributions import BaseDistribution
+from typing import TYPE_CHECKING, Any
 
 from tunetrack.machinery.objectives import DEFAULT_METRIC, MAXIMIZE, MINIMIZE
+
+if TYPE_CHECKING:  # Optuna takes a tenth of a second to import: predict.py needs none of it
+    from optuna.distributions import BaseDistribution
 
 
 def _lightning_defaults(settings) -> dict:

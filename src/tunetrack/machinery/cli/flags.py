@@ -4,15 +4,22 @@ flag.
 
 A field's metadata says what its flag needs: ``help``; ``minimum`` and ``maximum`` (numbers are
 otherwise at least 1 if whole, above 0 if not); ``choices``, a list, or a registry named as
-"module:NAME" and imported once the other flags are checked (it may import torch); ``flag``,
-another name for the flag. A switch that is on by default gets a ``--no-`` flag.
+"module:NAME"; ``flag``, another name for the flag. A switch that is on by default gets a
+``--no-`` flag.
+
+A registry's module imports torch (seconds); its names are read from its source instead where
+it writes them as one literal dict that nothing else in it changes, so that --help and a wrong
+choice answer at once. Otherwise, or when --import brings files of the user's that may add to
+it, the registry is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
+import importlib.util
 import math
 import sys
 import typing
@@ -79,11 +86,11 @@ def _number_type(field: dataclasses.Field, integer: bool) -> Callable[[str], flo
     return _number(int if integer else float, minimum, inclusive, what, maximum)
 
 
-def _add_flags(parser: argparse.ArgumentParser, cls: type, list_registries: bool = False) -> None:
+def _add_flags(parser: argparse.ArgumentParser, cls: type, listed_with: tuple[str, ...] | None = None) -> None:
     """A flag for every field of ``cls``. No flag has a default of argparse's: what the command
     line does not name is absent, so that a run's recorded settings (train.py --from-trial)
-    can stand where no flag says otherwise. With ``list_registries``, a registry's names are
-    imported and shown (for --help)."""
+    can stand where no flag says otherwise. With ``listed_with`` (for --help: the files of
+    --import), a registry's names are shown."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if "flag" in field.metadata and field.metadata["flag"] is None:
@@ -107,8 +114,8 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type, list_registries: bool
         choices = field.metadata.get("choices")
         listed = choices if isinstance(choices, (tuple, list)) else None
         metavar = None
-        if isinstance(choices, str) and list_registries:
-            metavar = "{" + ",".join(_registry(choices)) + "}"
+        if isinstance(choices, str) and listed_with is not None:
+            metavar = "{" + ",".join(_registry(choices, listed_with)) + "}"
         default = "" if field.default is None else f" (default: {field.default})"
         parser.add_argument(flag(field), dest=field.name, type=parse, choices=listed, default=argparse.SUPPRESS,
                             metavar=metavar, help=help_ + default)  # fmt: skip
@@ -133,23 +140,28 @@ def parse(
     value."""
     argv = sys.argv[1:] if argv is None else list(argv)
     list_registries = "-h" in argv or "--help" in argv
+    imports = ()
     if list_registries:  # what --import registers is listed too
-        imports = argparse.ArgumentParser(add_help=False)
-        imports.add_argument("--import", dest="imports", action="append", default=[])
-        import_files(None, tuple(imports.parse_known_args(argv)[0].imports))
+        imported = argparse.ArgumentParser(add_help=False)
+        imported.add_argument("--import", dest="imports", action="append", default=[])
+        imports = tuple(imported.parse_known_args(argv)[0].imports)
+        import_files(None, imports)
     parser = Parser(doc)
-    _add_flags(parser, settings_class, list_registries)
-    _add_flags(parser, options_class, list_registries)
+    _add_flags(parser, settings_class, imports if list_registries else None)
+    _add_flags(parser, options_class, imports if list_registries else None)
     given = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
     options = options_class(**{f.name: given[f.name] for f in dataclasses.fields(options_class) if f.name in given})
+    if not options.imports:  # the names the command line gives, refused before anything starts
+        for cls in (settings_class, options_class):
+            _check_registries(parser, cls, given, ())
     if on_parsed is not None:
         on_parsed(options)
     import_files(parser, options.imports)
     base = recorded(parser, options) if recorded is not None else {}
     names = {f.name for f in dataclasses.fields(settings_class)}
     settings = settings_class(**{name: value for name, value in {**base, **given}.items() if name in names})
-    for obj in (settings, options):
-        _check_registries(parser, obj)
+    for obj in (settings, options):  # recorded ones, and those of files of --import, too
+        _check_registries(parser, type(obj), dataclasses.asdict(obj), options.imports)
     parser.named = frozenset(name for name in given if name in names)  # the settings the command line names
     return parser, settings, options.resolved(settings)
 
@@ -160,18 +172,57 @@ def load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _registry(choices: str) -> list[str]:
+def _registry(choices: str, imports: tuple[str, ...] = ()) -> list[str]:
+    """The names of the registry "module:NAME": read from the module's source where they can be,
+    without importing it; imported where ``imports`` (files of --import) may have added some."""
+    module, _, name = choices.partition(":")
+    if not imports and module not in sys.modules and (names := literal_keys(module, name)) is not None:
+        return names
     return list(load(choices))
 
 
-def _check_registries(parser: argparse.ArgumentParser, obj) -> None:
-    for field in dataclasses.fields(obj):
+def literal_keys(module: str, name: str) -> list[str] | None:
+    """The keys of ``NAME = {"key": ..., ...}`` in ``module``'s source, or None where the source
+    does not say them all: not one literal dict of strings, or NAME changed elsewhere in it."""
+    try:
+        spec = importlib.util.find_spec(module)
+        source = spec.loader.get_source(module) if spec and spec.loader else None
+    except (ImportError, ValueError):
+        return None
+    if source is None:
+        return None
+    tree = ast.parse(source)
+    assigned = [node for node in tree.body if any(isinstance(t, ast.Name) and t.id == name for t in _targets(node))]
+    if len(assigned) != 1 or not isinstance(assigned[0].value, ast.Dict):
+        return None  # assigned twice, or as something other than a literal dict
+    keys = assigned[0].value.keys
+    if not all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in keys):
+        return None
+    for node in ast.walk(tree):  # nothing else may change it: NAME["x"] = ..., NAME.update(...)
+        if isinstance(node, ast.Name) and node.id == name and not isinstance(node.ctx, ast.Load):
+            if node not in _targets(assigned[0]):
+                return None
+        if isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.value, ast.Name):
+            if node.value.id == name and (isinstance(node, ast.Attribute) or not isinstance(node.ctx, ast.Load)):
+                return None
+    return [k.value for k in keys]
+
+
+def _targets(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return node.targets
+    return [node.target] if isinstance(node, ast.AnnAssign) else []
+
+
+def _check_registries(parser: argparse.ArgumentParser, cls: type, values: dict, imports: tuple[str, ...]) -> None:
+    """Refuse a value of ``values`` (the fields of ``cls`` by name) that its registry lacks."""
+    for field in dataclasses.fields(cls):
         choices = field.metadata.get("choices")
-        if isinstance(choices, str):
-            names = _registry(choices)
-            if getattr(obj, field.name) not in names:
+        if isinstance(choices, str) and field.name in values:
+            names = _registry(choices, imports)
+            if values[field.name] not in names:
                 parser.error(
-                    f"argument {flag(field)}: invalid choice: {getattr(obj, field.name)!r} "
+                    f"argument {flag(field)}: invalid choice: {values[field.name]!r} "
                     f"(choose from {', '.join(map(repr, names))}; one of your own: --import FILE, "
                     "docs/make-it-yours.md)"
                 )

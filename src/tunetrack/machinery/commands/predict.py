@@ -39,20 +39,21 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
 
     import numpy as np
 
-    experiment = flags.load(experiment_path)
-    collector.freeze_imports()  # torch and Lightning, with the experiment
-
     model_uri = args.model
     tracking_uri = checks.check_tracking(
         parser, args.tracking_uri, read_only=True, hint="a study registers a model there"
     )
     card = _card(parser, model_uri, tracking_uri, default_model)
-    kind = experiment.datasets.get(card.dataset or card.task)
-    prepare = getattr(kind, "picture", None)
+    # The model says how its pictures are prepared: the experiment (torch, Lightning, Optuna:
+    # seconds) is imported only for a data set of a user's own, whose preparation is theirs.
+    prepare, classes = card.preparation(), card.classes
+    if prepare is None or classes is None:
+        kind = flags.load(experiment_path).datasets.get(card.dataset or card.task)
+        prepare, classes = prepare or getattr(kind, "picture", None), classes or getattr(kind, "classes", None)
+    collector.freeze_imports()
     if prepare is None or card.input_shape is None:
         what = card.dataset or card.task
         parser.error(f"argument --model: {model_uri} learned {what}, whose pictures predict.py cannot prepare")
-    classes = card.classes or kind.classes
 
     pixels, names, failed = [], [], 0
     for name in args.images:

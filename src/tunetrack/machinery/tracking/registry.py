@@ -123,6 +123,7 @@ def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: M
                 "dataset": next((name for name, kind in datasets.items() if type(data) is kind), None),
                 "classes": list(served["classes"]),  # copies: YAML would write a shared list as an anchor
                 "input_shape": list(served["input_shape"]),
+                "picture": served["picture"],  # predict.py prepares pictures so, without the experiment
             },
         )
     return info.model_id
@@ -163,6 +164,16 @@ class ModelCard:
     dataset: str | None
     classes: tuple[str, ...] | None
     input_shape: tuple[int, ...] | None  # one input's, without the batch
+    picture: str | None = None  # how a picture is prepared for it: "module:function" of its code folder
+
+    def preparation(self):
+        """The function that prepares a picture for this model, where it is this package's own
+        (a data set of the experiment's); None where the model's data set names one of a
+        user's file, or none."""
+        from tunetrack.machinery.data import pictures
+
+        module, _, function = (self.picture or "").partition(":")
+        return getattr(pictures, function, None) if module == PICTURES_MODULE else None
 
 
 def card_of(model_uri: str) -> ModelCard:
@@ -174,7 +185,9 @@ def card_of(model_uri: str) -> ModelCard:
     shape = tuple(inputs[0].shape[1:]) if inputs and getattr(inputs[0], "shape", None) else None  # a signature's
     shape = tuple(metadata["input_shape"]) if metadata.get("input_shape") else shape
     classes = metadata.get("classes")
-    return ModelCard(metadata.get("task"), metadata.get("dataset"), classes and tuple(classes), shape)
+    return ModelCard(
+        metadata.get("task"), metadata.get("dataset"), classes and tuple(classes), shape, metadata.get("picture")
+    )
 
 
 def version_tags(settings: Mapping[str, object], splits, **facts) -> dict[str, object]:
