@@ -6,7 +6,7 @@ DATA ?= mnist
 # make ui PORT=5050, make serve PORT=8000: another port than each one's usual.
 PORT ?=
 
-.PHONY: help taste tune train test test-fast ui dashboard serve servers loadtest benchmark compare clean
+.PHONY: help taste tune train test test-fast lint lock ui dashboard serve servers loadtest benchmark compare clean
 
 help:  ## list the targets and what they do
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | expand -t 12
@@ -29,6 +29,22 @@ test: $(VENV)/installed  ## every test: faults, servers, browser and the real MN
 
 test-fast: $(VENV)/installed  ## the tests that start no script in a process of its own, no server, no browser
 	$(PY) -m pytest $(TESTS_AT_ONCE) -m "not slow"
+
+lint: $(VENV)/installed  ## ruff: the lint rules and the format of pyproject.toml, checked (CI runs it first)
+	$(VENV)/bin/ruff check src scripts tests
+	$(VENV)/bin/ruff format --check src scripts tests
+
+# The newest versions pyproject.toml allows, in an environment of their own: only if the whole
+# suite passes with them does constraints.txt take their versions, for every later install.
+LOCK_VENV := .venv-lock
+lock:  ## try the newest dependencies: a new environment, the whole suite, and constraints.txt if it passes
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pytest $(TESTS_AT_ONCE)
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed '1i # The versions the whole suite last passed with: make lock writes it, make installs with it.' > constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt: the versions the suite passed with; make clean, then any target, installs them"
 
 # MLflow 3's server starts job-queue consumers for its GenAI features that take about a core
 # even when idle; nothing here needs them, and a study running beside the UI wants that core.
@@ -57,9 +73,9 @@ benchmark: $(VENV)/installed  ## time an epoch and a study (docs/performance.md)
 compare: $(VENV)/installed  ## compare samplers and pruners, 5 seeds of 3-minute studies (docs/search.md)
 	$(PY) scripts/compare_search.py
 
-$(VENV)/installed: pyproject.toml
+$(VENV)/installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" --constraint constraints.txt
 	touch $@
 
 clean:  ## remove the environment (data and stores stay)
