@@ -29,6 +29,7 @@ from tunetrack.experiment.data import MNISTDataModule
 from tunetrack.experiment.settings import Settings
 from tunetrack.machinery.cli import checks, flags
 from tunetrack.machinery.options import Options
+from tunetrack.machinery.study import time_split
 
 # The lockstep pairs each of (c)'s epochs but the first with its neighbours among (a)'s.
 at_least_two = flags.whole_number(2)
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  --workers {workers}: {study['seconds']:5.1f} s in all, {study['trials_per_minute']:5.1f} "
                 f"trials/minute; once the workers run, {study['steady_trials_per_minute']:5.1f} trials/minute",
+                f"\n    {time_split.line(study['split'], workers)}",
                 flush=True,
             )
         ratio = studies[1]["steady_trials_per_minute"] / studies[0]["steady_trials_per_minute"]

@@ -102,9 +102,9 @@ def study_env(tiny_settings, tmp_path, tracking_uri):
     def tune_here(study_name: str, n_trials: int, options: dict | None = None, **changes):
         settings = dataclasses.replace(tiny_settings, **changes)
         # No repeats and no baseline unless a test asks: they have tests of their own.
-        chosen = TuneOptions(n_trials=n_trials, workers=1, accelerator="cpu", study_name=study_name,
+        chosen = TuneOptions(n_trials=n_trials, accelerator="cpu", study_name=study_name,
                              storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                             **{"repeats": 0, "baseline": "none", **(options or {})})  # fmt: skip
+                             **{"workers": 1, "repeats": 0, "baseline": "none", **(options or {})})  # fmt: skip
         return tune(TINY, settings, chosen.resolved(settings), lambda: tracker)
 
     tune_here.tracker = tracker

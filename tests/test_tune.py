@@ -175,3 +175,34 @@ def test_the_summary_names_the_best_trial_exactly_and_how_to_train_it_again(stud
     params = ", ".join(f"{name}={value!r}" for name, value in best.params.items())
     assert f"best: trial {best.number} ({params}; seed {best.number}): val_loss" in out
     assert f"train it again: python scripts/train.py --from-trial summary:{best.number} --storage sqlite:///" in out
+
+
+def test_every_run_has_system_metrics_and_the_parent_where_the_studys_time_went(study_env, capsys):
+    """MLflow's system metrics in every run (once an epoch in a trial's), each trial's time by
+    phase, and the session's split in its parent run, adding up: each second counted once."""
+    session = study_env("timed", n_trials=3, options={"workers": 2, "baseline": "linear", "pruning": False})
+    client = study_env.tracker.client
+    children, [parent] = children_and_parents(runs_of(client))
+    trials = [run for run in children if "optuna.trial" in run.data.tags]
+    assert len(trials) == 3 and len(children) == 4  # and the baseline's
+    for run in [*children, parent]:
+        assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100, run.info.run_name
+        assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    for run in trials:
+        history = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert sorted(m.step for m in history) == list(range(STUDY_EPOCHS))  # once an epoch
+        phases = [run.data.metrics[f"time_{phase}_s"] for phase in ("set_up", "training", "validation", "tracking")]
+        assert min(phases) >= 0 and run.data.metrics["time_training_s"] > 0
+        assert sum(phases) == pytest.approx(run.data.metrics["time_fit_s"], abs=0.01)  # none counted twice
+
+    split = {name[len("time_") : -len("_s")]: v for name, v in parent.data.metrics.items() if name.startswith("time_")}
+    inside = sum(split[f"trials_{part}"] for part in ("training", "validation", "tracking", "set_up", "idle"))
+    ran = sum((run.info.end_time - run.info.start_time) / 1000 for run in trials)
+    assert split["trials_idle"] == pytest.approx(max(0.0, 2 * split["trials"] - ran), abs=0.01)
+    assert inside == pytest.approx(max(2 * split["trials"], ran), abs=0.01)  # the workers' time, all of it
+    assert split["trials_training"] == pytest.approx(sum(r.data.metrics["time_training_s"] for r in trials), abs=0.01)
+    after = sum(split[part] for part in ("start_up", "trials", "baseline", "test", "registration", "other"))
+    assert after == pytest.approx(split["study"], abs=0.01) and split["baseline"] > 0 and split["test"] > 0
+    assert session.parent_run_id == parent.info.run_id
+    [said] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time: ")]
+    assert f"trials {split['trials']:.1f} s on 2 worker(s) (training {split['trials_training']:.1f} s" in said

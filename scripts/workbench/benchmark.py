@@ -346,6 +346,9 @@ def time_study(settings: Settings, workers: int, trials: int, stores: str = "sql
         seconds = time.perf_counter() - started
         study_cpu, server_cpu = _study_cpu_seconds() - cpu_before, stores_cpu() - stores_before
         done = outcome.study.trials  # while the stores still run
+        logged = tracker.client.get_run(outcome.parent_run_id).data.metrics
+    split = {name.removeprefix("time_").removesuffix("_s"): value for name, value in logged.items()
+             if name.startswith("time_")}  # fmt: skip
     running = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     return {
         "workers": workers,
@@ -355,4 +358,5 @@ def time_study(settings: Settings, workers: int, trials: int, stores: str = "sql
         "steady_trials_per_minute": 60 * trials / running,
         "study_cpu_seconds": study_cpu,
         "stores_cpu_seconds": server_cpu,
+        "split": split,  # where its time went, as its parent run records it (study/time_split.py)
     }

@@ -60,6 +60,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
             options,
             lambda: checks.connect_tracking(parser, options.tracking_uri, options.experiment),
             deadline,
+            began=started,  # its imports are the study's start-up too
         )
     except StudyMismatch as error:
         parser.error(f"argument {error.flag}: {error}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
+from tunetrack.machinery.tracking.system_metrics import Sampler
 
 LINEAR_EXAMPLES = 5_000  # about a second of LogisticRegression on 28x28 pixels, on one core
 SVC_EXAMPLES = 5_000
@@ -79,7 +80,7 @@ def run_baselines(kinds: Iterable[str], data, tracker: Tracker, parent_run_id: s
                          "SVC learns from in seconds")  # fmt: skip
             continue
         used = min(limit, len(train_y))
-        started = time.perf_counter()
+        started, system = time.perf_counter(), Sampler()  # the machine while it learns
         model = _trained(kind, train_x[:used], train_y[:used])
         classes = len(data.classes)
         metrics = {**_scores(model, *arrays["val"], "val", classes), **_scores(model, *arrays["test"], "test", classes)}
@@ -91,7 +92,7 @@ def run_baselines(kinds: Iterable[str], data, tracker: Tracker, parent_run_id: s
             tracker.log_datasets(run_id, list(splits.values()))
             params = {"kind": kind, "examples": used, "of": len(train_y), "seconds": round(seconds, 3)}
             tracker.log_params(run_id, {**params, "model": repr(model)})
-            tracker.log_metrics(run_id, metrics)
+            tracker.log_metrics(run_id, {**metrics, **system.sample()})
         done.append(Baseline(kind, metrics, used, len(train_y), seconds, run_id))
     return done, notes
 

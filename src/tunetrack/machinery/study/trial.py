@@ -34,6 +34,7 @@ from tunetrack.machinery.study.studies import (
     STUDY_UID_TAG,
     TRIAL_TAG,
 )
+from tunetrack.machinery.study.time_split import SESSION_TAG
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import ServerUnavailable, reason
 from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, TrainingDiverged, fit
@@ -64,6 +65,7 @@ class Session:
     study_uid: str  # the study's identity, on every run: names can repeat and hold any quote
     parent_run_id: str
     deadline: float | None = None  # time.time() after which a worker starts no more trials
+    session_id: str = ""  # which tune.py session: its trials' runs say so (time_split.SESSION_TAG)
 
 
 def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
@@ -145,7 +147,8 @@ def _attempt(trial: optuna.Trial, session: Session, tracker: Tracker, storage: R
     me = studies.worker_id()
     trial.set_user_attr(studies.WORKER_ATTR, me)
     name = session.options.study_name
-    tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number)}
+    tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number),
+            SESSION_TAG: session.session_id}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="taken-up-") as folder:
         kept, run_id, resume_from, restart = _taken_up(trial, tracker, folder, restart)
         if restart:  # what it kept is of no use: from the start, and never from that state again

@@ -19,7 +19,7 @@ from tunetrack.machinery.contract import Experiment
 from tunetrack.machinery.data.batches import examples
 from tunetrack.machinery.objectives import MEASURED, shown
 from tunetrack.machinery.runtime import interrupts
-from tunetrack.machinery.study import first_trials, repeats, results, studies
+from tunetrack.machinery.study import first_trials, repeats, results, studies, time_split
 from tunetrack.machinery.study.baseline import Baseline, run_baselines
 from tunetrack.machinery.study.retraining import train_again
 from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
@@ -48,7 +48,12 @@ class TuneOutcome:
 
 
 def tune(
-    experiment: Experiment, settings, options, open_tracker: Callable[[], Tracker], deadline: float | None = None
+    experiment: Experiment,
+    settings,
+    options,
+    open_tracker: Callable[[], Tracker],
+    deadline: float | None = None,
+    began: float | None = None,
 ) -> TuneOutcome:
     """Run ``options.n_trials`` more trials of the study ``options.study_name`` (created on first
     use) in ``options.workers`` processes, tracked in the MLflow store that ``open_tracker()``
@@ -66,6 +71,7 @@ def tune(
     if options.goal.several and options.pruning:
         print("pruning is off: Optuna prunes no study of two objectives", flush=True)
         options = dataclasses.replace(options, pruning=False)
+    clock = time_split.StudyClock(began)  # its start-up counted from ``began`` (time.time()), or from here
     with torch.device("meta"):  # the data module's fingerprint: a study refuses other data
         _, data = experiment.build(settings)
     name, grace = options.study_name, options.grace_period
@@ -99,9 +105,8 @@ def tune(
             **dataclasses.asdict(settings),
         }
         parent_run_id = _parent_run(tracker, study, uid, created, params, notes)
-        session = Session(
-            experiment, settings, options, tracker.tracking_uri, tracker.experiment_id, uid, parent_run_id, deadline
-        )
+        where = (tracker.tracking_uri, tracker.experiment_id, uid, parent_run_id)
+        session = Session(experiment, settings, options, *where, deadline, clock.session)
         bar = tqdm(total=to_add, desc="study", unit="trial", dynamic_ncols=True)
 
         def report(trial: TrialReport) -> None:
@@ -111,7 +116,8 @@ def tune(
         problems, tested, registered, end = [], None, None, _Ending(notes=notes)
         with contextlib.suppress(_EndedOnAnError), tracker.closing(parent_run_id):
             try:
-                problems = run_workers(session, to_add, options.workers, report) if to_add else []
+                with clock.timing("trials"):
+                    problems = run_workers(session, to_add, options.workers, report) if to_add else []
             finally:
                 bar.close()
             _close_what_dead_workers_left(tracker, storage, name, uid, options)
@@ -121,28 +127,36 @@ def tune(
             count = _repeats(options, real) if finished and end.best is not None else 0
             if count:
                 candidates = results.complete_trials(study)[: options.repeat_best]
-                end.repeated, seconds = repeats.repeat_best(study, candidates, count, experiment, options, tracker,
-                                                            parent_run_id)  # fmt: skip
+                with clock.timing("repeats"):
+                    end.repeated, seconds = repeats.repeat_best(study, candidates, count, experiment, options, tracker,
+                                                                parent_run_id)  # fmt: skip
                 end.best = end.repeated[0].trial if end.repeated else end.best
                 end.repeats_said = _repeats_said(end.repeated, count, seconds, study, options)
             results.log_study_summary(study, tracker, parent_run_id, end.best)
             if finished and not interrupts.requested() and options.baseline != "none":
                 kinds = ["linear", "svc"] if options.baseline == "svc" else ["linear"]
                 tags = {"optuna.study": name, STUDY_UID_TAG: uid}
-                end.baselines, left_out = run_baselines(kinds, real(), tracker, parent_run_id, tags)
+                with clock.timing("baseline"):
+                    end.baselines, left_out = run_baselines(kinds, real(), tracker, parent_run_id, tags)
                 notes += left_out
             if finished and not interrupts.requested():
                 try:
-                    tested = results.evaluate_best_trial(study, tracker, parent_run_id, experiment, options, end.best)
+                    with clock.timing("test"):
+                        tested = results.evaluate_best_trial(study, tracker, parent_run_id, experiment, options,
+                                                             end.best)  # fmt: skip
                 except results.NotEvaluated as why:
                     notes.append(f"test evaluation skipped: {why}")
             if tested and options.registered_model and not interrupts.requested():
                 judge = results.judge_on(experiment, tested.datamodule, options.accelerator, tracker)
                 chosen = next((r for r in end.repeated if r.trial.number == tested.trial.number), None)
-                registered = _register(tracker, study.study_name, uid, tested, options, judge, chosen)
+                with clock.timing("registration"):
+                    registered = _register(tracker, study.study_name, uid, tested, options, judge, chosen)
                 notes.append(registered.line())
             notes += _still_running_elsewhere(study, grace)
             end.test = tested.metrics if tested else None
+            split = clock.split(tracker, options.workers)
+            clock.log(tracker, parent_run_id, split)
+            end.time = time_split.line(split, options.workers)
             _print_summary(study, tracker, parent_run_id, options, end)
             if interrupts.requested():  # during the trials, or while the best was tested and logged
                 raise KeyboardInterrupt  # after the summary; the parent run ends KILLED
@@ -162,6 +176,7 @@ class _Ending:
     repeats_said: list[str] = field(default_factory=list)
     baselines: list[Baseline] = field(default_factory=list)
     test: dict[str, float] | None = None
+    time: str = ""  # where the session's time went (time_split)
 
 
 def _to_add(options, storage) -> int:
@@ -343,6 +358,7 @@ def _print_summary(study, tracker, parent_run_id, options, end: _Ending) -> None
         print(baseline.line(_names(objective, best)))
     for note in end.notes:
         print(note)
+    print(end.time)
     if best is not None:
         print(f"train it again: {train_again(study.study_name, best.number, options.storage)}")
     again = "the same command continues it"

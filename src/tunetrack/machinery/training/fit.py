@@ -10,6 +10,7 @@ step = epoch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -30,6 +31,9 @@ from pytorch_lightning.loggers import Logger
 from tunetrack.machinery.objectives import Objective, better
 from tunetrack.machinery.runtime import devices, interrupts
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
+from tunetrack.machinery.tracking.stores import ServerUnavailable
+from tunetrack.machinery.tracking.system_metrics import Sampler
+from tunetrack.machinery.training.phases import Phases
 from tunetrack.machinery.training.resumption import check_kept
 from tunetrack.machinery.training.several_per_step import NoProfiler, SeveralPerStep
 
@@ -70,6 +74,7 @@ class FitResult:
     metrics: dict[str, float]
     objective: Objective  # what chose the best epoch, and what value() says
     seconds: float
+    phases: Mapping[str, float]  # where the seconds went (training.phases)
     epochs: int  # trained: fewer than max_epochs when a callback stopped the run early
     max_epochs: int
     test: dict[str, float] = dataclasses.field(default_factory=dict)  # test_*, where the test split was used
@@ -181,15 +186,17 @@ class EpochMetricsLogger(Logger):
     batch with the epoch added. They are kept until the next epoch's first batch, or the end of
     training however it ends (``finalize``: success, an exception, Ctrl-C), and then written in
     one log_batch call: one request per epoch to a tracking server, where each costs about as
-    much CPU as a training step of a small trial. The run's lifecycle is the caller's (see
-    :meth:`Tracker.run`).
+    much CPU as a training step of a small trial. The machine's system metrics ride along, sampled
+    then (tracking.system_metrics). The run's lifecycle is the caller's (see :meth:`Tracker.run`).
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, logged: set[tuple[str, int]] = frozenset()):
+    def __init__(self, tracker: Tracker, run_id: str, logged: set[tuple[str, int]] = frozenset(),
+                 phases: Phases | None = None):  # fmt: skip
         super().__init__()
         self.tracker, self.run_id = tracker, run_id
         self.logged = logged  # (metric, epoch) already in the run: a run taken up again logs each once
-        self._epoch, self._metrics = None, {}
+        self.phases = phases or Phases()  # whose clock its writes run on
+        self._epoch, self._metrics, self._system, self._sampled = None, {}, Sampler(), None
         self.trainer: pl.Trainer | None = None  # set once the Trainer exists
 
     @property
@@ -226,7 +233,11 @@ class EpochMetricsLogger(Logger):
     def _flush(self) -> None:
         metrics = {name: value for name, value in self._metrics.items() if (name, self._epoch) not in self.logged}
         if metrics and self.tracker is not None:
-            self.tracker.log_metrics(self.run_id, metrics, step=self._epoch)
+            if self._epoch != self._sampled:  # once an epoch (Lightning may save() more often)
+                metrics.update(self._system.sample())
+                self._sampled = self._epoch
+            with self.phases.tracking():
+                self.tracker.log_metrics(self.run_id, metrics, step=self._epoch)
         self._metrics = {}
 
 
@@ -261,71 +272,88 @@ def fit(
     own_callbacks = list(arguments.pop("callbacks", None) or [])
     if resume_from is not None:
         check_kept(model, resume_from)
-    started = time.perf_counter()
-    data.prepare_data()
-    if resume_from is None:
-        tracker.log_datasets(run_id, [split for split in data.describe() if evaluate_test or split.context != "test"])
-        tracker.log_params(
-            run_id,
-            {
-                **dataclasses.asdict(settings),
-                "data_source": data.source,
-                "accelerator": options.accelerator,
-                "minibatches_per_step": options.minibatches_per_step,
-                THREADS: torch.get_num_threads(),  # the order of a CPU's sums: train.py --from-run trains with as many
-                **devices.params(),  # which GPU, in a tune worker given one
-            },
+    started, phases, ended, logger = time.perf_counter(), Phases(), None, None
+    try:
+        data.prepare_data()
+        if resume_from is None:
+            with phases.tracking():
+                splits = [split for split in data.describe() if evaluate_test or split.context != "test"]
+                tracker.log_datasets(run_id, splits)
+                tracker.log_params(
+                    run_id,
+                    {
+                        **dataclasses.asdict(settings),
+                        "data_source": data.source,
+                        "accelerator": options.accelerator,
+                        "minibatches_per_step": options.minibatches_per_step,
+                        # The order of a CPU's sums: train.py --from-run trains with as many threads.
+                        THREADS: torch.get_num_threads(),
+                        **devices.params(),  # which GPU, in a tune worker given one
+                    },
+                )
+        best = _BestEpoch(*options.goal.per_epoch)
+        logged = tracker.logged_steps(run_id) if resume_from else frozenset()
+        logger = EpochMetricsLogger(tracker, run_id, logged, phases)
+        trainer = pl.Trainer(
+            accelerator=options.accelerator,
+            devices=1,
+            max_epochs=settings.max_epochs,
+            logger=logger,
+            callbacks=[
+                SeveralPerStep(options.minibatches_per_step),
+                best,
+                _CtrlC(),
+                phases,
+                *own_callbacks,
+                *callbacks,
+                *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
+            ],
+            enable_progress_bar=progress_bar,
+            enable_model_summary=progress_bar,
+            enable_checkpointing=False,  # _BestEpoch keeps the weights worth keeping
+            profiler=NoProfiler(),
+            num_sanity_val_steps=0,  # validation runs after every epoch anyway
+            log_every_n_steps=0,  # every curve is per epoch: no step-level logging work at all
+            **arguments,
         )
-    best = _BestEpoch(*options.goal.per_epoch)
-    logger = EpochMetricsLogger(tracker, run_id, tracker.logged_steps(run_id) if resume_from else frozenset())
-    trainer = pl.Trainer(
-        accelerator=options.accelerator,
-        devices=1,
-        max_epochs=settings.max_epochs,
-        logger=logger,
-        callbacks=[
-            SeveralPerStep(options.minibatches_per_step),
-            best,
-            _CtrlC(),
-            *own_callbacks,
-            *callbacks,
-            *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
-        ],
-        enable_progress_bar=progress_bar,
-        enable_model_summary=progress_bar,
-        enable_checkpointing=False,  # _BestEpoch keeps the weights worth keeping
-        profiler=NoProfiler(),
-        num_sanity_val_steps=0,  # validation runs after every epoch anyway
-        log_every_n_steps=0,  # every curve is per epoch: no step-level logging work at all
-        **arguments,
-    )
-    logger.trainer = trainer
-    _interruptible(trainer.fit, model, datamodule=data, ckpt_path=resume_from)
+        logger.trainer = trainer
+        _interruptible(trainer.fit, model, datamodule=data, ckpt_path=resume_from)
 
-    model.load_state_dict(best.weights)
-    epochs = trainer.current_epoch  # the epochs completed
-    metrics = {**best.metrics, **size_and_latency(model)}
-    summary = {"best_epoch": best.epoch, "epochs": epochs, **{f"best_{k}": v for k, v in best.metrics.items()}}
-    test = evaluate(model, data, options.accelerator, "test") if evaluate_test else {}
-    tracker.log_metrics(run_id, {**summary, **{k: v for k, v in metrics.items() if k not in best.metrics}, **test})
-    with tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
-        path = Path(tmp) / CHECKPOINT_ARTIFACT.name
-        trainer.save_checkpoint(path, weights_only=True)
-        tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
-    result = FitResult(
-        run_id=run_id,
-        model=model,
-        best_epoch=best.epoch,
-        metrics=metrics,
-        objective=options.goal,
-        seconds=time.perf_counter() - started,
-        epochs=epochs,
-        max_epochs=settings.max_epochs,
-        test=test,
-    )
-    if result.stopped_early:
-        tracker.set_tags(run_id, {"stopped_early": result.stopped_early})
-    return result
+        model.load_state_dict(best.weights)
+        epochs = trainer.current_epoch  # the epochs completed
+        metrics = {**best.metrics, **size_and_latency(model)}
+        summary = {"best_epoch": best.epoch, "epochs": epochs, **{f"best_{k}": v for k, v in best.metrics.items()}}
+        test = evaluate(model, data, options.accelerator, "test") if evaluate_test else {}
+        with phases.tracking(), tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+            more = {k: v for k, v in metrics.items() if k not in best.metrics}
+            tracker.log_metrics(run_id, {**summary, **more, **test})
+            path = Path(tmp) / CHECKPOINT_ARTIFACT.name
+            trainer.save_checkpoint(path, weights_only=True)
+            tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
+        result = FitResult(
+            run_id=run_id,
+            model=model,
+            best_epoch=best.epoch,
+            metrics=metrics,
+            objective=options.goal,
+            seconds=time.perf_counter() - started,
+            phases=phases.seconds,
+            epochs=epochs,
+            max_epochs=settings.max_epochs,
+            test=test,
+        )
+        if result.stopped_early:
+            tracker.set_tags(run_id, {"stopped_early": result.stopped_early})
+        return result
+    except BaseException as error:
+        ended = error
+        raise
+    finally:  # where its time went, however it ended (a pruned trial's too), unless it was stopped, the store is
+        # gone, or the run is another process's now (EpochMetricsLogger.forget)
+        ours = logger is not None and logger.tracker is not None
+        if ours and not isinstance(ended, (KeyboardInterrupt, SystemExit, ServerUnavailable)):
+            with contextlib.suppress(Exception):
+                tracker.log_metrics(run_id, {**phases.metrics(), "time_fit_s": round(time.perf_counter() - started, 3)})
 
 
 def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str, split: str) -> dict[str, float]:
