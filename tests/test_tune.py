@@ -201,7 +201,7 @@ def test_every_run_has_system_metrics_and_the_parent_where_the_studys_time_went(
     assert split["trials_idle"] == pytest.approx(max(0.0, 2 * split["trials"] - ran), abs=0.01)
     assert inside == pytest.approx(max(2 * split["trials"], ran), abs=0.01)  # the workers' time, all of it
     assert split["trials_training"] == pytest.approx(sum(r.data.metrics["time_training_s"] for r in trials), abs=0.01)
-    after = sum(split[part] for part in ("start_up", "trials", "baseline", "test", "registration", "other"))
+    after = sum(split[part] for part in ("start_up", "trials", "summary", "baseline", "test", "registration", "other"))
     assert after == pytest.approx(split["study"], abs=0.01) and split["baseline"] > 0 and split["test"] > 0
     assert session.parent_run_id == parent.info.run_id
     [said] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time: ")]

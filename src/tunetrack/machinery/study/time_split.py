@@ -1,8 +1,9 @@
 """Where a study's time went: its process's start-up (imports, checks, the data, the stores),
 the trials (their wall time on the workers, split into training, validation, tracking and set-up
 from each trial run's own ``time_<phase>_s``, training.phases, and the time workers had no
-trial), then the repeats, the baseline, the test evaluation with the model's logging, the
-registration, and the rest (the summary, closing the runs). Logged to the study's parent run as
+trial), then the repeats, the parent run's summary (its plots and CSV), the baseline, the test
+evaluation with the model's logging, the registration, and the rest (the console's summary,
+closing the runs). Logged to the study's parent run as
 ``time_<part>_s``, with the machine's system metrics over the whole session, and printed in one
 line at the end (scripts/benchmark.py prints it too).
 """
@@ -19,7 +20,8 @@ from tunetrack.machinery.tracking.system_metrics import Sampler
 
 SESSION_TAG = "tunetrack.session"  # on every trial run: which tune.py session ran it
 TRIAL_PHASES = ("training", "validation", "tracking", "set_up")
-AFTER = {"repeats": "repeats", "baseline": "baseline", "test": "test and model", "registration": "registration"}
+AFTER = {"repeats": "repeats", "summary": "summary, plots and CSV", "baseline": "baseline", "test": "test and model",
+         "registration": "registration"}  # fmt: skip
 
 
 class StudyClock:

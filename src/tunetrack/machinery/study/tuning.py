@@ -132,7 +132,8 @@ def tune(
                                                                 parent_run_id)  # fmt: skip
                 end.best = end.repeated[0].trial if end.repeated else end.best
                 end.repeats_said = _repeats_said(end.repeated, count, seconds, study, options)
-            results.log_study_summary(study, tracker, parent_run_id, end.best)
+            with clock.timing("summary"):
+                results.log_study_summary(study, tracker, parent_run_id, end.best)
             if finished and not interrupts.requested() and options.baseline != "none":
                 kinds = ["linear", "svc"] if options.baseline == "svc" else ["linear"]
                 tags = {"optuna.study": name, STUDY_UID_TAG: uid}
