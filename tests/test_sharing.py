@@ -39,6 +39,37 @@ def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_r
     assert {r.data.tags["mlflow.parentRunId"] for r in runs if r not in parents} == {parents[0].info.run_id}
 
 
+# Every private name of Optuna's the machinery uses, where, and why: the next Optuna may move
+# any of them, and this test says which, before a study fails on it.
+OPTUNAS_PRIVATES = {
+    "optuna.storages._rdb.models:TrialModel.find_or_raise_by_id": "studies._end_attempt, to compare-and-set a "
+    "trial's state, which no public call does",
+    "optuna.storages._rdb.storage:_create_scoped_session": "studies._end_attempt's transaction",
+    "optuna.storages:RDBStorage._get_stale_trial_ids": "studies._stale_trial_ids and take_back_dead_trials",
+    "optuna.storages._cached_storage:_CachedStorage": "the wrapper whose backend calls PatientStorage retries",
+    **{
+        f"optuna.storages:RDBStorage.{name}": "what Optuna's _CachedStorage calls on its backend, retried"
+        for name in ("_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id")
+    },
+}
+
+
+@pytest.mark.parametrize("private", sorted(OPTUNAS_PRIVATES))
+def test_every_private_name_of_optunas_that_the_study_uses_is_there(private):
+    import importlib
+
+    import optuna
+
+    module, _, path = private.partition(":")
+    found = importlib.import_module(module)
+    for part in path.split("."):
+        found = getattr(found, part, None)
+    assert found is not None, (
+        f"Optuna {optuna.__version__} has no {module}.{path}, which {OPTUNAS_PRIVATES[private]} uses "
+        "(machinery/study/studies.py): keep the Optuna of constraints.txt, or rewrite that use"
+    )
+
+
 def test_every_storage_call_optunas_cache_makes_is_retried_while_a_server_blinks():
     """PatientStorage retries by wrapping RDBStorage's methods; Optuna's _CachedStorage, which
     every study opened on it goes through, also calls private ones. A call left unwrapped fails
