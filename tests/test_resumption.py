@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from conftest import read_trials, tune_args, wait_for
 from tunetrack.machinery.study import studies
+from tunetrack.machinery.study.storage import open_storage
 
 EPOCHS, HELD_AT = 6, 3  # the fourth epoch of six, 0-based
 COMMON = ("--max-epochs", str(EPOCHS), "--no-pruning", "--model", "conv")
@@ -97,7 +98,7 @@ def test_a_trial_whose_worker_is_killed_outright_goes_on_in_the_next_run(run_scr
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # a study stepped by hand
 def test_a_trial_cut_short_more_often_than_allowed_fails_and_says_why(tmp_path):
     path = tmp_path / "optuna.db"
-    storage = studies.open_storage(f"sqlite:///{path}", grace=60)
+    storage = open_storage(f"sqlite:///{path}", grace=60)
     study = optuna.create_study(study_name="s", storage=storage)
     gone = {"host": "another machine", "pid": 1, "pids": None}  # only its heartbeat can tell it died
     for times in (0, 1, 2):

@@ -42,10 +42,10 @@ def test_three_starts_at_once_in_an_empty_folder_make_one_study_and_one_parent_r
 # Every private name of Optuna's the machinery uses, where, and why: the next Optuna may move
 # any of them, and this test says which, before a study fails on it.
 OPTUNAS_PRIVATES = {
-    "optuna.storages._rdb.models:TrialModel.find_or_raise_by_id": "studies._end_attempt, to compare-and-set a "
+    "optuna.storages._rdb.models:TrialModel.find_or_raise_by_id": "storage._end_attempt, to compare-and-set a "
     "trial's state, which no public call does",
-    "optuna.storages._rdb.storage:_create_scoped_session": "studies._end_attempt's transaction",
-    "optuna.storages:RDBStorage._get_stale_trial_ids": "studies._stale_trial_ids and take_back_dead_trials",
+    "optuna.storages._rdb.storage:_create_scoped_session": "storage._end_attempt's transaction",
+    "optuna.storages:RDBStorage._get_stale_trial_ids": "storage._stale_trial_ids, and studies.take_back_dead_trials",
     "optuna.storages._cached_storage:_CachedStorage": "the wrapper whose backend calls PatientStorage retries",
     **{
         f"optuna.storages:RDBStorage.{name}": "what Optuna's _CachedStorage calls on its backend, retried"
@@ -66,23 +66,25 @@ def test_every_private_name_of_optunas_that_the_study_uses_is_there(private):
         found = getattr(found, part, None)
     assert found is not None, (
         f"Optuna {optuna.__version__} has no {module}.{path}, which {OPTUNAS_PRIVATES[private]} uses "
-        "(machinery/study/studies.py): keep the Optuna of constraints.txt, or rewrite that use"
+        "(machinery/study/storage.py): keep the Optuna of constraints.txt, or rewrite that use"
     )
 
 
-def test_every_storage_call_optunas_cache_makes_is_retried_while_a_server_blinks():
-    """PatientStorage retries by wrapping RDBStorage's methods; Optuna's _CachedStorage, which
-    every study opened on it goes through, also calls private ones. A call left unwrapped fails
-    its trial on a database restart (seen: _set_trial_param), so each must be wrapped."""
+def test_every_storage_call_optuna_makes_is_retried_while_a_server_blinks():
+    """PatientStorage retries each call of Optuna's storage API it names, and the private ones
+    that Optuna's _CachedStorage, which every study opened on it goes through, calls on its
+    backend. A call left unwrapped fails its trial on a database restart (seen: _set_trial_param),
+    so an Optuna that adds one must find it named here."""
     import inspect
     import re
 
-    from optuna.storages import _cached_storage
+    from optuna.storages import BaseStorage, _cached_storage
 
-    from tunetrack.machinery.study.studies import PatientStorage
+    from tunetrack.machinery.study.storage import PatientStorage
 
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
     called -= {"get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}  # settings, no query
     assert "_set_trial_param" in called  # what the pattern finds
-    unwrapped = [name for name in called if not hasattr(getattr(PatientStorage, name), "__wrapped__")]
-    assert not unwrapped, f"PatientStorage does not retry {unwrapped}"
+    called |= {name for name in dir(BaseStorage) if not name.startswith("_")}
+    unwrapped = sorted(name for name in called if not hasattr(getattr(PatientStorage, name), "__wrapped__"))
+    assert not unwrapped, f"PatientStorage does not retry {unwrapped}: name them in machinery/study/storage.py"

@@ -325,7 +325,7 @@ _under_way = threading.local()  # the kinds of call this thread makes now: their
 
 def time_calls(folder: Path) -> None:
     """From now on, in this process and its forks, write to a file of each one's own in
-    ``folder`` every call of the Optuna storage (machinery.study.studies.PatientStorage, each as long
+    ``folder`` every call of the Optuna storage (machinery.study.storage.PatientStorage, each as long
     as the trial waits for it, its retries included) and of the MLflow client
     (machinery.tracking.mlflow_runs.RetryingClient), and every retry that the machinery or MLflow's HTTP
     client makes."""
@@ -334,12 +334,12 @@ def time_calls(folder: Path) -> None:
     _folder.append(folder)
     import urllib3
 
-    from tunetrack.machinery.study import studies
+    from tunetrack.machinery.study import storage as study_storage
     from tunetrack.machinery.tracking import mlflow_runs
 
-    storage = studies.PatientStorage
+    storage = study_storage.PatientStorage
     for name, method in list(vars(storage).items()):
-        if callable(method) and hasattr(method, "__wrapped__"):  # a call that studies made patient
+        if callable(method) and hasattr(method, "__wrapped__"):  # a call that the storage made patient
             setattr(storage, name, _timed("optuna", name, method))
     transient, attribute, retried = storage._transient, mlflow_runs.RetryingClient.__getattr__, mlflow_runs.retried
     increment = urllib3.util.retry.Retry.increment

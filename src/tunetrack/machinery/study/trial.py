@@ -26,6 +26,7 @@ from tunetrack.machinery.objectives import MEASURED, shown
 from tunetrack.machinery.runtime import devices, interrupts
 from tunetrack.machinery.study import studies
 from tunetrack.machinery.study.space import format_value, width
+from tunetrack.machinery.study.storage import hand_back_when_told, leave_when_told
 from tunetrack.machinery.study.studies import (
     METRICS_ATTR,
     RESTARTED_ATTR,
@@ -86,7 +87,7 @@ def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: 
         _forget_kept(trial, tracker)
         raise
     except TakenOver:
-        studies.leave_when_told(storage, trial._trial_id)  # its record is the other process's
+        leave_when_told(storage, trial._trial_id)  # its record is the other process's
         raise
     except KeyboardInterrupt:
         seen = storage.get_trial(trial._trial_id)
@@ -94,7 +95,7 @@ def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: 
         with interrupts.held():
             if resumes:
                 studies.cut_short(storage, seen, interrupts.reason(), session.options.resume_attempts, resumes)
-                studies.hand_back_when_told(storage, trial._trial_id)
+                hand_back_when_told(storage, trial._trial_id)
             else:
                 _keep(trial, "fail_reason", interrupts.reason())
         if not resumes:

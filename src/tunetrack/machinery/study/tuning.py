@@ -22,6 +22,7 @@ from tunetrack.machinery.runtime import interrupts
 from tunetrack.machinery.study import first_trials, repeats, results, studies, time_split
 from tunetrack.machinery.study.baseline import Baseline, run_baselines
 from tunetrack.machinery.study.retraining import train_again
+from tunetrack.machinery.study.storage import open_storage
 from tunetrack.machinery.study.studies import RUN_ATTR, SETTINGS_ATTR, STUDY_UID_TAG, TRIAL_TAG
 from tunetrack.machinery.study.trial import Session, TrialReport, close_run
 from tunetrack.machinery.study.workers import quiet_libraries, run_workers
@@ -76,7 +77,7 @@ def tune(
         _, data = experiment.build(settings)
     name, grace = options.study_name, options.grace_period
     with interrupts.handling():
-        storage = studies.open_storage(options.storage, grace, patience=options.server_patience)
+        storage = open_storage(options.storage, grace, patience=options.server_patience)
         space = experiment.search_space(settings)
         wanted = studies.definition(settings, space, options, data.fingerprint)
         first = first_trials.first_points(settings, space, options, storage)

@@ -28,6 +28,7 @@ from tunetrack.machinery.runtime.user_files import import_files
 from tunetrack.machinery.study import fork_server, studies
 from tunetrack.machinery.study.fork_server import available_cores
 from tunetrack.machinery.study.samplers import make_pruner, make_sampler
+from tunetrack.machinery.study.storage import open_storage
 from tunetrack.machinery.study.trial import Session, TakenOver, TrialReport, close_run, objective
 from tunetrack.machinery.tracking.mlflow_runs import RetryingClient, Tracker
 from tunetrack.machinery.tracking.stores import DISK_FULL, disk_full, reason
@@ -65,7 +66,7 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
         silent = f"its heartbeat stopped for over {options.grace_period} s"
         report(TrialReport.of(trial, note=f"{silent}: its process died, or was stopped or cut off"))
 
-    storage = studies.open_storage(options.storage, options.grace_period, close_stale, options.server_patience)
+    storage = open_storage(options.storage, options.grace_period, close_stale, options.server_patience)
     study = optuna.load_study(
         study_name=options.study_name,
         storage=storage,
