@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--model",
                 "models:/digits-classifier@champion",
                 str(next(digits.rglob("*.png"))),
-            ],  # fmt: skip
+            ],
         }
         for tree in trees:  # each its own store, made and holding a champion before anything is timed
             (work / tree.name).mkdir(exist_ok=True)

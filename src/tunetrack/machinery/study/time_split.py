@@ -35,7 +35,7 @@ class StudyClock:
 
     @contextlib.contextmanager
     def timing(self, part: str) -> Iterator[None]:
-        if "start_up" not in self.seconds and part == "trials":
+        if not self.seconds:  # the first part timed ends the start-up
             self.seconds["start_up"] = time.time() - self.began
         started = time.perf_counter()
         try:

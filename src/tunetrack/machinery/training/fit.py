@@ -74,7 +74,6 @@ class FitResult:
     metrics: dict[str, float]
     objective: Objective  # what chose the best epoch, and what value() says
     seconds: float
-    phases: Mapping[str, float]  # where the seconds went (training.phases)
     epochs: int  # trained: fewer than max_epochs when a callback stopped the run early
     max_epochs: int
     test: dict[str, float] = dataclasses.field(default_factory=dict)  # test_*, where the test split was used
@@ -337,7 +336,6 @@ def fit(
             metrics=metrics,
             objective=options.goal,
             seconds=time.perf_counter() - started,
-            phases=phases.seconds,
             epochs=epochs,
             max_epochs=settings.max_epochs,
             test=test,

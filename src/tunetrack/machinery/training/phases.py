@@ -2,7 +2,7 @@
 it runs, each second counted once (writing during an epoch is tracking, not training), and the
 rest (the data and the Trainer made ready, the best epoch's weights measured and kept) as
 set-up. fit() logs them to its run as ``time_<phase>_s`` however it ends, a pruned trial's
-included, and a study adds its trials' up in its parent run (study/tuning.py).
+included, and a study adds its trials' up in its parent run (study/time_split.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Phases(Callback):
     def __init__(self):
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self._phase, self._since = "set_up", time.perf_counter()
+        self._after_validation = "set_up"  # the phase a validation interrupts: an epoch's training, or none
 
     def switch(self, phase: str) -> str:
         """Count the time since the last switch to the phase it was in; return that phase."""
@@ -49,7 +50,7 @@ class Phases(Callback):
         self._after_validation = self.switch("validation")
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self.switch(getattr(self, "_after_validation", "set_up"))
+        self.switch(self._after_validation)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.switch("set_up")
