@@ -58,6 +58,10 @@ def test_a_study_tracks_every_trial_nested_under_one_parent(study_env, capsys):
     assert parent.data.tags["best_trial"] == str(best.number)
     assert parent.data.tags["best.width"] == str(best.params["width"])
     assert parent.data.metrics["test_acc"] == pytest.approx(session.test["test_acc"])
+    [output] = parent.outputs.model_outputs  # the tested network, which holds its own test metrics
+    logged = tracker.client.get_logged_model(output.model_id)
+    assert {m.key: m.value for m in logged.metrics}["test_acc"] == pytest.approx(session.test["test_acc"])
+    assert logged.tags["tested_trial"] == str(best.number)
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
     artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
     assert "trials.csv" in artifacts

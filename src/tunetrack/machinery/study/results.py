@@ -117,8 +117,9 @@ def evaluate_best_trial(
     study: optuna.Study, tracker: Tracker, parent_run_id: str, experiment, options, best: FrozenTrial | None = None
 ) -> Tested | None:
     """Evaluate the best trial's best-epoch weights (``best``'s, where the repeats chose another)
-    on the test set, once, and log them, with the model, on the parent run. The test set plays
-    no part in choosing the trial."""
+    on the test set, once, and log them, with the model, on the parent run: the test metrics
+    belong to the logged model too, so that where several processes of one study each tested
+    their best, each model says its own. The test set plays no part in choosing the trial."""
     from tunetrack.machinery.training.fit import CHECKPOINT_ARTIFACT, evaluate, load_weights
 
     best = best or best_trial(study)
@@ -138,9 +139,10 @@ def evaluate_best_trial(
         load_weights(model, path)
     test = evaluate(model, data, options.accelerator, "test")
     tracker.log_datasets(parent_run_id, [split for split in data.describe() if split.context == "test"])
-    tracker.log_metrics(parent_run_id, test, step=len(study.trials))
-    tracker.set_tags(parent_run_id, {"tested_trial": best.number, "tested_run_id": run_id})
-    model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task, experiment.datasets)
+    tested = {"tested_trial": best.number, "tested_run_id": run_id}
+    model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task, experiment.datasets, tested)
+    tracker.log_metrics(parent_run_id, test, step=len(study.trials), model_id=model_id)
+    tracker.set_tags(parent_run_id, tested)
     return Tested(best, test, model_id, data.describe(), data)
 
 

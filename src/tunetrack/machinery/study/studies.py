@@ -118,11 +118,16 @@ def uid(study: optuna.Study) -> str:
 
 def _wait_for(study: optuna.Study, attr: str):
     """A user attribute that the process creating the study records a moment after creating it.
-    A study with trials had its chance long ago: it gets no wait."""
+    A study with a trial begun had its chance long ago: it gets no wait. A trial that waits to
+    begin does not count: the creator enqueues the study's first points before it records all."""
     deadline = time.monotonic() + CREATOR_SECONDS
-    while attr not in (attrs := study.user_attrs) and not study.trials and time.monotonic() < deadline:
+    while attr not in (attrs := study.user_attrs) and not _begun(study) and time.monotonic() < deadline:
         time.sleep(0.1)
     return attrs.get(attr)
+
+
+def _begun(study: optuna.Study) -> bool:
+    return any(trial.state != TrialState.WAITING for trial in study.get_trials(deepcopy=False))
 
 
 def _check_definition(name: str, recorded: dict, wanted: dict) -> None:
@@ -289,10 +294,17 @@ def recorded_parent_runs(study: optuna.Study, wait: bool = False) -> dict[str, s
     return (_wait_for(study, PARENT_RUN_ATTR) if wait else study.user_attrs.get(PARENT_RUN_ATTR)) or {}
 
 
-def record_parent_run(study: optuna.Study, store: str, run_id: str) -> str:
-    """Record ``run_id`` as the study's parent run in ``store``; return the one recorded now.
+def record_parent_run(study: optuna.Study, store: str, run_id: str, replacing: str | None, settle: float = 0) -> str:
+    """Record ``run_id`` as the study's parent run in ``store`` in place of ``replacing`` (the run
+    found there before ``run_id`` was made, or None); return the run to use.
 
-    Two processes that record at the same moment read back whichever id was stored last.
+    Optuna's storage has no compare-and-set, so: a run another process recorded meanwhile is
+    used instead of this one; and after writing, ``settle`` seconds pass before reading back, so
+    that two processes whose writes land within that time both read the last one.
     """
-    study.set_user_attr(PARENT_RUN_ATTR, {**study.user_attrs.get(PARENT_RUN_ATTR, {}), store: run_id})
+    recorded = study.user_attrs.get(PARENT_RUN_ATTR, {})
+    if recorded.get(store) not in (None, replacing):
+        return recorded[store]
+    study.set_user_attr(PARENT_RUN_ATTR, {**recorded, store: run_id})
+    time.sleep(settle)
     return study.user_attrs[PARENT_RUN_ATTR][store]  # read back from the storage

@@ -262,8 +262,8 @@ def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, 
 
     Only the process that created the study creates its run; one that found the study just
     created waits for that run. Where a run must be made later (a store that lost it, or
-    another store), two processes starting at the same moment read back whichever id was
-    recorded last, and the other drops its own.
+    another store), two processes starting at the same moment agree on one run
+    (studies.record_parent_run), and the other drops its own.
     """
     store, name = public(tracker.tracking_uri), study.study_name
     recorded = studies.recorded_parent_runs(study, wait=not created)
@@ -293,7 +293,8 @@ def _parent_run(tracker: Tracker, study: optuna.Study, uid: str, created: bool, 
         f"{name} ({uid[:8]})" if older else name, tags={"optuna.study": name, STUDY_UID_TAG: uid}
     )
     tracker.log_params(run_id, params)
-    winner = studies.record_parent_run(study, store, run_id)
+    # The creator is the only writer (a study is created once): it needs no time to settle.
+    winner = studies.record_parent_run(study, store, run_id, recorded.get(store), settle=0 if created else 1)
     if winner != run_id:
         tracker.delete_run(run_id)
         tracker.reopen(winner)

@@ -276,9 +276,15 @@ class Tracker:
         for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start : start + _MAX_PARAMS_PER_BATCH])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None
+    ) -> None:
+        """Log ``metrics`` on the run; with ``model_id``, as that logged model's too (its page
+        in mlflow ui shows them)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+        self.client.log_batch(
+            run_id, metrics=[Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
+        )
 
     def log_datasets(self, run_id: str, splits: Sequence[DataSplit]) -> None:
         """Record what the run trained, validated and tested on as MLflow dataset inputs: mlflow ui

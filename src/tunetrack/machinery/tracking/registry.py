@@ -83,10 +83,12 @@ def _served(picture, classes, input_shape) -> dict:
     return {"files": files, "classes": list(classes), "input_shape": list(input_shape), "picture": preparation}
 
 
-def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: Mapping[str, type]) -> str:
+def log_model(
+    tracker: Tracker, run_id: str, model, data, task: str, datasets: Mapping[str, type], tags: Mapping | None = None
+) -> str:
     """Log ``model`` (its forward, on the CPU) as the model of the run ``run_id``, in the run's
-    experiment, with the first five inputs of ``data``'s test split as its example; return its
-    model id, so that ``models:/<id>`` loads it. Its metadata says what it was trained for: the
+    experiment, with the first five inputs of ``data``'s test split as its example, and
+    ``tags``; return its model id, so that ``models:/<id>`` loads it. Its metadata says what it was trained for: the
     task, the data set's name in ``datasets`` (how predict.py prepares a picture for it), the
     classes its outputs score and the shape of one input. It has no signature: the served model
     takes pictures as well as pixels, and checks each itself (served_model.py)."""
@@ -115,6 +117,7 @@ def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: M
             signature=infer_signature(example, module(torch.from_numpy(example)).detach().numpy()),
             input_example=example,
             serialization_format="pt2",
+            tags=dict(tags or {}),
             served=served,
             # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
             pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVED_REQUIREMENTS],
