@@ -12,7 +12,7 @@ from tunetrack.machinery.options import PRUNERS, SAMPLERS
 from tunetrack.machinery.study.plots import study_figures
 from tunetrack.machinery.study.samplers import make_pruner, make_sampler
 from tunetrack.machinery.study.studies import StudyMismatch, objective_of
-from tunetrack.machinery.study.trial import TrialReport
+from tunetrack.machinery.study.summary import TrialReport
 from workbench.report import groups_markdown, searched_params, top_trials_markdown
 
 SPACE = {

@@ -44,28 +44,28 @@ def test_a_process_that_finds_the_study_just_created_waits_for_its_parent_run_pa
     process that took those waiting trials for a study long under way made a second parent run."""
     import threading
 
-    from tunetrack.machinery.study import studies
+    from tunetrack.machinery.study import parent_run
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     study.enqueue_trial({"lr": 1e-3})
-    creator = threading.Timer(0.5, studies.record_parent_run, (study, "store", "creators-run", None))
+    creator = threading.Timer(0.5, parent_run.record_run, (study, "store", "creators-run", None))
     creator.start()
     try:
-        assert studies.recorded_parent_runs(study, wait=True) == {"store": "creators-run"}
+        assert parent_run.recorded_runs(study, wait=True) == {"store": "creators-run"}
     finally:
         creator.join()
 
 
 def test_a_parent_run_recorded_meanwhile_is_used_and_one_that_is_gone_is_replaced(tmp_path):
-    from tunetrack.machinery.study import studies
+    from tunetrack.machinery.study import parent_run
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert studies.record_parent_run(study, "store", "a", replacing=None) == "a"
+    assert parent_run.record_run(study, "store", "a", replacing=None) == "a"
     # Another process saw no run and made "b" while "a" was recorded: it uses "a".
-    assert studies.record_parent_run(study, "store", "b", replacing=None) == "a"
+    assert parent_run.record_run(study, "store", "b", replacing=None) == "a"
     # The store lost "a": the run made in its place is recorded.
-    assert studies.record_parent_run(study, "store", "c", replacing="a", settle=0.1) == "c"
-    assert studies.recorded_parent_runs(study) == {"store": "c"}
+    assert parent_run.record_run(study, "store", "c", replacing="a", settle=0.1) == "c"
+    assert parent_run.recorded_runs(study) == {"store": "c"}
 
 
 # Every private name of Optuna's the machinery uses, where, and why: the next Optuna may move

@@ -69,13 +69,10 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
             if options.register:
                 facts = {"run_id": run_id, **result.metrics, **result.test}
                 tags = registry.version_tags(dataclasses.asdict(settings), data.describe(), **facts)
-                judge = results.judge_on(experiment, data, options.accelerator, tracker)
                 goal = options.goal
                 score = registry.Score(goal.first, goal.directions[0], result.metrics[goal.first])
-                registered = registry.register(
-                    tracker, model_id, options.registered_model, tags, score, same=("run_id",),
-                    validated_on="validation_data", judge=judge,
-                )  # fmt: skip
+                candidate = results.Candidate(model_id, tags, score, data, same=("run_id",))
+                registered = results.register(candidate, experiment, options, tracker)
     except SettingError as error:
         checks.setting_error(parser, settings, error)
     except TrainingDiverged as error:

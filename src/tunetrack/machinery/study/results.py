@@ -1,5 +1,6 @@
-"""What a study session leaves behind: the best trial tested once, its model, and the parent
-run's summary (best params, a CSV of all trials, Optuna's plots).
+"""What a study session leaves behind: the best trial tested once, its model, registered (as
+train.py --register registers its run's), and the parent run's summary (best params, a CSV of
+all trials, Optuna's plots).
 
 Every table here takes its columns from the trials' own params, so it shows whatever the
 search space holds.
@@ -216,3 +217,39 @@ def trials_frame(study: optuna.Study):
             frame[name] = [each.get(name) for each in metrics]
         frame = frame.drop(columns=[column])
     return frame
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A logged model to register: what it is (its version's tags), its score under the
+    objective, its data (to measure a champion validated on other data by), and the tags that
+    make it the same as a version already there."""
+
+    model_id: str
+    tags: dict[str, Any]
+    score: registry.Score
+    datamodule: Any
+    same: tuple[str, ...]
+
+
+def tested_candidate(tested: Tested, study_uid: str, options, repeated=None) -> Candidate:
+    """The tested best trial as a candidate: the version names its study and trial, and its run
+    (whose checkpoint a later study validated on other data measures it by); its score is its
+    best epoch's, or the mean of its runs and their standard error (``repeated``)."""
+    trial = tested.trial
+    facts = {"study": options.study_name, "study_uid": study_uid, "trial": trial.number,
+             "run_id": trial.user_attrs[RUN_ATTR]}  # fmt: skip
+    metric, direction = options.goal.first, options.goal.directions[0]
+    score = repeated.score(metric, direction) if repeated else registry.Score(metric, direction, trial.values[0])
+    tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **metrics_of(trial),
+                                 **tested.metrics)  # fmt: skip
+    return Candidate(tested.model_id, tags, score, tested.datamodule, same=("study_uid", "trial"))
+
+
+def register(candidate: Candidate, experiment, options, tracker: Tracker) -> registry.Registered:
+    """Register ``candidate`` as ``options.registered_model``; the alias champion moves to it if
+    it beats the champion, judged on the candidate's validation data under its objective
+    (tracking.registry). train.py --register and every study register so."""
+    judge = judge_on(experiment, candidate.datamodule, options.accelerator, tracker)
+    return registry.register(tracker, candidate.model_id, options.registered_model, candidate.tags, candidate.score,
+                             same=candidate.same, validated_on="validation_data", judge=judge)  # fmt: skip

@@ -50,6 +50,13 @@ class StudyMismatch(ValueError):
         self.flag = flag
 
 
+class TakenOver(Exception):
+    """Another process finished this trial while this one still ran it: a worker that stopped
+    sending heartbeats for longer than the grace period (a machine paused, cut off from the
+    database) comes back to find its trial failed and its run closed. Those records are the
+    other process's now, and stay as they are."""
+
+
 def definition(session_settings, space: dict[str, BaseDistribution], options, data: str) -> dict:
     """What makes the trials of a study comparable: how each trains, in every setting the search
     does not choose (but those marked compared=False: the seed only changes which points are
@@ -96,7 +103,7 @@ def open_study(storage: RDBStorage, name: str, wanted: dict) -> tuple[optuna.Stu
         study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
         study.set_user_attr(DEFINITION_ATTR, wanted)
         return study, True
-    recorded = _wait_for(study, DEFINITION_ATTR)
+    recorded = wait_for_creator(study, DEFINITION_ATTR)
     if recorded is None:  # a study from before studies recorded their definition
         study.set_user_attr(DEFINITION_ATTR, wanted)
     else:
@@ -116,7 +123,7 @@ def uid(study: optuna.Study) -> str:
     return study.user_attrs[UID_ATTR]
 
 
-def _wait_for(study: optuna.Study, attr: str):
+def wait_for_creator(study: optuna.Study, attr: str):
     """A user attribute that the process creating the study records a moment after creating it.
     A study with a trial begun had its chance long ago: it gets no wait. A trial that waits to
     begin does not count: the creator enqueues the study's first points before it records all."""
@@ -286,25 +293,3 @@ def toward_total(storage: BaseStorage, study_name: str) -> int:
 def finished_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
     study_id = storage.get_study_id_from_name(study_name)
     return [t for t in storage.get_all_trials(study_id, deepcopy=False) if t.state.is_finished()]
-
-
-def recorded_parent_runs(study: optuna.Study, wait: bool = False) -> dict[str, str]:
-    """The study's parent runs, by tracking store; with ``wait``, give the process that
-    created the study a moment to record its run."""
-    return (_wait_for(study, PARENT_RUN_ATTR) if wait else study.user_attrs.get(PARENT_RUN_ATTR)) or {}
-
-
-def record_parent_run(study: optuna.Study, store: str, run_id: str, replacing: str | None, settle: float = 0) -> str:
-    """Record ``run_id`` as the study's parent run in ``store`` in place of ``replacing`` (the run
-    found there before ``run_id`` was made, or None); return the run to use.
-
-    Optuna's storage has no compare-and-set, so: a run another process recorded meanwhile is
-    used instead of this one; and after writing, ``settle`` seconds pass before reading back, so
-    that two processes whose writes land within that time both read the last one.
-    """
-    recorded = study.user_attrs.get(PARENT_RUN_ATTR, {})
-    if recorded.get(store) not in (None, replacing):
-        return recorded[store]
-    study.set_user_attr(PARENT_RUN_ATTR, {**recorded, store: run_id})
-    time.sleep(settle)
-    return study.user_attrs[PARENT_RUN_ATTR][store]  # read back from the storage

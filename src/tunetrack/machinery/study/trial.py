@@ -1,6 +1,6 @@
 """One trial of a study: the experiment's objective, inside an MLflow run of its own nested
 under the study's run, with a fit() that trains as train.py does and hands each epoch's value
-of the objective to the pruner; and one line that says how the trial ended."""
+of the objective to the pruner (pruning.py); taken up where it was cut short (kept_state.py)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,19 @@ import dataclasses
 import math
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import pytorch_lightning as pl
 import torch
-from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, TrialState
-from pytorch_lightning.callbacks import Callback
 
 from tunetrack.machinery.contract import Experiment
-from tunetrack.machinery.objectives import MEASURED, shown
-from tunetrack.machinery.runtime import devices, interrupts
-from tunetrack.machinery.study import studies
-from tunetrack.machinery.study.space import format_value, width
+from tunetrack.machinery.runtime import interrupts
+from tunetrack.machinery.study import kept_state, studies
+from tunetrack.machinery.study.pruning import ReportToTrial
 from tunetrack.machinery.study.storage import hand_back_when_told, leave_when_told
 from tunetrack.machinery.study.studies import (
     METRICS_ATTR,
@@ -34,24 +30,18 @@ from tunetrack.machinery.study.studies import (
     SETTINGS_ATTR,
     STUDY_UID_TAG,
     TRIAL_TAG,
+    TakenOver,
 )
 from tunetrack.machinery.study.time_split import SESSION_TAG
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
-from tunetrack.machinery.tracking.stores import ServerUnavailable, reason
-from tunetrack.machinery.training.fit import THREADS, EpochMetricsLogger, FitResult, TrainingDiverged, fit
-from tunetrack.machinery.training.resumption import KEPT_FOLDER, KeepEachEpoch, KeptStateUnusable
+from tunetrack.machinery.tracking.stores import ServerUnavailable
+from tunetrack.machinery.training.fit import THREADS, FitResult, TrainingDiverged, fit
+from tunetrack.machinery.training.resumption import KeepEachEpoch, KeptStateUnusable
 
 
 class ObjectiveMismatch(RuntimeError):
     """The experiment's objective returned another number than its best epoch's value of the
     objective: a study would compare, prune and register by a number under another's name."""
-
-
-class TakenOver(Exception):
-    """Another process finished this trial while this one still ran it: a worker that stopped
-    sending heartbeats for longer than the grace period (a machine paused, cut off from the
-    database) comes back to find its trial failed and its run closed. Those records are the
-    other process's now, and stay as they are."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +59,7 @@ class Session:
     session_id: str = ""  # which tune.py session: its trials' runs say so (time_split.SESSION_TAG)
 
 
-def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
+def run_trial(trial: optuna.Trial, session: Session, tracker: Tracker, storage: RDBStorage) -> float:
     """Run the experiment's objective for ``trial``; its value is the best epoch's value of the
     objective (``options.goal``).
 
@@ -80,11 +70,11 @@ def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: 
     """
     try:
         value = _train(trial, session, tracker, storage)
-        _forget_kept(trial, tracker)
+        kept_state.forget(trial, tracker)
         return value
     except optuna.TrialPruned as pruned:
         _keep(trial, "pruned", str(pruned))
-        _forget_kept(trial, tracker)
+        kept_state.forget(trial, tracker)
         raise
     except TakenOver:
         leave_when_told(storage, trial._trial_id)  # its record is the other process's
@@ -99,19 +89,12 @@ def objective(trial: optuna.Trial, session: Session, tracker: Tracker, storage: 
             else:
                 _keep(trial, "fail_reason", interrupts.reason())
         if not resumes:
-            _forget_kept(trial, tracker)
+            kept_state.forget(trial, tracker)
         raise
     except BaseException as error:
         _keep(trial, "fail_reason", str(error))
-        _forget_kept(trial, tracker)
+        kept_state.forget(trial, tracker)
         raise
-
-
-def _forget_kept(trial: optuna.Trial, tracker: Tracker) -> None:
-    """A trial that ended needs no state to go on from: its run keeps the curves and the best epoch."""
-    if studies.KEPT_ATTR in trial.user_attrs:
-        with contextlib.suppress(ServerUnavailable):
-            tracker.delete_artifacts(trial.user_attrs[RUN_ATTR], str(KEPT_FOLDER))
 
 
 def _cut_short() -> bool:
@@ -151,7 +134,7 @@ def _attempt(trial: optuna.Trial, session: Session, tracker: Tracker, storage: R
     tags = {"optuna.study": name, STUDY_UID_TAG: session.study_uid, TRIAL_TAG: str(trial.number),
             SESSION_TAG: session.session_id}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="taken-up-") as folder:
-        kept, run_id, resume_from, restart = _taken_up(trial, tracker, folder, restart)
+        kept, run_id, resume_from, restart = kept_state.taken_up(trial, tracker, folder, restart)
         if restart:  # what it kept is of no use: from the start, and never from that state again
             trial.set_user_attr(studies.KEPT_ATTR, None)
             trial.set_user_attr(RESTARTED_ATTR, restart)
@@ -277,146 +260,3 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _taken_up(trial: optuna.Trial, tracker: Tracker, folder: str, restart: str | None):
-    """For a trial handed back to the study: ``(kept, run, checkpoint, None)``, the last epoch it
-    kept, its run, reopened, to go on in, and that epoch's state fetched into ``folder``; or
-    ``(None, the old run, None, why)`` where it starts again from its first epoch (``restart``,
-    or its kept state gone); ``(None, None, None, None)`` for a new trial."""
-    attrs = trial.user_attrs
-    if studies.CUT_SHORT_ATTR not in attrs or RUN_ATTR not in attrs:
-        return None, None, None, restart
-    run_id, kept, cut = attrs[RUN_ATTR], attrs.get(studies.KEPT_ATTR), attrs[studies.CUT_SHORT_ATTR]
-    if restart or not kept:
-        return None, run_id, None, restart
-    try:
-        checkpoint = tracker.download_artifact(run_id, kept["artifact"], folder)
-    except ServerUnavailable:
-        raise
-    except Exception as error:  # noqa: BLE001 - MLflow says "not found" in several ways
-        return None, run_id, None, f"its kept state is gone ({reason(error)})"
-    if not tracker.reopen(run_id):
-        return None, run_id, None, None  # its run is gone: from the start, in a new one
-    tracker.set_tags(run_id, {"resumed": f"from epoch {kept['epoch'] + 2} after it was cut short "
-                              f"({cut['why']}), {cut['times']} time(s)"})  # fmt: skip
-    return kept, run_id, checkpoint, None
-
-
-# Optimizer steps a trial takes before it is judged against chance.
-JUDGED_AFTER_STEPS = 50
-
-
-class ReportToTrial(Callback):
-    """Hands each epoch's ``metric`` (the objective's) to Optuna and stops the trial when the
-    pruner says so; with ``metric`` None (a study of two objectives, which Optuna does not
-    prune), only checks that the trial is still this process's. Whatever the pruner, a trial
-    whose val_loss after its first epoch is no lower than ``chance`` (the cross-entropy of
-    guessing every class alike, ln of their number; None with --no-pruning) learned nothing,
-    and is pruned there: a learning rate so high stays at chance to its last epoch. An epoch of
-    fewer than JUDGED_AFTER_STEPS optimizer steps (a few hundred pictures in large batches) is
-    too little to judge by: the first epoch by which the trial has taken that many is.
-
-    Optuna's own Lightning callback (optuna-integration) imports the ``lightning.pytorch``
-    namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
-    """
-
-    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None,
-                 chance: float | None = None):  # fmt: skip
-        self.trial, self.still_ours, self.metric, self.chance = trial, still_ours, metric, chance
-        self.judged = chance is None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch, metrics = trainer.current_epoch, trainer.callback_metrics
-        value = float(metrics[self.metric]) if self.metric in metrics else None
-        last_epoch = epoch == trainer.max_epochs - 1  # pruning now would save nothing
-        try:
-            with interrupts.held():  # the study's storage is written and read here
-                self.still_ours()
-                prune = False
-                if value is not None:
-                    self.trial.report(value, step=epoch)
-                    prune = not last_epoch and self.trial.should_prune()
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise TakenOver from None
-        if not self.judged and trainer.global_step >= JUDGED_AFTER_STEPS and "val_loss" in metrics:
-            self.judged, loss = True, float(metrics["val_loss"])
-            if loss >= self.chance and not last_epoch:
-                raise optuna.TrialPruned(
-                    f"pruned after epoch {epoch + 1}: val_loss {loss:.4f} is no better than chance "
-                    f"({self.chance:.4f}, guessing every class alike)"
-                )
-        if prune:
-            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {self.metric} {value:.4f}")
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, TakenOver):  # from here or from KeepEachEpoch, before the loggers' last write
-            for logger in trainer.loggers:  # the run is the other process's: no more curves in it
-                if isinstance(logger, EpochMetricsLogger):
-                    logger.forget()
-
-
-def close_run(tracker: Tracker, trial: FrozenTrial, run_id: str | None = None) -> None:
-    """End, as KILLED, the MLflow run (``run_id``, or the one the trial names) of a trial that
-    another process found dead; KILLED even if its curves were complete, since the trial
-    never recorded its result. A trial handed back reopens it when it is taken up; one that
-    failed (past --resume-attempts) keeps no state to go on from."""
-    run_id = run_id or trial.user_attrs.get(RUN_ATTR)
-    if run_id and trial.state == TrialState.WAITING:
-        tracker.end_run(run_id, "KILLED", {"optuna.state": "WAITING", "error": studies.resumes_from(trial)})
-    elif run_id:
-        why = trial.user_attrs.get("fail_reason", "its worker stopped sending heartbeats")
-        tracker.end_run(run_id, "KILLED", {"optuna.state": trial.state.name, "error": f"trial failed: {why}"})
-        if trial.user_attrs.get(studies.KEPT_ATTR):  # it ended: no state to go on from is worth its space
-            tracker.delete_artifacts(run_id, str(KEPT_FOLDER))
-
-
-@dataclass(frozen=True)
-class TrialReport:
-    """What a worker tells about a finished trial: enough for one line of output."""
-
-    number: int
-    state: str
-    params: dict
-    distributions: dict[str, BaseDistribution]
-    metrics: dict[str, float]  # at its best epoch (none for a trial that did not complete)
-    seconds: float
-    note: str = ""
-    gpu: str = ""  # the GPU that trained it, as CUDA_VISIBLE_DEVICES names it; "" on a CPU
-
-    @classmethod
-    def of(cls, trial: FrozenTrial, note: str = "") -> TrialReport:
-        seconds = trial.duration.total_seconds() if trial.duration else 0.0
-        attrs = trial.user_attrs
-        if trial.state == TrialState.WAITING:
-            note = note or studies.resumes_from(trial)
-        note = note or attrs.get("pruned") or attrs.get("fail_reason") or attrs.get("stopped_early", "")
-        if attrs.get(RESTARTED_ATTR) and trial.state.is_finished():
-            note = "; ".join(filter(None, [f"started again from epoch 1: {attrs[RESTARTED_ATTR]}", note]))
-        return cls(
-            trial.number,
-            trial.state.name,
-            trial.params,
-            trial.distributions,
-            studies.metrics_of(trial),
-            seconds,
-            note,
-            # This process's GPU, for a trial it ran itself (not another process's, found dead).
-            devices.this_process_id() if attrs.get(studies.WORKER_ATTR) == studies.worker_id() else "",
-        )
-
-    def line(self, objective: tuple[str, ...] = ()) -> str:
-        """One line: the trial's number, state, point, and its scores, those of ``objective`` first
-        (params and latency_ms only where they are objectives)."""
-        params = " ".join(
-            f"{name}={format_value(value):>{width(self.distributions.get(name))}}"
-            for name, value in self.params.items()
-        )
-        metrics = {k: v for k, v in self.metrics.items() if k in objective or k not in MEASURED}
-        scores = (
-            " ".join(filter(None, [shown(metrics, objective), self.note]))
-            if self.state == TrialState.COMPLETE.name
-            else self.note
-        )
-        gpu = f"  gpu {self.gpu}" if self.gpu else ""
-        return f"trial {self.number:>3} {self.state:<8} {params}  {scores}  {self.seconds:5.1f} s{gpu}"

@@ -27,9 +27,12 @@ from tunetrack.machinery.runtime import collector, console, devices, interrupts
 from tunetrack.machinery.runtime.user_files import import_files
 from tunetrack.machinery.study import fork_server, studies
 from tunetrack.machinery.study.fork_server import available_cores
+from tunetrack.machinery.study.kept_state import close_run
 from tunetrack.machinery.study.samplers import make_pruner, make_sampler
 from tunetrack.machinery.study.storage import open_storage
-from tunetrack.machinery.study.trial import Session, TakenOver, TrialReport, close_run, objective
+from tunetrack.machinery.study.studies import TakenOver
+from tunetrack.machinery.study.summary import TrialReport
+from tunetrack.machinery.study.trial import Session, run_trial
 from tunetrack.machinery.tracking.mlflow_runs import RetryingClient, Tracker
 from tunetrack.machinery.tracking.stores import DISK_FULL, disk_full, reason
 
@@ -81,7 +84,7 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
     def run_objective(trial: optuna.Trial) -> float:
         running[:], failed[:] = [trial._trial_id], []
         try:
-            return objective(trial, session, tracker, storage)
+            return run_trial(trial, session, tracker, storage)
         except BaseException as error:
             failed.append(error)
             raise
