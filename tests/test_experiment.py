@@ -37,7 +37,7 @@ from tunetrack.machinery.data.files import md5_of
 from tunetrack.machinery.data.idx import write_idx
 from tunetrack.machinery.options import Options
 from tunetrack.machinery.tracking.mlflow_runs import connect
-from tunetrack.machinery.training.fit import fit
+from tunetrack.machinery.training.fit import TrackedRun, fit
 
 MNIST_LIKE = [name for name, kind in DATASETS.items() if issubclass(kind, MNISTDataModule)]
 
@@ -197,8 +197,8 @@ def test_its_training_is_a_plain_pytorch_loops_to_float_precision(tiny_mnist, tr
     tracker = connect(tracking_uri, "plain")
     with tracker.run("project") as run_id:
         network, data = build(settings)
-        fit(network, data, settings, Options(accelerator="cpu"), tracker, run_id, trainer_arguments=trainer(settings),
-            evaluate_test=False, progress_bar=False)  # fmt: skip
+        run = TrackedRun(tracker, run_id, Options(accelerator="cpu"), trainer, progress_bar=False)
+        fit(network, data, settings, run, test=False)
     for name, values in train_plainly(settings).items():
         assert tracker.metric_history(run_id, name) == pytest.approx(values, rel=1e-5), name
 
@@ -317,7 +317,7 @@ def test_one_epoch_on_the_real_mnist_reaches_95_percent(tracking_uri, capsys, mo
     tracker = connect(tracking_uri, "real")
     with tracker.run("one epoch") as run_id:
         model, data = build(settings)
-        result = fit(model, data, settings, Options(), tracker, run_id, progress_bar=False)
+        result = fit(model, data, settings, TrackedRun(tracker, run_id, Options(), progress_bar=False))
     assert result.metrics["val_acc"] >= 0.95 and result.test["test_acc"] >= 0.95
     assert "(MD5 verified)" in capsys.readouterr().out
     run = tracker.client.get_run(result.run_id)

@@ -166,3 +166,45 @@ def test_every_folder_of_the_package_is_a_package():
     package = ROOT / "src" / "tunetrack"
     folders = {path.parent for path in package.rglob("*.py") if "__pycache__" not in path.parts}
     assert sorted(str(f.relative_to(package)) for f in folders if not (f / "__init__.py").exists()) == []
+
+
+# What a function of the machinery may take: more says that a settings object does not travel whole.
+MOST_PARAMETERS = 6
+
+
+def long_signatures(folder: Path) -> list[str]:
+    """The functions in ``folder`` that take more than MOST_PARAMETERS parameters (self aside)."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args
+                named = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+                count = len([name for name in named if name not in ("self", "cls")])
+                count += bool(arguments.vararg) + bool(arguments.kwarg)
+                if count > MOST_PARAMETERS:
+                    found.append(f"{path.relative_to(folder)}:{node.lineno} {node.name} takes {count}")
+    return found
+
+
+def test_no_function_of_the_machinery_takes_more_than_six_parameters(tmp_path):
+    assert long_signatures(MACHINERY) == []
+    copy = tmp_path / "machinery"
+    shutil.copytree(MACHINERY, copy)
+    memory = copy / "runtime" / "memory.py"
+    memory.write_text(memory.read_text() + "\n\ndef wide(a, b, c, d, e, f, *, g=None):\n    pass\n")
+    assert [line.split(":")[0] + " " + line.split(" ", 1)[1] for line in long_signatures(copy)] == [
+        "runtime/memory.py wide takes 7"
+    ]
+
+
+def test_a_trial_of_the_experiment_fits_with_lightnings_trainer_itself():
+    """optuna-examples' shape: suggest, build, trainer.fit, return; nothing of the machinery's in between."""
+    from tunetrack.experiment import search
+
+    source = inspect.getsource(search.objective)
+    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)]
+    fits = [call for call in calls if isinstance(call.func, ast.Attribute) and call.func.attr == "fit"]
+    assert len(fits) == 1 and isinstance(fits[0].func.value, ast.Name) and fits[0].func.value.id == "trainer"
+    assert [keyword.arg for keyword in fits[0].keywords] == ["datamodule"]
+    assert len(inspect.signature(search.objective).parameters) == 3

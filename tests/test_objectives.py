@@ -114,17 +114,16 @@ def test_an_objective_that_returns_another_number_than_its_objectives_is_refused
     be compared, pruned and registered under the name val_loss; it is refused, and nothing is
     registered."""
 
-    def negated(trial, settings, fit):
-        tiny.objective(trial, settings, lambda *args: fitted.append(fit(*args)) or fitted[-1])
-        return -fitted[-1].metrics["val_acc"]
+    def negated(trial, settings, run):
+        tiny.objective(trial, settings, run)
+        return -run.result.metrics["val_acc"]
 
-    fitted = []
     monkeypatch.setattr(tiny, "EXPERIMENT", dataclasses.replace(TINY, objective=negated))
     result = call_script("tune.py", *tune_args(tiny_data, "--n-trials", "2", "--workers", "1"))
     [line] = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert re.match(r"tune\.py: error: ObjectiveMismatch: the experiment's objective returned -[01]\.\d{4}, not its "
-                    r"best epoch's val_loss \(\d\.\d{4}\): it returns fit\(\.\.\.\)\.value", line), line  # fmt: skip
+                    r"best epoch's val_loss \(\d\.\d{4}\): it returns run\.value", line), line  # fmt: skip
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_registered_models() == []
 

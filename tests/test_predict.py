@@ -34,7 +34,7 @@ from tunetrack.machinery.data.pictures import digit
 from tunetrack.machinery.options import Options
 from tunetrack.machinery.tracking import registry
 from tunetrack.machinery.tracking.mlflow_runs import connect
-from tunetrack.machinery.training.fit import fit
+from tunetrack.machinery.training.fit import TrackedRun, fit
 from workbench.photos import digit_pictures, paper_photos
 from workbench.servers import free_port
 
@@ -48,9 +48,10 @@ def champion(tmp_path_factory):
     settings = Settings(max_epochs=1, data_dir=str(REAL_DATA_DIR))
     with tracker.run("one epoch") as run_id:
         model, data = build(settings)
-        result = fit(model, data, settings, Options(), tracker, run_id, progress_bar=False)
+        result = fit(model, data, settings, TrackedRun(tracker, run_id, Options(), progress_bar=False))
         model_id = registry.log_model(tracker, run_id, result.model, data, settings.task, DATASETS)
-    registry.register(tracker, model_id, "mnist-classifier", {}, registry.Score("val_loss", "minimize", result.value))
+    score = registry.Score("val_loss", "minimize", result.value)
+    registry.register(tracker, "mnist-classifier", registry.Candidate(model_id, {}, score))
 
     test_images, test_labels = MNISTDataModule(settings).read()["test"]
     images, labels = test_images[:200, 0], test_labels[:200]

@@ -22,7 +22,7 @@ from tunetrack.machinery.options import Options
 from tunetrack.machinery.study.retraining import typed
 from tunetrack.machinery.tracking import registry
 from tunetrack.machinery.tracking.mlflow_runs import connect
-from tunetrack.machinery.training.fit import fit, load_weights
+from tunetrack.machinery.training.fit import TrackedRun, fit, load_weights
 
 
 def test_the_best_model_is_in_its_studys_experiment_and_loads_both_ways(study_env):
@@ -59,7 +59,9 @@ def test_the_champion_alias_moves_only_to_a_better_version(tiny_settings, tracki
             model_id = registry.log_model(tracker, run_id, model, data, "digits", tiny.DATASETS)
         tags = {"study_uid": "u", "trial": trial}
         score = registry.Score("val_loss", "minimize", val_loss)
-        return registry.register(tracker, model_id, "digits", tags, score, same=("study_uid", "trial"))
+        return registry.register(
+            tracker, "digits", registry.Candidate(model_id, tags, score, same=("study_uid", "trial"))
+        )
 
     first = register(0.5, trial=1)
     assert (first.version, first.champion) == (1, 1)
@@ -89,7 +91,9 @@ def test_a_champion_validated_on_other_data_that_cannot_be_measured_keeps_the_al
             model_id = registry.log_model(tracker, run_id, model, data, "digits", tiny.DATASETS)
         tags = {"validation_data": validation}
         score = registry.Score("val_loss", "minimize", val_loss)
-        return registry.register(tracker, model_id, "digits", tags, score, validated_on="validation_data")
+        return registry.register(
+            tracker, "digits", registry.Candidate(model_id, tags, score, validated_on="validation_data")
+        )
 
     first = register(0.5, "mnist 60-images")
     elsewhere = register(0.01, "mnist 20-images")
@@ -154,17 +158,17 @@ def test_two_studies_that_register_at_the_same_moment_agree_on_the_champion(tiny
         if raced:  # the other study's call, and ours after the race
             return set_alias(name, alias, version)
         raced.append(version)
-        registry.register(
-            tracker, model_ids["theirs"], name, {"study": "theirs"}, registry.Score("val_loss", "minimize", 0.3)
+        theirs = registry.Candidate(
+            model_ids["theirs"], {"study": "theirs"}, registry.Score("val_loss", "minimize", 0.3)
         )
+        registry.register(tracker, name, theirs)
         if store == "refuses":
             raise mlflow.exceptions.MlflowException('duplicate key value violates unique constraint "alias_pk"')
         return set_alias(name, alias, version)
 
     tracker.client.set_registered_model_alias = racing
-    ours = registry.register(
-        tracker, model_ids["ours"], "digits", {"study": "ours"}, registry.Score("val_loss", "minimize", 0.5)
-    )
+    candidate = registry.Candidate(model_ids["ours"], {"study": "ours"}, registry.Score("val_loss", "minimize", 0.5))
+    ours = registry.register(tracker, "digits", candidate)
     assert raced == ["1"]  # this study found no champion and set its own version, as the other did
     assert (ours.version, ours.champion) == (1, 2)
     assert ours.line() == (
@@ -184,7 +188,9 @@ def test_a_refusal_that_is_no_race_is_said_as_it_is(tiny_settings, tracking_uri)
 
     tracker.client.set_registered_model_alias = refused
     with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
-        registry.register(tracker, model_id, "digits", {}, registry.Score("val_loss", "minimize", 0.1))
+        registry.register(
+            tracker, "digits", registry.Candidate(model_id, {}, registry.Score("val_loss", "minimize", 0.1))
+        )
 
 
 def test_a_study_registers_its_best_model_and_says_so(study_env, capsys):
@@ -227,7 +233,8 @@ def test_a_model_logged_on_either_kind_of_machine_loads_and_predicts_on_the_othe
         settings = dataclasses.replace(tiny_settings, max_epochs=1)
         with tracker.run(accelerator) as run_id:
             model, data = tiny.build(settings)
-            result = fit(model, data, settings, Options(accelerator=accelerator), tracker, run_id, progress_bar=False)
+            run = TrackedRun(tracker, run_id, Options(accelerator=accelerator), progress_bar=False)
+            result = fit(model, data, settings, run)
             model_id = registry.log_model(tracker, run_id, result.model, data, settings.task, tiny.DATASETS)
         with torch.no_grad():
             expected = result.model.cpu()(torch.from_numpy(pixels)).argmax(dim=1).numpy()

@@ -19,7 +19,7 @@ from tunetrack.machinery.data.batches import InMemoryBatches
 from tunetrack.machinery.options import Options
 from tunetrack.machinery.tracking.mlflow_runs import connect
 from tunetrack.machinery.training import several_per_step as speed
-from tunetrack.machinery.training.fit import fit
+from tunetrack.machinery.training.fit import TrackedRun, fit
 from tunetrack.machinery.training.several_per_step import Chunks, SeveralPerStep
 
 
@@ -28,8 +28,8 @@ def curves_of(settings, minibatches_per_step: int, tracking_uri: str) -> tuple[d
     options = Options(accelerator="cpu", minibatches_per_step=minibatches_per_step)
     with tracker.run(f"{minibatches_per_step} a step") as run_id:
         model, data = tiny.build(settings)
-        result = fit(model, data, settings, options, tracker, run_id, trainer_arguments=TINY.trainer(settings),
-                     evaluate_test=False, progress_bar=False)  # fmt: skip
+        run = TrackedRun(tracker, run_id, options, TINY.trainer, progress_bar=False)
+        result = fit(model, data, settings, run, test=False)
     names = ("train_loss", "val_loss", "val_acc")
     return {name: tracker.metric_history(run_id, name) for name in names}, result.epochs
 

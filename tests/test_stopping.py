@@ -190,7 +190,7 @@ def test_a_worker_back_from_a_pause_leaves_the_trial_another_process_took_up(run
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
     assert "error" not in stderr
-    assert f"trial {paused.number:>3} " in stdout
+    assert f"trial {paused.number:>3} LEFT " in stdout
     assert "given up by another process after 3 s without a heartbeat: this" in stdout
     # The trial and its run stay as the other process left them.
     back = client.get_run(run_id)

@@ -16,7 +16,7 @@ from tiny import experiment as tiny
 from tiny.settings import TinySettings
 from tunetrack.machinery.options import Options
 from tunetrack.machinery.tracking.mlflow_runs import connect
-from tunetrack.machinery.training.fit import fit, load_weights
+from tunetrack.machinery.training.fit import TrackedRun, fit, load_weights
 
 EPOCHS = 3
 
@@ -65,9 +65,10 @@ def test_train_script_tracks_one_finished_run(run_script, tiny_data, tmp_path):
 def fit_here(settings, tracker, name: str = "run", **more):
     with tracker.run(name) as run_id:
         model, data = tiny.build(settings)
-        arguments = more.pop("trainer_arguments", TINY.trainer(settings))
-        return fit(model, data, settings, Options(accelerator="cpu"), tracker, run_id, progress_bar=False,
-                   trainer_arguments=arguments, **more)  # fmt: skip
+        arguments = more.pop("trainer_arguments", None)
+        own = TINY.trainer if arguments is None else (lambda settings: arguments)
+        run = TrackedRun(tracker, run_id, Options(accelerator="cpu"), own, progress_bar=False, **more)
+        return fit(model, data, settings, run)
 
 
 def test_the_same_seed_gives_the_same_metrics(tiny_settings, tracking_uri):

@@ -38,7 +38,7 @@ from tunetrack.experiment.search import EXPERIMENT, build
 from tunetrack.experiment.settings import Settings
 from tunetrack.machinery.options import Options, TuneOptions
 from tunetrack.machinery.tracking.mlflow_runs import connect
-from tunetrack.machinery.training.fit import fit
+from tunetrack.machinery.training.fit import TrackedRun, fit
 from tunetrack.machinery.training.resumption import KeepEachEpoch
 
 
@@ -204,8 +204,8 @@ def lockstep(settings: Settings, device: str, minibatches_per_step: int, warmup:
         tracker = connect(f"sqlite:///{tmp}/mlflow.db", "benchmark")
         with tracker.run("project") as run_id, contextlib.redirect_stdout(io.StringIO()):
             model, data = build(timed)
-            fit(model, data, timed, options, tracker, run_id, callbacks=[clock], evaluate_test=False,
-                progress_bar=False)  # fmt: skip
+            run = TrackedRun(tracker, run_id, options, callbacks=[clock], progress_bar=False)
+            fit(model, data, timed, run, test=False)
     project, plain = clock.project_epochs[warmup:], clock.plain_epochs[warmup:]
     # The plain epoch i ran between the project's epochs i and i + 1 (of those timed).
     ratios = [a / c for i, c in enumerate(plain) for a in project[i : i + 2]]
@@ -250,8 +250,8 @@ def time_keeping(settings: Settings, device: str, minibatches_per_step: int, war
                                     lambda: storage.get_trial(trial._trial_id))  # fmt: skip
             clock = _EpochClock()
             model, data = build(timed)
-            fit(model, data, timed, options, tracker, run_id, callbacks=[clock, keeping], evaluate_test=False,
-                progress_bar=False)  # fmt: skip
+            run = TrackedRun(tracker, run_id, options, callbacks=[clock, keeping], progress_bar=False)
+            fit(model, data, timed, run, test=False)
     epochs, kept = clock.epochs()[warmup:], keeping.seconds[warmup:-1]  # the last epoch's state is never published
     return {"epoch_s": statistics.median(epochs), "keeping_s": statistics.median(kept),
             "share": statistics.median(kept) / statistics.median(epochs)}  # fmt: skip

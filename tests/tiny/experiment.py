@@ -175,11 +175,12 @@ def build(settings: TinySettings):
     return model, data
 
 
-def objective(trial, settings: TinySettings, fit) -> float:
+def objective(trial, settings: TinySettings, run) -> float:
     point = suggest(trial, search_space(settings))
     settings = dataclasses.replace(settings, **point, seed=settings.seed + trial.number)
     model, data = build(settings)
-    return fit(model, data, settings).value
+    run.trainer(settings).fit(model, datamodule=data)
+    return run.value
 
 
 class HoldAtEpoch(pl.Callback):

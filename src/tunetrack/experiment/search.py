@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
 
 import optuna
 import pytorch_lightning as pl
@@ -60,18 +59,19 @@ def hyperparameters(network: type[nn.Module], settings: Settings) -> dict:
     return {name: getattr(settings, name) for name in names}
 
 
-def objective(trial: optuna.Trial, settings: Settings, fit: Callable) -> float:
-    """One trial: suggest a point of the space, build its model and data, fit (Lightning trains,
-    MLflow tracks, the pruner may stop it), and return the objective's value at the best epoch
-    (val_loss, or what --objective names).
+def objective(trial: optuna.Trial, settings: Settings, run) -> float:
+    """One trial: suggest a point of the space, build its model and data, fit them, and return the
+    objective's value at the best epoch (val_loss, or what --objective names).
 
-    ``fit(model, data, settings)`` is the machinery's: it trains with the Trainer of trainer.py,
-    in an MLflow run of the trial's, and reports each epoch to the pruner. Each trial trains from
-    a seed of its own, derived from the study's: a study replays."""
+    ``run.trainer(settings)`` is Lightning's Trainer with trainer.py's arguments and what the
+    machinery adds: MLflow's logger (the trial's own run), the pruner, the best epoch's weights.
+    Each trial trains from a seed of its own, derived from the study's: a study replays."""
     point = suggest(trial, search_space(settings))
     settings = dataclasses.replace(settings, **point, seed=settings.seed + trial.number)
     model, data = build(settings)
-    return fit(model, data, settings).value
+    trainer = run.trainer(settings)
+    trainer.fit(model, datamodule=data)
+    return run.value
 
 
 # What the scripts hand the machinery.

@@ -66,8 +66,8 @@ class Experiment:
     build: Callable[[Any], tuple[Any, Any]]
     # settings -> the searched settings, by name: what a study of these settings searches
     search_space: Callable[[Any], Mapping[str, BaseDistribution]]
-    # (trial, settings, fit) -> fit(model, data, settings).value: the objective's value at the best epoch;
-    # fit trains and tracks
+    # (trial, settings, run) -> run.value after run.trainer(settings).fit(model, datamodule=data): the
+    # objective's value at the best epoch (run: machinery.training.fit.TrackedRun)
     objective: Callable[..., float]
     # settings -> the Trainer's keyword arguments of a run: callbacks, gradient clipping, precision, ...
     trainer: Callable[[Any], dict] = _lightning_defaults

@@ -35,7 +35,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     from tunetrack.machinery.study.space import format_value
     from tunetrack.machinery.tracking import registry
     from tunetrack.machinery.tracking.stores import DISK_FULL, disk_full, public
-    from tunetrack.machinery.training.fit import TrainingDiverged, fit
+    from tunetrack.machinery.training.fit import TrackedRun, TrainingDiverged, lightnings_exit_as_interrupt
 
     experiment = flags.load(experiment_path)
     collector.freeze_imports()
@@ -61,18 +61,23 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     try:
         with interrupts.handling():
             with tracker.run(run_name) as run_id:
-                with interrupts.interruptible():
+                with interrupts.interruptible(), lightnings_exit_as_interrupt():
                     model, data = experiment.build(settings)
-                    arguments = experiment.trainer(settings)
-                    result = fit(model, data, settings, options, tracker, run_id, trainer_arguments=arguments)
+                    run = TrackedRun(tracker, run_id, options, experiment.trainer)
+                    trainer = run.trainer(settings)
+                    trainer.fit(model, datamodule=data)
+                    run.test(model, data)
+                result = run.result
                 model_id = registry.log_model(tracker, run_id, result.model, data, settings.task, experiment.datasets)
             if options.register:
                 facts = {"run_id": run_id, **result.metrics, **result.test}
                 tags = registry.version_tags(dataclasses.asdict(settings), data.describe(), **facts)
                 goal = options.goal
                 score = registry.Score(goal.first, goal.directions[0], result.metrics[goal.first])
-                candidate = results.Candidate(model_id, tags, score, data, same=("run_id",))
-                registered = results.register(candidate, experiment, options, tracker)
+                candidate = registry.Candidate(
+                    model_id, tags, score, same=("run_id",), validated_on=results.VALIDATED_ON
+                )
+                registered = results.register(candidate, data, experiment, options, tracker)
     except SettingError as error:
         checks.setting_error(parser, settings, error)
     except TrainingDiverged as error:

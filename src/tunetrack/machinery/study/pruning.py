@@ -3,6 +3,7 @@ stopped when the pruner says so, or when it learned nothing."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import optuna
@@ -21,8 +22,8 @@ class ReportToTrial(Callback):
     """Hands each epoch's ``metric`` (the objective's) to Optuna and stops the trial when the
     pruner says so; with ``metric`` None (a study of two objectives, which Optuna does not
     prune), only checks that the trial is still this process's. Whatever the pruner, a trial
-    whose val_loss after its first epoch is no lower than ``chance`` (the cross-entropy of
-    guessing every class alike, ln of their number; None with --no-pruning) learned nothing,
+    whose val_loss after its first epoch is no lower than chance (the cross-entropy of guessing
+    every class alike, ln of their number; not judged with --no-pruning) learned nothing,
     and is pruned there: a learning rate so high stays at chance to its last epoch. An epoch of
     fewer than JUDGED_AFTER_STEPS optimizer steps (a few hundred pictures in large batches) is
     too little to judge by: the first epoch by which the trial has taken that many is.
@@ -31,10 +32,14 @@ class ReportToTrial(Callback):
     namespace, whose Trainer does not accept ``pytorch_lightning`` modules.
     """
 
-    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None,
-                 chance: float | None = None):  # fmt: skip
-        self.trial, self.still_ours, self.metric, self.chance = trial, still_ours, metric, chance
-        self.judged = chance is None
+    def __init__(self, trial: optuna.Trial, still_ours: Callable[[], None], metric: str | None, judge: bool = True):
+        self.trial, self.still_ours, self.metric, self.judge = trial, still_ours, metric, judge
+        self.chance, self.judged = None, True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        classes = len(getattr(trainer.datamodule, "classes", ()))
+        if self.judge and classes > 1:
+            self.chance, self.judged = math.log(classes), False
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, metrics = trainer.current_epoch, trainer.callback_metrics

@@ -17,6 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -27,6 +28,9 @@ from tunetrack.machinery.runtime import interrupts
 from tunetrack.machinery.study.studies import SETTINGS_ATTR, STUDY_UID_TAG
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.registry import Score
+
+if TYPE_CHECKING:
+    from tunetrack.machinery.study.trial import Session
 
 # The study's user attribute that keeps each repeated trial's values, by trial number.
 REPEATS_ATTR = "repeats"
@@ -73,16 +77,16 @@ def repeat_seeds(trial_seed: int, repeat: int) -> tuple[int, int]:
 
 
 def repeat_best(
-    study: optuna.Study, candidates: list[FrozenTrial], repeats: int, experiment, options, tracker: Tracker,
-    parent_run_id: str,
-) -> tuple[list[Repeated], float]:  # fmt: skip
+    study: optuna.Study, candidates: list[FrozenTrial], repeats: int, session: Session, tracker: Tracker
+) -> tuple[list[Repeated], float]:
     """Train each of ``candidates`` ``repeats`` times more (those runs the study does not hold
-    yet); return them best first by their mean, and the seconds the new runs took. A request to
-    stop ends the run under way (KILLED) and the repeats; those of a trial left short are left
-    out."""
+    yet), each in a run under the session's parent run; return them best first by their mean,
+    and the seconds the new runs took. A request to stop ends the run under way (KILLED) and the
+    repeats; those of a trial left short are left out."""
     from tunetrack.machinery.study.results import settings_of
-    from tunetrack.machinery.training.fit import fit
+    from tunetrack.machinery.training.fit import TrackedRun, fit
 
+    experiment, options, parent_run_id = session.experiment, session.options, session.parent_run_id
     metric, direction = options.goal.first, options.goal.directions[0]
     kept = dict(study.user_attrs.get(REPEATS_ATTR) or {})
     seconds, done = 0.0, []
@@ -104,9 +108,8 @@ def repeat_best(
                 with tracker.run(f"trial {trial.number} repeat {repeat}", parent_run_id=parent_run_id,
                                  tags=tags) as run_id, interrupts.interruptible():  # fmt: skip
                     model, data = experiment.build(settings)
-                    result = fit(model, data, settings, options, tracker, run_id,
-                                 trainer_arguments=experiment.trainer(settings), evaluate_test=False,
-                                 progress_bar=options.verbose)  # fmt: skip
+                    run = TrackedRun(tracker, run_id, options, experiment.trainer, progress_bar=options.verbose)
+                    result = fit(model, data, settings, run, test=False)
             except KeyboardInterrupt:
                 break
             finally:

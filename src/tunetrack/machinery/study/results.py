@@ -25,6 +25,9 @@ from tunetrack.machinery.tracking import registry
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import public, reason
 
+# The version's tag that names the data it was validated on: versions are compared on the same.
+VALIDATED_ON = "validation_data"
+
 
 class NotEvaluated(RuntimeError):
     """The best trial's weights cannot be had: its run, or the run's artifacts, are gone."""
@@ -141,7 +144,8 @@ def evaluate_best_trial(
     test = evaluate(model, data, options.accelerator, "test")
     tracker.log_datasets(parent_run_id, [split for split in data.describe() if split.context == "test"])
     tested = {"tested_trial": best.number, "tested_run_id": run_id}
-    model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task, experiment.datasets, tested)
+    model_id = registry.log_model(tracker, parent_run_id, model, data, settings.task, experiment.datasets)
+    tracker.client.set_logged_model_tags(model_id, tested)
     tracker.log_metrics(parent_run_id, test, step=len(study.trials), model_id=model_id)
     tracker.set_tags(parent_run_id, tested)
     return Tested(best, test, model_id, data.describe(), data)
@@ -219,20 +223,7 @@ def trials_frame(study: optuna.Study):
     return frame
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A logged model to register: what it is (its version's tags), its score under the
-    objective, its data (to measure a champion validated on other data by), and the tags that
-    make it the same as a version already there."""
-
-    model_id: str
-    tags: dict[str, Any]
-    score: registry.Score
-    datamodule: Any
-    same: tuple[str, ...]
-
-
-def tested_candidate(tested: Tested, study_uid: str, options, repeated=None) -> Candidate:
+def tested_candidate(tested: Tested, study_uid: str, options, repeated=None) -> registry.Candidate:
     """The tested best trial as a candidate: the version names its study and trial, and its run
     (whose checkpoint a later study validated on other data measures it by); its score is its
     best epoch's, or the mean of its runs and their standard error (``repeated``)."""
@@ -243,13 +234,12 @@ def tested_candidate(tested: Tested, study_uid: str, options, repeated=None) -> 
     score = repeated.score(metric, direction) if repeated else registry.Score(metric, direction, trial.values[0])
     tags = registry.version_tags(trial.user_attrs[SETTINGS_ATTR], tested.data, **facts, **metrics_of(trial),
                                  **tested.metrics)  # fmt: skip
-    return Candidate(tested.model_id, tags, score, tested.datamodule, same=("study_uid", "trial"))
+    return registry.Candidate(tested.model_id, tags, score, same=("study_uid", "trial"), validated_on=VALIDATED_ON)
 
 
-def register(candidate: Candidate, experiment, options, tracker: Tracker) -> registry.Registered:
+def register(candidate: registry.Candidate, datamodule, experiment, options, tracker: Tracker) -> registry.Registered:
     """Register ``candidate`` as ``options.registered_model``; the alias champion moves to it if
-    it beats the champion, judged on the candidate's validation data under its objective
-    (tracking.registry). train.py --register and every study register so."""
-    judge = judge_on(experiment, candidate.datamodule, options.accelerator, tracker)
-    return registry.register(tracker, candidate.model_id, options.registered_model, candidate.tags, candidate.score,
-                             same=candidate.same, validated_on="validation_data", judge=judge)  # fmt: skip
+    it beats the champion, judged on the candidate's validation data (``datamodule``'s) under
+    its objective (tracking.registry). train.py --register and every study register so."""
+    judge = judge_on(experiment, datamodule, options.accelerator, tracker)
+    return registry.register(tracker, options.registered_model, candidate, judge)

@@ -3,6 +3,7 @@ trials, the best, the test, the baselines, where the time went, and what to run 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import optuna
@@ -52,6 +53,12 @@ class TrialReport:
             # This process's GPU, for a trial it ran itself (not another process's, found dead).
             devices.this_process_id() if attrs.get(studies.WORKER_ATTR) == studies.worker_id() else "",
         )
+
+    @classmethod
+    def left(cls, trial: FrozenTrial, why: str) -> TrialReport:
+        """A trial this process ran but another one took up (its record, whatever its state now,
+        is that other process's): said as LEFT, with no scores."""
+        return dataclasses.replace(cls.of(trial, note=why), state="LEFT", metrics={})
 
     def line(self, objective: tuple[str, ...] = ()) -> str:
         """One line: the trial's number, state, point, and its scores, those of ``objective`` first

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from tunetrack.machinery.study.studies import (
 from tunetrack.machinery.study.time_split import SESSION_TAG
 from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import ServerUnavailable
-from tunetrack.machinery.training.fit import THREADS, FitResult, TrainingDiverged, fit
+from tunetrack.machinery.training.fit import THREADS, TrackedRun, TrainingDiverged, lightnings_exit_as_interrupt
 from tunetrack.machinery.training.resumption import KeepEachEpoch, KeptStateUnusable
 
 
@@ -147,53 +146,58 @@ def _attempt(trial: optuna.Trial, session: Session, tracker: Tracker, storage: R
             opened = tracker.run(f"trial {trial.number}", parent_run_id=session.parent_run_id, tags=tags,
                                  finished_on=(optuna.TrialPruned,), left_alone_on=(TakenOver,))  # fmt: skip
         with opened as run_id:
-            return _in_run(trial, session, tracker, storage, run_id, kept, resume_from, me)
+            trial.set_user_attr(RUN_ATTR, run_id)
+            run = _TrialRun(tracker, run_id, session.options, session.experiment.trainer,
+                            progress_bar=session.options.verbose, resume_from=resume_from, trial=trial,
+                            storage=storage, kept=kept, worker=me)  # fmt: skip
+            return _in_run(run, session)
 
 
-def _in_run(trial, session: Session, tracker: Tracker, storage: RDBStorage, run_id: str, kept: dict | None,
-            resume_from: str | None, me: dict) -> float:  # fmt: skip
-    """The trial's objective, in its open MLflow run ``run_id``, going on from ``resume_from``."""
+@dataclass
+class _TrialRun(TrackedRun):
+    """A trial's TrackedRun: its Trainer also hands each epoch to the pruner and keeps each
+    epoch's state, to go on from if the trial is cut short; and the settings it trains with are
+    recorded on the trial first."""
 
-    def still_ours() -> None:
-        if storage.get_trial(trial._trial_id).user_attrs.get(studies.WORKER_ATTR) != me:
+    trial: optuna.Trial | None = None
+    storage: RDBStorage | None = None
+    kept: dict | None = None  # the epoch it goes on from (resume_from's)
+    worker: dict | None = None  # the process running it, as the trial names it (studies.WORKER_ATTR)
+
+    def __post_init__(self) -> None:
+        options = self.options
+        pruned_by = None if options.goal.several else options.goal.first
+        keep = KeepEachEpoch(
+            self.tracker, self.run_id, self.record_kept, self.still_ours, self.kept and self.kept["artifact"]
+        )
+        self.callbacks = [ReportToTrial(self.trial, self.still_ours, pruned_by, options.pruning),
+                          *([keep] if options.resume_attempts > 0 else [])]  # fmt: skip
+
+    def trainer(self, settings) -> pl.Trainer:
+        with interrupts.held():
+            self.trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
+            if not self.kept:
+                self.trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
+        return super().trainer(settings)
+
+    def still_ours(self) -> None:
+        if self.storage.get_trial(self.trial._trial_id).user_attrs.get(studies.WORKER_ATTR) != self.worker:
             raise TakenOver  # handed back while this worker was away, and taken up by another
 
-    def record_kept(epoch: int, artifact: str) -> None:
-        trial.set_user_attr(studies.KEPT_ATTR, {"epoch": epoch, "artifact": artifact})
+    def record_kept(self, epoch: int, artifact: str) -> None:
+        self.trial.set_user_attr(studies.KEPT_ATTR, {"epoch": epoch, "artifact": artifact})
 
-    trial.set_user_attr(RUN_ATTR, run_id)
-    keeping = session.options.resume_attempts > 0
-    fitted: list[FitResult] = []
 
-    def fit_in_this_run(model: pl.LightningModule, data: pl.LightningDataModule, settings) -> FitResult:
-        with interrupts.held():
-            trial.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
-            if not kept:
-                trial.set_user_attr(THREADS, torch.get_num_threads())  # train.py --from-trial trains with as many
-        after = kept and kept["artifact"]
-        keep = [KeepEachEpoch(tracker, run_id, record_kept, still_ours, after)] if keeping else []
-        pruned_by = None if session.options.goal.several else session.options.goal.first
-        classes = len(getattr(data, "classes", ()))
-        chance = math.log(classes) if classes > 1 and session.options.pruning else None
-        with _threads(trial.user_attrs.get(THREADS) if kept else None):  # the order of its sums, as before
-            fitted.append(fit(
-                model,
-                data,
-                settings,
-                session.options,
-                tracker,
-                run_id,
-                trainer_arguments=session.experiment.trainer(settings),
-                callbacks=[ReportToTrial(trial, still_ours, pruned_by, chance), *keep],
-                evaluate_test=False,
-                progress_bar=session.options.verbose,
-                resume_from=resume_from,
-            ))  # fmt: skip
-        return fitted[-1]  # the test set is never used to choose
+def _in_run(run: _TrialRun, session: Session) -> float:
+    """The experiment's objective for the trial, in its open MLflow run, going on from
+    ``run.resume_from``; with the torch threads it trained with before, where it goes on (the
+    order of its sums, as before). The test set is never used to choose."""
+    trial, tracker, run_id = run.trial, run.tracker, run.run_id
 
     try:
-        with interrupts.interruptible():
-            value = session.experiment.objective(trial, session.settings, fit_in_this_run)
+        with interrupts.interruptible(), lightnings_exit_as_interrupt():
+            with _threads(trial.user_attrs.get(THREADS) if run.kept else None):
+                value = session.experiment.objective(trial, session.settings, run)
     except optuna.TrialPruned as pruned:
         tracker.set_tags(run_id, {"optuna.state": "PRUNED", "pruned": str(pruned)})
         raise
@@ -216,19 +220,20 @@ def _in_run(trial, session: Session, tracker: Tracker, storage: RDBStorage, run_
         with contextlib.suppress(ServerUnavailable):  # the error that ended the trial is the one to say
             tracker.set_tags(run_id, {"optuna.state": "FAIL"})
         raise
-    if fitted and not _same(value, fitted[-1].value):
+    fitted = run.result
+    if fitted and not _same(value, fitted.value):
         goal = session.options.goal
         raise ObjectiveMismatch(
             f"the experiment's objective returned {_shown(value)}, not its best epoch's {goal.spec} "
-            f"({_shown(fitted[-1].value)}): it returns fit(...).value; to optimize another metric, --objective "
+            f"({_shown(fitted.value)}): it returns run.value; to optimize another metric, --objective "
             "(docs/objectives.md)"
         )
     try:
         if fitted:  # the last writes to the trial, just before its run is closed
-            trial.set_user_attr(METRICS_ATTR, fitted[-1].metrics)
-            trial.set_user_attr("best_epoch", fitted[-1].best_epoch)
-            if fitted[-1].stopped_early:
-                trial.set_user_attr("stopped_early", fitted[-1].stopped_early)
+            trial.set_user_attr(METRICS_ATTR, fitted.metrics)
+            trial.set_user_attr("best_epoch", fitted.best_epoch)
+            if fitted.stopped_early:
+                trial.set_user_attr("stopped_early", fitted.stopped_early)
     except optuna.exceptions.UpdateFinishedTrialError:
         raise TakenOver from None
     tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})

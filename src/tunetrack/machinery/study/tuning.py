@@ -127,8 +127,7 @@ def tune(
             if count:
                 candidates = results.complete_trials(study)[: options.repeat_best]
                 with clock.timing("repeats"):
-                    end.repeated, seconds = repeats.repeat_best(study, candidates, count, experiment, options, tracker,
-                                                                parent_run_id)  # fmt: skip
+                    end.repeated, seconds = repeats.repeat_best(study, candidates, count, session, tracker)
                 end.best = end.repeated[0].trial if end.repeated else end.best
                 end.repeats_said = summary.repeats_said(end.repeated, count, seconds, study, options)
             with clock.timing("summary"):
@@ -150,7 +149,7 @@ def tune(
                 chosen = next((r for r in end.repeated if r.trial.number == tested.trial.number), None)
                 with clock.timing("registration"):
                     candidate = results.tested_candidate(tested, uid, options, chosen)
-                    registered = results.register(candidate, experiment, options, tracker)
+                    registered = results.register(candidate, tested.datamodule, experiment, options, tracker)
                 notes.append(registered.line())
             notes += summary.still_running_elsewhere(study, grace)
             end.test = tested.metrics if tested else None

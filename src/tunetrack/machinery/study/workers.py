@@ -104,11 +104,11 @@ def run_trials(session: Session, claim: Callable[[], bool], report: Callable[[Tr
             try:
                 study.optimize(run_objective, n_trials=1, callbacks=tell)
             except TakenOver:  # handed back while this worker was away, and taken up by another
-                report(TrialReport.of(storage.get_trial(running[0]), note=f"{given_up}: this attempt is discarded"))
+                report(TrialReport.left(storage.get_trial(running[0]), f"{given_up}: this attempt is discarded"))
             except ValueError as error:  # Optuna's "Cannot tell a ... trial": another process had finished it
                 if error in failed or not (running and (trial := storage.get_trial(running[0])).state.is_finished()):
                     raise  # the trial's own error, which Optuna recorded and re-raised
-                report(TrialReport.of(trial, note=f"{given_up}: this result is discarded"))
+                report(TrialReport.left(trial, f"{given_up}: this result is discarded"))
             running.clear()
     except BaseException:
         # Optuna told the trial FAIL (or handed it back) before it re-raised, but calls no callback for it.
@@ -147,18 +147,12 @@ def run_workers(session: Session, n_trials: int, workers: int, report: Callable[
     processes = [
         context.Process(
             target=_worker_main,
-            # Pickled here and read back once the worker has imported the files of --import: the
-            # session holds the experiment, whose registries may hold what those files define.
             args=(
-                pickle.dumps(session),
-                session.options.imports,
-                i,
-                threads,
+                _Start(
+                    pickle.dumps(session), session.options.imports, i, threads, files.verified(), os.getpid(), gpus[i]
+                ),
                 budget,
                 reports,
-                files.verified(),
-                os.getpid(),
-                gpus[i],
             ),  # fmt: skip
             name=f"tune-worker-{i}",
         )
@@ -260,20 +254,32 @@ def _one_line(error: BaseException, session: Session) -> str:
     return f"{type(error).__name__}: {reason(error, session.options.storage, session.tracking_uri)}"
 
 
-def _worker_main(
-    pickled: bytes, imports: tuple[str, ...], index: int, threads: int, budget: _Budget, reports, verified: dict,
-    tune_py: int, gpu: devices.Assigned | None,
-) -> None:  # fmt: skip
-    devices.see_only(gpu)  # first: what --import or the session's experiment imports may start CUDA
-    import_files(None, imports)  # what they register, this worker needs too: before the session is read
-    session: Session = pickle.loads(pickled)
-    _prepare_worker(threads, session.options.verbose)
-    files.trust(verified)  # tune.py checked the data before it started the workers
+@dataclass(frozen=True)
+class _Start:
+    """What a worker process starts from."""
+
+    # The session, pickled here and read back once the worker has imported the files of
+    # --import: it holds the experiment, whose registries may hold what those files define.
+    pickled: bytes
+    imports: tuple[str, ...]
+    index: int
+    threads: int
+    verified: dict  # the data files tune.py checked (machinery.data.files)
+    tune_py: int  # its pid: the worker does not outlive it
+    gpu: devices.Assigned | None
+
+
+def _worker_main(start: _Start, budget: _Budget, reports) -> None:
+    devices.see_only(start.gpu)  # first: what --import or the session's experiment imports may start CUDA
+    import_files(None, start.imports)  # what they register, this worker needs too: before the session is read
+    session: Session = pickle.loads(start.pickled)
+    _prepare_worker(start.threads, session.options.verbose)
+    files.trust(start.verified)  # tune.py checked the data before it started the workers
     with interrupts.handling():
-        interrupts.end_with(tune_py)  # however tune.py ends, this worker does not outlive it
+        interrupts.end_with(start.tune_py)  # however tune.py ends, this worker does not outlive it
         try:
             run_trials(session, budget.for_worker(), reports.put)
         except KeyboardInterrupt:
             pass  # the trial is closed; tune.py prints the summary
         except Exception as error:  # noqa: BLE001 - reported in one line by tune.py
-            reports.put(WorkerFailed(index, _one_line(error, session)))
+            reports.put(WorkerFailed(start.index, _one_line(error, session)))

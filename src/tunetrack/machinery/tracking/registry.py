@@ -83,12 +83,10 @@ def _served(picture, classes, input_shape) -> dict:
     return {"files": files, "classes": list(classes), "input_shape": list(input_shape), "picture": preparation}
 
 
-def log_model(
-    tracker: Tracker, run_id: str, model, data, task: str, datasets: Mapping[str, type], tags: Mapping | None = None
-) -> str:
+def log_model(tracker: Tracker, run_id: str, model, data, task: str, datasets: Mapping[str, type]) -> str:
     """Log ``model`` (its forward, on the CPU) as the model of the run ``run_id``, in the run's
-    experiment, with the first five inputs of ``data``'s test split as its example, and
-    ``tags``; return its model id, so that ``models:/<id>`` loads it. Its metadata says what it was trained for: the
+    experiment, with the first five inputs of ``data``'s test split as its example; return its
+    model id, so that ``models:/<id>`` loads it. Its metadata says what it was trained for: the
     task, the data set's name in ``datasets`` (how predict.py prepares a picture for it), the
     classes its outputs score and the shape of one input. It has no signature: the served model
     takes pictures as well as pixels, and checks each itself (served_model.py)."""
@@ -117,7 +115,6 @@ def log_model(
             signature=infer_signature(example, module(torch.from_numpy(example)).detach().numpy()),
             input_example=example,
             serialization_format="pt2",
-            tags=dict(tags or {}),
             served=served,
             # Stated, not inferred: inference imports the model in a subprocess, for many seconds.
             pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in SERVED_REQUIREMENTS],
@@ -320,18 +317,27 @@ class Registered:
         )
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A logged model to register: what it is (its version's tags), its score under the
+    objective, the tags that make it the same as a version already there, and the tag that
+    names its validation data."""
+
+    model_id: str
+    tags: Mapping[str, object]
+    score: Score
+    same: tuple[str, ...] = ()
+    validated_on: str | None = None
+
+
 def register(
     tracker: Tracker,
-    model_id: str,
     name: str,
-    tags: dict[str, object],
-    score: Score,
-    same: tuple[str, ...] = (),
-    validated_on: str | None = None,
+    candidate: Candidate,
     judge: Callable[[dict[str, str]], dict[str, float] | None] | None = None,
 ) -> Registered:
-    """Add the logged model ``model_id`` to the registered model ``name`` (created on first use),
-    with ``tags`` and its ``score`` on the version, and point the alias at the best version of
+    """Add the logged model ``candidate.model_id`` to the registered model ``name`` (created on
+    first use), with its ``tags`` and ``score`` on the version, and point the alias at the best version of
     this objective on this data when it is better than the champion beyond the noise (see
     :func:`margin`), which is this one when it is the best. A version whose ``same`` tags equal
     these (the same trial of the same study, registered by an earlier session) is taken instead
@@ -351,6 +357,8 @@ def register(
 
     from tunetrack.machinery.tracking.mlflow_runs import lost_a_race
 
+    model_id, tags, score, same, validated_on = (candidate.model_id, candidate.tags, candidate.score, candidate.same,
+                                                 candidate.validated_on)  # fmt: skip
     client = tracker.client
     try:
         client.create_registered_model(name, description="the best model of the studies that register here")

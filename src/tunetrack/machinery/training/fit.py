@@ -1,5 +1,5 @@
-"""Fit one configuration and track it in MLflow: the one training function that scripts/train.py
-and every trial of scripts/tune.py run.
+"""Fit one configuration and track it in MLflow: TrackedRun gives the Lightning Trainer that
+scripts/train.py and every trial of scripts/tune.py fit with, carrying what the machinery owns.
 
 Lightning's MLFlowLogger is not used: its default is a ./mlruns file store that ``mlflow ui``
 does not show, it logs epoch-level metrics against the global step, and it marks a run FAILED
@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -34,7 +34,7 @@ from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import ServerUnavailable
 from tunetrack.machinery.tracking.system_metrics import Sampler
 from tunetrack.machinery.training.phases import Phases
-from tunetrack.machinery.training.resumption import check_kept
+from tunetrack.machinery.training.resumption import KeptStateUnusable, check_kept
 from tunetrack.machinery.training.several_per_step import NoProfiler, SeveralPerStep
 
 # Lightning advertises its cloud services in the log of every run; the rest of its log stays.
@@ -240,75 +240,60 @@ class EpochMetricsLogger(Logger):
         self._metrics = {}
 
 
-def fit(
-    model: pl.LightningModule,
-    data: pl.LightningDataModule,
-    settings,
-    options,
-    tracker: Tracker,
-    run_id: str,
-    *,
-    trainer_arguments: Mapping[str, Any] | None = None,
-    callbacks: Sequence[Callback] = (),
-    evaluate_test: bool = True,
-    progress_bar: bool = True,
-    resume_from: str | None = None,
-) -> FitResult:
-    """Train ``model`` on ``data`` for ``settings.max_epochs`` epochs, logging every setting, the
-    per-epoch curves and the best epoch's checkpoint to the MLflow run ``run_id``; with
-    ``evaluate_test``, also the test metrics of the best epoch's weights. ``options`` say where
-    to train and how many minibatches a Lightning step carries (several_per_step.SeveralPerStep);
-    ``trainer_arguments`` are the experiment's own (its callbacks, gradient clipping, ...).
+def _no_arguments(settings) -> dict:
+    return {}
 
-    The caller owns the run (see :meth:`Tracker.run`) and extra ``callbacks`` (tune's pruning).
-    ``resume_from``, a checkpoint of machinery.training.resumption's, goes on from the epoch after it in
-    the same run, which already holds the settings and the curves up to there; one that does not
-    load into ``model`` raises KeptStateUnusable before anything is logged.
+
+@dataclass
+class TrackedRun:
+    """One MLflow run's training. ``trainer(settings)`` is the Lightning Trainer to fit: it
+    carries the experiment's own arguments (``arguments``, its trainer(settings): callbacks,
+    gradient clipping, ...) and what the machinery owns: the accelerator, the epochs, MLflow's
+    logger (step = epoch), the best epoch's weights, several minibatches per Lightning step
+    (several_per_step.SeveralPerStep), where the time goes (phases.Phases), and the caller's
+    ``callbacks`` (a trial's pruning and kept state). ``resume_from``, a checkpoint of
+    training.resumption's, is where the fit goes on from, in the same run, which already holds
+    the settings and the curves up to there. After ``trainer.fit``: ``result``, and ``value``,
+    the objective's value at the best epoch.
+
+    The caller owns the run (see :meth:`Tracker.run`).
     """
-    arguments = dict(trainer_arguments or {})
-    if owned := [name for name in OWN_TRAINER_ARGUMENTS if name in arguments]:
-        raise ValueError(f"the experiment's trainer() sets {', '.join(owned)}, which the machinery sets itself")
-    own_callbacks = list(arguments.pop("callbacks", None) or [])
-    if resume_from is not None:
-        check_kept(model, resume_from)
-    started, phases, ended, logger = time.perf_counter(), Phases(), None, None
-    try:
-        data.prepare_data()
-        if resume_from is None:
-            with phases.tracking():
-                splits = [split for split in data.describe() if evaluate_test or split.context != "test"]
-                tracker.log_datasets(run_id, splits)
-                tracker.log_params(
-                    run_id,
-                    {
-                        **dataclasses.asdict(settings),
-                        "data_source": data.source,
-                        "accelerator": options.accelerator,
-                        "minibatches_per_step": options.minibatches_per_step,
-                        # The order of a CPU's sums: train.py --from-run trains with as many threads.
-                        THREADS: torch.get_num_threads(),
-                        **devices.params(),  # which GPU, in a tune worker given one
-                    },
-                )
-        best = _BestEpoch(*options.goal.per_epoch)
-        logged = tracker.logged_steps(run_id) if resume_from else frozenset()
-        logger = EpochMetricsLogger(tracker, run_id, logged, phases)
+
+    tracker: Tracker
+    run_id: str
+    options: Any  # where to train, how many minibatches a Lightning step carries, the objective
+    arguments: Callable[[Any], Mapping[str, Any]] = _no_arguments
+    callbacks: Sequence[Callback] = ()
+    progress_bar: bool = True
+    resume_from: str | None = None
+    result: FitResult | None = dataclasses.field(default=None, init=False)
+
+    def trainer(self, settings) -> pl.Trainer:
+        arguments = dict(self.arguments(settings))
+        if owned := [name for name in OWN_TRAINER_ARGUMENTS if name in arguments]:
+            raise ValueError(f"the experiment's trainer() sets {', '.join(owned)}, which the machinery sets itself")
+        own_callbacks = list(arguments.pop("callbacks", None) or [])
+        phases = Phases()
+        logged = self.tracker.logged_steps(self.run_id) if self.resume_from else frozenset()
+        logger = EpochMetricsLogger(self.tracker, self.run_id, logged, phases)
+        best = _BestEpoch(*self.options.goal.per_epoch)
         trainer = pl.Trainer(
-            accelerator=options.accelerator,
+            accelerator=self.options.accelerator,
             devices=1,
             max_epochs=settings.max_epochs,
             logger=logger,
             callbacks=[
-                SeveralPerStep(options.minibatches_per_step),
+                SeveralPerStep(self.options.minibatches_per_step),
                 best,
                 _CtrlC(),
                 phases,
                 *own_callbacks,
-                *callbacks,
-                *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if progress_bar else []),
+                *self.callbacks,
+                _Tracked(self, settings, best, phases),  # last: what the others did is done
+                *([TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if self.progress_bar else []),
             ],
-            enable_progress_bar=progress_bar,
-            enable_model_summary=progress_bar,
+            enable_progress_bar=self.progress_bar,
+            enable_model_summary=self.progress_bar,
             enable_checkpointing=False,  # _BestEpoch keeps the weights worth keeping
             profiler=NoProfiler(),
             num_sanity_val_steps=0,  # validation runs after every epoch anyway
@@ -316,42 +301,111 @@ def fit(
             **arguments,
         )
         logger.trainer = trainer
-        _interruptible(trainer.fit, model, datamodule=data, ckpt_path=resume_from)
+        trainer.ckpt_path = self.resume_from  # Lightning's own way: its fit goes on from there
+        return trainer
 
-        model.load_state_dict(best.weights)
+    @property
+    def value(self) -> float | tuple[float, ...]:
+        """The objective's value at the best epoch: what a trial returns, and Optuna is told."""
+        if self.result is None:
+            raise RuntimeError("a run's value is known once its trainer.fit(...) has ended")
+        return self.result.value
+
+    def test(self, model: pl.LightningModule, data: pl.LightningDataModule) -> dict[str, float]:
+        """Evaluate ``model`` (its best epoch's weights, after the fit) on ``data``'s test split,
+        once, and log what it scored (``test_loss``, ``test_acc``, ...) and the split to the run."""
+        test = evaluate(model, data, self.options.accelerator, "test")
+        self.tracker.log_datasets(self.run_id, [split for split in data.describe() if split.context == "test"])
+        self.tracker.log_metrics(self.run_id, test)
+        self.result = dataclasses.replace(self.result, test=test)
+        return test
+
+
+class _Tracked(Callback):
+    """The machinery's part of a fit, at its start and end: the settings and the data logged
+    (once: not by a fit that goes on from a kept state, which checks that state first); at its
+    end, the model given its best epoch's weights, that epoch's metrics, the network's size and
+    latency and the weights logged, and the TrackedRun's result set; and where the time went,
+    however the fit ended, unless it was stopped, the store is gone, or the run is another
+    process's now (EpochMetricsLogger.forget)."""
+
+    def __init__(self, run: TrackedRun, settings, best: _BestEpoch, phases: Phases):
+        self.run, self.settings, self.best, self.phases = run, settings, best, phases
+        self.started = time.perf_counter()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        run, data = self.run, trainer.datamodule
+        if run.resume_from is not None:
+            check_kept(pl_module, run.resume_from)  # before Lightning's restore would fail on it
+            return
+        with self.phases.tracking():
+            if data is not None and hasattr(data, "describe"):
+                run.tracker.log_datasets(run.run_id, [split for split in data.describe() if split.context != "test"])
+            run.tracker.log_params(
+                run.run_id,
+                {
+                    **dataclasses.asdict(self.settings),
+                    "data_source": getattr(data, "source", None),
+                    "accelerator": run.options.accelerator,
+                    "minibatches_per_step": run.options.minibatches_per_step,
+                    # The order of a CPU's sums: train.py --from-run trains with as many threads.
+                    THREADS: torch.get_num_threads(),
+                    **devices.params(),  # which GPU, in a tune worker given one
+                },
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run, best = self.run, self.best
+        for logger in trainer.loggers:
+            logger.save()  # the last epoch's curves, before the summary and the time
+        pl_module.load_state_dict(best.weights)
         epochs = trainer.current_epoch  # the epochs completed
-        metrics = {**best.metrics, **size_and_latency(model)}
+        metrics = {**best.metrics, **size_and_latency(pl_module)}
         summary = {"best_epoch": best.epoch, "epochs": epochs, **{f"best_{k}": v for k, v in best.metrics.items()}}
-        test = evaluate(model, data, options.accelerator, "test") if evaluate_test else {}
-        with phases.tracking(), tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
+        with self.phases.tracking(), tempfile.TemporaryDirectory(prefix="checkpoint-") as tmp:
             more = {k: v for k, v in metrics.items() if k not in best.metrics}
-            tracker.log_metrics(run_id, {**summary, **more, **test})
+            run.tracker.log_metrics(run.run_id, {**summary, **more})
             path = Path(tmp) / CHECKPOINT_ARTIFACT.name
             trainer.save_checkpoint(path, weights_only=True)
-            tracker.log_artifact(run_id, path, str(CHECKPOINT_ARTIFACT.parent))
-        result = FitResult(
-            run_id=run_id,
-            model=model,
+            run.tracker.log_artifact(run.run_id, path, str(CHECKPOINT_ARTIFACT.parent))
+        run.result = FitResult(
+            run_id=run.run_id,
+            model=pl_module,
             best_epoch=best.epoch,
             metrics=metrics,
-            objective=options.goal,
-            seconds=time.perf_counter() - started,
+            objective=run.options.goal,
+            seconds=time.perf_counter() - self.started,
             epochs=epochs,
-            max_epochs=settings.max_epochs,
-            test=test,
+            max_epochs=self.settings.max_epochs,
         )
-        if result.stopped_early:
-            tracker.set_tags(run_id, {"stopped_early": result.stopped_early})
-        return result
-    except BaseException as error:
-        ended = error
-        raise
-    finally:  # where its time went, however it ended (a pruned trial's too), unless it was stopped, the store is
-        # gone, or the run is another process's now (EpochMetricsLogger.forget)
-        ours = logger is not None and logger.tracker is not None
-        if ours and not isinstance(ended, (KeyboardInterrupt, SystemExit, ServerUnavailable)):
+        if run.result.stopped_early:
+            run.tracker.set_tags(run.run_id, {"stopped_early": run.result.stopped_early})
+        self._log_time(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SystemExit, ServerUnavailable, KeptStateUnusable)):
             with contextlib.suppress(Exception):
-                tracker.log_metrics(run_id, {**phases.metrics(), "time_fit_s": round(time.perf_counter() - started, 3)})
+                self._log_time(trainer)
+
+    def _log_time(self, trainer: pl.Trainer) -> None:
+        if any(getattr(logger, "tracker", True) is None for logger in trainer.loggers):
+            return  # the run is another process's now
+        phases = self.phases.metrics()
+        self.run.tracker.log_metrics(self.run.run_id, {**phases, "time_fit_s": round(sum(phases.values()), 3)})
+
+
+def fit(model: pl.LightningModule, data: pl.LightningDataModule, settings, run: TrackedRun,
+        test: bool = True) -> FitResult:  # fmt: skip
+    """``run.trainer(settings).fit(model, datamodule=data)``, and, with ``test``, the test split
+    evaluated with the best epoch's weights: train.py's run, a study's repeats, and the tests'."""
+    trainer = run.trainer(settings)
+    with lightnings_exit_as_interrupt():
+        trainer.fit(model, datamodule=data)
+    if test:
+        run.test(model, data)
+    return run.result
 
 
 def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerator: str, split: str) -> dict[str, float]:
@@ -366,7 +420,8 @@ def evaluate(model: pl.LightningModule, data: pl.LightningDataModule, accelerato
         enable_checkpointing=False,
     )
     run = trainer.test if split == "test" else trainer.validate
-    _interruptible(run, model, datamodule=data, verbose=False)
+    with lightnings_exit_as_interrupt():
+        run(model, datamodule=data, verbose=False)
     return validation_metrics(trainer, split)
 
 
@@ -378,8 +433,10 @@ def load_weights(model: pl.LightningModule, checkpoint: str) -> pl.LightningModu
     return model
 
 
-def _interruptible(trainer_fn, *args, **kwargs):
-    """Run a Trainer entry point, turning Lightning's handling of Ctrl-C back into one.
+@contextlib.contextmanager
+def lightnings_exit_as_interrupt() -> Iterator[None]:
+    """Around a Trainer's fit or test (or an objective that calls one): Lightning's handling of
+    Ctrl-C turned back into one.
 
     Lightning catches KeyboardInterrupt inside fit and test and calls sys.exit(1), and ends a
     fit after a SIGTERM with a SystemExit of its own. Raising KeyboardInterrupt instead lets the
@@ -388,7 +445,7 @@ def _interruptible(trainer_fn, *args, **kwargs):
     that clean-up short.
     """
     try:
-        return trainer_fn(*args, **kwargs)
+        yield
     except SystemExit as exit_:
         if not (interrupts.requested() or isinstance(exit_.__context__, KeyboardInterrupt)):
             raise  # someone's own sys.exit

@@ -1,7 +1,7 @@
 """Where a fit's time goes: training, validation, and writing to the tracking store, measured as
 it runs, each second counted once (writing during an epoch is tracking, not training), and the
 rest (the data and the Trainer made ready, the best epoch's weights measured and kept) as
-set-up. fit() logs them to its run as ``time_<phase>_s`` however it ends, a pruned trial's
+set-up. A TrackedRun's Trainer logs them to its run as ``time_<phase>_s`` however it ends, a pruned trial's
 included, and a study adds its trials' up in its parent run (study/time_split.py).
 """
 
