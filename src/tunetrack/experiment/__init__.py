@@ -5,8 +5,7 @@
 - networks.py  the networks, and NETWORKS, the names --model takes
 - model.py     LitClassifier: any of those networks, trained with AdamW under Lightning
 - search.py    build() a run's model and data; the search space; one trial's objective
-- pictures.py  a user's photo prepared as a data set's images were (scripts/predict.py)
-- mnist_from_pypi.py  MNIST's last source, for machines that reach only a package index
+- trainer.py   what the Trainer does around the model: callbacks, clipping (yours to change)
 
 The machinery (src/tunetrack/machinery) never imports this folder: the scripts hand it search.EXPERIMENT.
 This file imports nothing, so that the scripts can read the settings before torch starts.

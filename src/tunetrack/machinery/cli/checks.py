@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
+from typing import NoReturn
 
 from tunetrack.machinery.cli.flags import fail
 from tunetrack.machinery.contract import SettingError
@@ -221,7 +222,12 @@ def connect_tracking(parser: argparse.ArgumentParser, tracking_uri: str | None, 
     try:
         return connect(tracking_uri, experiment_name)
     except TrackingUnavailable as error:
-        parser.error(f"{_tracking_source(tracking_uri)}: {error}")
+        tracking_unavailable(parser, tracking_uri, error)
+
+
+def tracking_unavailable(parser: argparse.ArgumentParser, tracking_uri: str | None, error: Exception) -> NoReturn:
+    """One line naming the flag (or the environment variable) of a tracking store that cannot be used."""
+    parser.error(f"{_tracking_source(tracking_uri)}: {error}")
 
 
 def load_study(parser: argparse.ArgumentParser, storage: str, study_name: str):

@@ -4,6 +4,7 @@ registered, and its summary."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import sys
 import time
@@ -38,9 +39,10 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
     checks.check_tracking(parser, options.tracking_uri)
 
     from tunetrack.machinery.runtime import interrupts
+    from tunetrack.machinery.study.parent_run import StudysStoreUnavailable
     from tunetrack.machinery.study.studies import StudyMismatch
     from tunetrack.machinery.study.tuning import tune
-    from tunetrack.machinery.tracking.mlflow_runs import TrackingUnavailable, http_patience
+    from tunetrack.machinery.tracking.mlflow_runs import TrackingUnavailable, connect, http_patience
     from tunetrack.machinery.tracking.stores import DISK_FULL, ServerUnavailable, disk_full
 
     experiment = flags.load(experiment_path)
@@ -58,7 +60,7 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
             experiment,
             settings,
             options,
-            lambda: checks.connect_tracking(parser, options.tracking_uri, options.experiment),
+            functools.partial(connect, options.tracking_uri, options.experiment),
             deadline,
             began=started,  # its imports are the study's start-up too
         )
@@ -66,8 +68,10 @@ def main(doc: str, settings_class: type, experiment_path: str, argv: list[str] |
         parser.error(f"argument {error.flag}: {error}")
     except ServerUnavailable as error:
         flags.fail(parser.prog, f"{error}; the study stopped, and what could be closed was")
-    except TrackingUnavailable as error:  # the MLflow store the study recorded, when it continues
+    except StudysStoreUnavailable as error:  # the MLflow store the study recorded, when it continues
         flags.fail(parser.prog, f"the study's MLflow store: {error}")
+    except TrackingUnavailable as error:  # the one the command names, opened once the study accepts it
+        checks.tracking_unavailable(parser, options.tracking_uri, error)
     except Exception as error:  # noqa: BLE001 - a disk that filled is said in one line; anything else as ever
         if not disk_full(error):
             raise

@@ -15,8 +15,20 @@ import optuna
 
 from tunetrack.machinery.study import studies
 from tunetrack.machinery.study.studies import STUDY_UID_TAG
-from tunetrack.machinery.tracking.mlflow_runs import Tracker, default_tracking_uri
+from tunetrack.machinery.tracking.mlflow_runs import Tracker, TrackingUnavailable, connect, default_tracking_uri
 from tunetrack.machinery.tracking.stores import public, sqlite_path
+
+
+class StudysStoreUnavailable(TrackingUnavailable):
+    """The MLflow store a continued study keeps its runs in cannot be opened."""
+
+
+def connect_own_store(store: str, experiment: str) -> Tracker:
+    """The study's own MLflow store (own_store's), opened; StudysStoreUnavailable if it cannot be."""
+    try:
+        return connect(store, experiment)
+    except TrackingUnavailable as error:
+        raise StudysStoreUnavailable(str(error)) from None
 
 
 def own_store(study: optuna.Study, options, wait: bool) -> str | None:

@@ -25,7 +25,7 @@ from tunetrack.machinery.study.summary import TrialReport
 from tunetrack.machinery.study.trial import Session
 from tunetrack.machinery.study.workers import quiet_libraries, run_workers
 from tunetrack.machinery.tracking import registry
-from tunetrack.machinery.tracking.mlflow_runs import Tracker, connect
+from tunetrack.machinery.tracking.mlflow_runs import Tracker
 from tunetrack.machinery.tracking.stores import public
 
 
@@ -83,7 +83,7 @@ def tune(
         study, created = studies.open_study(storage, name, wanted)
         # Only now: a continuation that is refused creates no store or experiment.
         store = parent_run.own_store(study, options, wait=not created)
-        tracker = connect(store, options.experiment) if store else open_tracker()
+        tracker = parent_run.connect_own_store(store, options.experiment) if store else open_tracker()
         uid = studies.uid(study)
         _close_what_dead_workers_left(tracker, storage, name, uid, options)
         to_add = _to_add(options, storage)
