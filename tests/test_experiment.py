@@ -120,23 +120,26 @@ def test_the_objective_suggests_builds_fits_and_returns_from_a_seed_of_its_own()
     base = Settings(max_epochs=3, val_size=500, seed=10)
     fitted = []
 
-    class Result:
+    class Run:  # the machinery's TrackedRun, as the objective uses it
         value = 0.25
 
-    def fit_(model, data, settings):
-        fitted.append((model, data, settings))
-        return Result
+        def trainer(self, settings):
+            class Trainer:
+                def fit(self, model, datamodule):
+                    fitted.append((model, datamodule, settings))
+
+            return Trainer()
 
     # A point of the space as it is, whatever a user added to it: each parameter at its highest.
     point = {name: d.choices[-1] if hasattr(d, "choices") else d.high for name, d in search_space(base).items()}
     point.update(batch_size=128, hidden_dim=300, lr=3e-3)
-    assert objective(FixedTrial(point, number=7), base, fit_) == 0.25
+    assert objective(FixedTrial(point, number=7), base, Run()) == 0.25
     [(model, data, settings)] = fitted
     expected = dataclasses.replace(base, **point, seed=17)
     assert settings == expected, "objective(): the point, and the study's seed plus the trial's number"
     assert data.batch_size == 128 and model.hparams.lr == 3e-3 and model.net[1][1].out_features == 300
     with pytest.raises(ValueError, match=r"100.* not in \(32, 64, 128, 256\)"):
-        objective(FixedTrial({**point, "batch_size": 100}), base, fit_)
+        objective(FixedTrial({**point, "batch_size": 100}), base, Run())
 
 
 def test_the_trainer_stops_early_and_clips_as_the_settings_say():

@@ -200,3 +200,40 @@ def test_a_trial_that_fails_past_its_resume_attempts_keeps_no_state(run_script, 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(dead.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and "kept" not in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_a_worker_that_finds_its_trial_finished_as_it_keeps_an_epoch_writes_no_more_to_the_run(
+    tiny_settings, tracking_uri
+):
+    """A worker paused between its look at the trial and its write of the epoch it kept finds,
+    when it goes on, the trial finished by the process that took it up: Optuna refuses the write.
+    The run is that process's now: no curve nor time of this worker's lands in it after that."""
+    import dataclasses
+
+    from pytorch_lightning.callbacks import Callback
+
+    from conftest import TINY
+    from tiny import experiment as tiny
+    from tunetrack.machinery.options import TuneOptions
+    from tunetrack.machinery.study.pruning import ReportToTrial
+    from tunetrack.machinery.tracking.mlflow_runs import connect
+    from tunetrack.machinery.training.fit import TrackedRun, fit
+
+    class FinishedMeanwhile(Callback):  # as KeepEachEpoch meets it, at the second epoch's start
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise optuna.exceptions.UpdateFinishedTrialError("Trial#0 has already finished")
+
+    trial = optuna.create_study().ask()
+    settings = dataclasses.replace(tiny_settings, max_epochs=4)
+    tracker = connect(tracking_uri, "finished meanwhile")
+    options = TuneOptions(accelerator="cpu").resolved(settings)
+    with tracker.run("trial 0", finished_on=(optuna.exceptions.UpdateFinishedTrialError,)) as run_id:
+        callbacks = [ReportToTrial(trial, lambda: None, "val_loss"), FinishedMeanwhile()]
+        run = TrackedRun(tracker, run_id, options, TINY.trainer, callbacks, progress_bar=False)
+        model, data = tiny.build(settings)
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            fit(model, data, settings, run, test=False)
+    logged = tracker.client.get_run(run_id).data.metrics
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "val_loss")] == [0]
+    assert not [name for name in logged if name.startswith("time_")], logged

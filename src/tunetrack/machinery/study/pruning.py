@@ -65,7 +65,9 @@ class ReportToTrial(Callback):
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {self.metric} {value:.4f}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, TakenOver):  # from here or from KeepEachEpoch, before the loggers' last write
+        # From here or from KeepEachEpoch (a worker paused between its look at the trial and its
+        # write of the epoch it kept finds the trial finished), before the loggers' last write.
+        if isinstance(exception, (TakenOver, optuna.exceptions.UpdateFinishedTrialError)):
             for logger in trainer.loggers:  # the run is the other process's: no more curves in it
                 if isinstance(logger, EpochMetricsLogger):
                     logger.forget()
