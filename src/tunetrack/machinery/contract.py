@@ -40,6 +40,12 @@ a Pillow image as one input of that shape (a float32 array).
 ``pytorch_lightning.Trainer`` (its ``callbacks`` are added to the machinery's own); the
 machinery sets the accelerator, the devices, the logger, ``max_epochs`` and checkpointing
 itself, and refuses an experiment that sets them.
+
+**The objective** (``Experiment.objective(trial, settings, run)``), one trial as
+optuna-examples tell one: suggest a point, build the model and data, fit them with
+``run.trainer(settings)`` (that Trainer, carrying the machinery's callbacks:
+machinery.training.fit.TrackedRun) and return ``run.value``, the best epoch's value of what the
+study optimizes.
 """
 
 from __future__ import annotations
