@@ -117,3 +117,25 @@ def test_every_storage_call_optuna_makes_is_retried_while_a_server_blinks():
     called |= {name for name in dir(BaseStorage) if not name.startswith("_")}
     unwrapped = sorted(name for name in called if not hasattr(getattr(PatientStorage, name), "__wrapped__"))
     assert not unwrapped, f"PatientStorage does not retry {unwrapped}: name them in machinery/study/storage.py"
+
+
+def test_the_trials_csv_holds_while_another_process_adds_a_trial(tmp_path):
+    """A session's CSV of the trials reads them twice (Optuna's table, then each trial's metrics);
+    another process of the study may add a trial in between, as three starts at once did."""
+    from tunetrack.machinery.study import results, studies
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    trial = study.ask()
+    trial.set_user_attr(studies.METRICS_ATTR, {"val_loss": 0.5, "val_acc": 0.9})
+    study.tell(trial, 0.5)
+    table = study.trials_dataframe
+
+    def and_then_another(*args, **kwargs):
+        frame = table(*args, **kwargs)
+        study.ask().set_user_attr(studies.METRICS_ATTR, {"val_loss": 0.4})  # another process's, meanwhile
+        return frame
+
+    study.trials_dataframe = and_then_another
+    frame = results.trials_frame(study)
+    assert frame["number"].tolist() == [0] and frame["val_loss"].tolist() == [0.5]
+    assert frame["val_acc"].tolist() == [0.9]

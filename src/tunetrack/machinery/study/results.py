@@ -211,14 +211,15 @@ def log_study_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str,
 
 def trials_frame(study: optuna.Study):
     """Optuna's table of the trials (its value columns named after the objective: value_val_acc),
-    with a column for each metric of the best epochs in place of their dictionary."""
+    with a column for each metric of the best epochs in place of their dictionary. The metrics
+    are matched by trial number: other processes may add trials between the two reads."""
     frame = study.trials_dataframe()
     column = f"user_attrs_{METRICS_ATTR}"
     if column in frame:
-        metrics = [metrics_of(trial) for trial in study.get_trials(deepcopy=False)]
-        names = list(dict.fromkeys(name for each in metrics for name in each))
+        metrics = {trial.number: metrics_of(trial) for trial in study.get_trials(deepcopy=False)}
+        names = list(dict.fromkeys(name for each in metrics.values() for name in each))
         for name in names:
-            frame[name] = [each.get(name) for each in metrics]
+            frame[name] = [metrics.get(number, {}).get(name) for number in frame["number"]]
         frame = frame.drop(columns=[column])
     return frame
 
